@@ -1,0 +1,83 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The one definition of every map key and value shared by the datapath and the agent.
+ * Python mirrors these in lb/maps/structs.py; tests/test_structs.py checks the mirror
+ * field by field against what bcc compiles from this file. Change a struct -> bump LB_MAP_VERSION.
+ *
+ * Addresses are always 16 bytes, network byte order; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d),
+ * so one map serves both families and a dual-stack socket dialling ::ffff:VIP finds the IPv4 service.
+ * Ports are network byte order.
+ */
+#ifndef BPFLB_LB_STRUCTS_H
+#define BPFLB_LB_STRUCTS_H
+
+#define LB_MAP_VERSION "v1"
+
+/* lb_svc_val.flags */
+#define LB_SVC_F_DROP_EMPTY   (1 << 0) /* count == 0: drop (Local policy, none here), not reject */
+#define LB_SVC_F_AFFINITY     (1 << 1) /* sessionAffinity: ClientIP */
+
+/* lb_svc_key.scope */
+#define LB_SCOPE_INTERNAL 0 /* traffic from inside the cluster (socket hooks) */
+#define LB_SCOPE_EXTERNAL 1 /* traffic from outside (tc), differs under externalTrafficPolicy Local */
+
+struct lb_svc_key {
+	__u32 addr[4];   /* frontend VIP */
+	__u16 dport;     /* frontend port */
+	__u8  proto;     /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8  scope;     /* LB_SCOPE_* */
+	__u16 slot;      /* 0 = master entry, 1..count = backend slots */
+	__u16 pad;
+};
+
+struct lb_svc_val {
+	__u32 backend_id;       /* slots: backend in lb_backends; master: 0 */
+	__u32 rev_nat_id;       /* the frontend's ID (key of lb_revnat) */
+	__u16 count;            /* master: number of backend slots; slots: 0 */
+	__u16 flags;            /* master: LB_SVC_F_* */
+	__u32 affinity_timeout; /* master: sessionAffinity timeout in seconds */
+};
+
+struct lb_backend {
+	__u32 addr[4];
+	__u16 port;
+	__u8  proto;
+	__u8  flags;
+};
+
+struct lb_revnat {
+	__u32 addr[4];          /* the frontend VIP a reply must appear to come from */
+	__u16 port;
+	__u16 pad;
+};
+
+/* Socket reverse NAT: (socket, backend) -> frontend, for recvmsg and getpeername. */
+struct lb_sock_key {
+	__u64 cookie;
+	__u32 addr[4];          /* backend address */
+	__u16 port;             /* backend port */
+	__u16 pad[3];
+};
+
+struct lb_sock_val {
+	__u32 addr[4];          /* frontend VIP */
+	__u16 port;
+	__u16 pad;
+	__u32 rev_nat_id;
+};
+
+/* sessionAffinity ClientIP: (client, frontend) -> backend chosen last time. */
+struct lb_affinity_key {
+	__u64 client;           /* network namespace cookie of the connecting socket */
+	__u32 rev_nat_id;
+	__u32 pad;
+};
+
+struct lb_affinity_val {
+	__u32 backend_id;
+	__u16 slot;             /* where backend_id sat; the agent keeps a surviving backend's slot */
+	__u16 pad;
+	__u64 last_used_ns;     /* bpf_ktime_get_boot_ns() of the last new connection */
+};
+
+#endif /* BPFLB_LB_STRUCTS_H */

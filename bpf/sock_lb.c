@@ -1,0 +1,308 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Socket-level service load balancing: cgroup sock_addr programs.
+ *
+ * connect4/6 (TCP, connected UDP) and sendmsg4/6 (unconnected UDP) translate a frontend
+ * (VIP, port, proto) to a backend once per connection / datagram; recvmsg4/6 and getpeername4/6
+ * translate the backend back to the frontend so the application only ever sees the VIP.
+ *
+ * Loaded by lb/datapath.py with: -DPIN_ROOT="..." -DSVC_MAP_SIZE=... -DBACKEND_MAP_SIZE=...
+ * -DREVNAT_MAP_SIZE=... -DSOCK_REVNAT_SIZE=... -DAFFINITY_MAP_SIZE=...
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/errno.h>
+#include "lb_structs.h"
+
+/* From linux/net.h and linux/in6.h, which a BPF program cannot include. */
+#define LB_SOCK_STREAM 1
+#define LB_SOCK_DGRAM  2
+#define LB_IPPROTO_ICMPV6 58
+
+#define PIN(name) PIN_ROOT "/" #name
+
+/* Datapath reads only slots 1..master.count; the agent writes in make-before-break order. */
+BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_val, lb_services_v1, SVC_MAP_SIZE, PIN(lb_services_v1));
+BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends_v1, BACKEND_MAP_SIZE, PIN(lb_backends_v1));
+BPF_TABLE_PINNED("hash", __u32, struct lb_revnat, lb_revnat_v1, REVNAT_MAP_SIZE, PIN(lb_revnat_v1));
+BPF_TABLE_PINNED("lru_hash", struct lb_sock_key, struct lb_sock_val, lb_sock_revnat_v1, SOCK_REVNAT_SIZE, PIN(lb_sock_revnat_v1));
+BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_val, lb_affinity_v1, AFFINITY_MAP_SIZE, PIN(lb_affinity_v1));
+
+/* The return value of a sock_addr program: 1 lets the syscall go on, 0 fails it with the
+ * errno given to bpf_set_retval (EPERM if none). */
+#define SYS_PROCEED 1
+#define SYS_REJECT  0
+
+struct lb_addr {
+	__u32 a[4];
+	__u16 port;
+};
+
+static __always_inline void addr_from_v4(struct lb_addr *la, __u32 ip4, __u32 port)
+{
+	la->a[0] = 0;
+	la->a[1] = 0;
+	la->a[2] = bpf_htonl(0xffff);
+	la->a[3] = ip4;
+	la->port = (__u16)port;
+}
+
+static __always_inline void addr_from_v6(struct lb_addr *la, struct bpf_sock_addr *ctx)
+{
+	la->a[0] = ctx->user_ip6[0];
+	la->a[1] = ctx->user_ip6[1];
+	la->a[2] = ctx->user_ip6[2];
+	la->a[3] = ctx->user_ip6[3];
+	la->port = (__u16)ctx->user_port;
+}
+
+static __always_inline int is_v4_mapped(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+/*
+ * Sticky backend of this client for this frontend: only if used within the timeout and still
+ * in the slot it was chosen from, so affinity never picks an endpoint the policy dropped.
+ * (The agent keeps a surviving backend in its slot, so this check is exact and O(1).)
+ */
+static __always_inline __u32 affinity_lookup(struct lb_affinity_key *ak, struct lb_svc_key *key,
+					     const struct lb_svc_val *svc, __u64 now)
+{
+	struct lb_affinity_val *av = lb_affinity_v1.lookup(ak);
+	struct lb_svc_val *s;
+
+	if (!av)
+		return 0;
+	if (now - av->last_used_ns > (__u64)svc->affinity_timeout * 1000000000ULL)
+		return 0;
+	if (av->slot == 0 || av->slot > svc->count)
+		return 0;
+	key->slot = av->slot;
+	s = lb_services_v1.lookup(key);
+	if (!s || s->backend_id != av->backend_id)
+		return 0;
+	return av->backend_id;
+}
+
+/*
+ * Translate the frontend in *la to a backend, in place. Returns 0 if translated or not a
+ * service, a negative errno if the connection must fail.
+ */
+static __always_inline int sock_xlate_fwd(void *ctx, struct lb_addr *la, __u8 proto, int is_v6)
+{
+	struct lb_svc_key key = {};
+	struct lb_svc_val *svc, *slot;
+	struct lb_backend *be;
+	__u32 backend_id = 0;
+	__u16 slot_nr = 0;
+
+	__builtin_memcpy(key.addr, la->a, sizeof(key.addr));
+	key.dport = la->port;
+	key.proto = proto;
+	key.scope = LB_SCOPE_INTERNAL;
+	svc = lb_services_v1.lookup(&key);
+	if (!svc)
+		return 0; /* not a frontend (or a wrong port on a VIP): leave it alone */
+
+	__u16 count = svc->count;
+	__u16 flags = svc->flags;
+	__u32 rev_nat_id = svc->rev_nat_id;
+
+	if (count == 0)
+		return (flags & LB_SVC_F_DROP_EMPTY) ? -EHOSTUNREACH : -ECONNREFUSED;
+
+	struct lb_affinity_key ak = {};
+	__u64 now = 0;
+	if (flags & LB_SVC_F_AFFINITY) {
+		ak.client = bpf_get_netns_cookie(ctx);
+		ak.rev_nat_id = rev_nat_id;
+		now = bpf_ktime_get_boot_ns();
+		backend_id = affinity_lookup(&ak, &key, svc, now);
+		slot_nr = key.slot;
+	}
+
+	if (!backend_id) {
+		key.slot = (bpf_get_prandom_u32() % count) + 1;
+		slot_nr = key.slot;
+		slot = lb_services_v1.lookup(&key);
+		if (!slot)
+			return -EHOSTUNREACH; /* cannot happen with the agent's write order */
+		backend_id = slot->backend_id;
+	}
+
+	be = lb_backends_v1.lookup(&backend_id);
+	if (!be)
+		return -EHOSTUNREACH;
+	/* A v4 socket can only reach a v4 backend; families are filtered by the agent. */
+	if (!is_v6 && !is_v4_mapped(be->addr))
+		return -EHOSTUNREACH;
+
+	if (flags & LB_SVC_F_AFFINITY) {
+		struct lb_affinity_val av = { .backend_id = backend_id, .slot = slot_nr, .last_used_ns = now };
+		lb_affinity_v1.update(&ak, &av);
+	}
+
+	struct lb_sock_key sk = {};
+	struct lb_sock_val sv = {};
+	sk.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(sk.addr, be->addr, sizeof(sk.addr));
+	sk.port = be->port;
+	__builtin_memcpy(sv.addr, la->a, sizeof(sv.addr));
+	sv.port = la->port;
+	sv.rev_nat_id = rev_nat_id;
+	lb_sock_revnat_v1.update(&sk, &sv);
+
+	__builtin_memcpy(la->a, be->addr, sizeof(la->a));
+	la->port = be->port;
+	return 1;
+}
+
+/* Backend -> frontend for a socket that was translated. Returns 1 if *la was rewritten. */
+static __always_inline int sock_xlate_rev(void *ctx, struct lb_addr *la)
+{
+	struct lb_sock_key sk = {};
+	struct lb_sock_val *sv;
+	struct lb_revnat *rn;
+
+	sk.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(sk.addr, la->a, sizeof(sk.addr));
+	sk.port = la->port;
+	sv = lb_sock_revnat_v1.lookup(&sk);
+	if (!sv)
+		return 0;
+	/* The service may be gone or its ID reused: only trust a live, matching frontend. */
+	rn = lb_revnat_v1.lookup(&sv->rev_nat_id);
+	if (!rn || rn->port != sv->port || rn->addr[0] != sv->addr[0] || rn->addr[1] != sv->addr[1] ||
+	    rn->addr[2] != sv->addr[2] || rn->addr[3] != sv->addr[3]) {
+		lb_sock_revnat_v1.delete(&sk);
+		return 0;
+	}
+	__builtin_memcpy(la->a, sv->addr, sizeof(la->a));
+	la->port = sv->port;
+	return 1;
+}
+
+static __always_inline int fwd4(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	struct lb_addr la;
+	int ret;
+
+	addr_from_v4(&la, ctx->user_ip4, ctx->user_port);
+	ret = sock_xlate_fwd(ctx, &la, proto, 0);
+	if (ret < 0) {
+		bpf_set_retval(ret);
+		return SYS_REJECT;
+	}
+	if (ret > 0) {
+		ctx->user_ip4 = la.a[3];
+		ctx->user_port = (__u32)la.port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline int fwd6(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	struct lb_addr la;
+	int ret;
+
+	addr_from_v6(&la, ctx);
+	ret = sock_xlate_fwd(ctx, &la, proto, 1);
+	if (ret < 0) {
+		bpf_set_retval(ret);
+		return SYS_REJECT;
+	}
+	if (ret > 0) {
+		ctx->user_ip6[0] = la.a[0];
+		ctx->user_ip6[1] = la.a[1];
+		ctx->user_ip6[2] = la.a[2];
+		ctx->user_ip6[3] = la.a[3];
+		ctx->user_port = (__u32)la.port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
+{
+	/* Only stream and datagram sockets are services; raw/ICMP sockets are left alone. */
+	if (ctx->type == LB_SOCK_STREAM)
+		return IPPROTO_TCP;
+	if (ctx->type == LB_SOCK_DGRAM)
+		return IPPROTO_UDP;
+	return 0;
+}
+
+int bpflb_conn4(struct bpf_sock_addr *ctx)
+{
+	__u8 proto = sock_proto(ctx);
+
+	if (!proto || ctx->protocol == IPPROTO_ICMP)
+		return SYS_PROCEED;
+	return fwd4(ctx, proto);
+}
+
+int bpflb_conn6(struct bpf_sock_addr *ctx)
+{
+	__u8 proto = sock_proto(ctx);
+
+	if (!proto || ctx->protocol == LB_IPPROTO_ICMPV6)
+		return SYS_PROCEED;
+	return fwd6(ctx, proto);
+}
+
+int bpflb_send4(struct bpf_sock_addr *ctx)
+{
+	return fwd4(ctx, IPPROTO_UDP);
+}
+
+int bpflb_send6(struct bpf_sock_addr *ctx)
+{
+	return fwd6(ctx, IPPROTO_UDP);
+}
+
+static __always_inline int rev4(struct bpf_sock_addr *ctx)
+{
+	struct lb_addr la;
+
+	addr_from_v4(&la, ctx->user_ip4, ctx->user_port);
+	if (sock_xlate_rev(ctx, &la)) {
+		ctx->user_ip4 = la.a[3];
+		ctx->user_port = (__u32)la.port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline int rev6(struct bpf_sock_addr *ctx)
+{
+	struct lb_addr la;
+
+	addr_from_v6(&la, ctx);
+	if (sock_xlate_rev(ctx, &la)) {
+		ctx->user_ip6[0] = la.a[0];
+		ctx->user_ip6[1] = la.a[1];
+		ctx->user_ip6[2] = la.a[2];
+		ctx->user_ip6[3] = la.a[3];
+		ctx->user_port = (__u32)la.port;
+	}
+	return SYS_PROCEED;
+}
+
+int bpflb_recv4(struct bpf_sock_addr *ctx)
+{
+	return rev4(ctx);
+}
+
+int bpflb_recv6(struct bpf_sock_addr *ctx)
+{
+	return rev6(ctx);
+}
+
+int bpflb_peer4(struct bpf_sock_addr *ctx)
+{
+	return rev4(ctx);
+}
+
+int bpflb_peer6(struct bpf_sock_addr *ctx)
+{
+	return rev6(ctx);
+}

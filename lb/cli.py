@@ -1,0 +1,109 @@
+"""The ``bpflb`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+
+from .settings import BPF_ROOT_DEFAULT, MAP_SIZE_FLAGS, MapSizes, Paths, Settings, default_cgroup_root
+
+
+def _paths_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cgroup-root", default=None, help="cgroup2 directory the socket programs attach to "
+                   "(default: the cgroup2 mount)")
+    p.add_argument("--bpf-root", default=BPF_ROOT_DEFAULT, help=f"bpffs directory for pins (default {BPF_ROOT_DEFAULT})")
+
+
+def _paths(a: argparse.Namespace) -> Paths:
+    return Paths(cgroup_root=a.cgroup_root or default_cgroup_root(), bpf_root=a.bpf_root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bpflb", description="kube-proxy replacement: Services load-balanced by BPF")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    ag = sub.add_parser("agent", help="program the datapath from a manifest folder")
+    ag.add_argument("--manifests", metavar="DIR", help="folder of Service/EndpointSlice/Node YAML or JSON")
+    ag.add_argument("--node-name", default=None, help="this node's name (default: hostname)")
+    ag.add_argument("--strict", dest="strict", action="store_true", default=True,
+                    help="refuse to start when a needed kernel hook is missing (default)")
+    ag.add_argument("--no-strict", dest="strict", action="store_false")
+    for f, flag in MAP_SIZE_FLAGS.items():
+        ag.add_argument(flag, dest=f"map_{f}", type=int, default=getattr(MapSizes(), f),
+                        help=f"entries in the {f.replace('_', ' ')} map (default %(default)s)")
+    _paths_args(ag)
+
+    pr = sub.add_parser("probe", help="report, hook by hook, what this kernel supports")
+    pr.add_argument("--cgroup-root", default=None)
+    pr.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+    cl = sub.add_parser("cleanup", help="remove every program, attachment and pin bpflb made")
+    _paths_args(cl)
+
+    sv = sub.add_parser("service", help="inspect programmed services")
+    svsub = sv.add_subparsers(dest="svc_cmd", required=True)
+    ls = svsub.add_parser("list", help="frontends and backends as the datapath sees them (pinned maps)")
+    ls.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    ls.add_argument("--bpf-root", default=BPF_ROOT_DEFAULT)
+
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if a.cmd == "agent":
+        from . import agent
+        from .datapath import DatapathError
+
+        if not a.manifests:
+            ap.error("agent: --manifests DIR is required (the API server source is not built yet)")
+        if not os.path.isdir(a.manifests):
+            ap.error(f"agent: --manifests {a.manifests}: not a directory")
+        sizes = MapSizes(**{f: getattr(a, f"map_{f}") for f in MapSizes.__dataclass_fields__})
+        settings = Settings(node_name=a.node_name or socket.gethostname(), manifests=a.manifests,
+                            strict=a.strict, paths=_paths(a), maps=sizes)
+        try:
+            agent.run(settings)
+        except DatapathError as e:
+            print(f"bpflb agent: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    if a.cmd == "probe":
+        from .probe import missing_required, probe
+
+        results = probe(a.cgroup_root or default_cgroup_root())
+        if a.output == "json":
+            print(json.dumps([r.__dict__ for r in results], indent=2))
+        else:
+            for r in results:
+                mark = "ok" if r.ok else ("MISSING" if r.required else "missing")
+                need = "required" if r.required else "optional"
+                print(f"{mark:8} {r.feature:48} {need}{'  ' + r.detail if r.detail else ''}")
+        return 1 if missing_required(results) else 0
+
+    if a.cmd == "cleanup":
+        from .datapath import cleanup
+
+        for item in cleanup(_paths(a)):
+            print(f"removed {item}")
+        return 0
+
+    if a.cmd == "service" and a.svc_cmd == "list":
+        from .inspect import format_rows, service_rows
+
+        try:
+            rows = service_rows(a.bpf_root)
+        except FileNotFoundError as e:
+            print(f"bpflb: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(rows, indent=2) if a.output == "json" else format_rows(rows))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The one loader of bpf/ programs: compile (bcc), load, attach, and remove.
+
+Socket programs are attached to the cgroup with bpf_links pinned under ``<bpf-root>/links``:
+the attachment survives the agent (SIGTERM or kill -9), a restarted agent swaps its freshly
+loaded program in atomically with BPF_LINK_UPDATE (no instant without a program), other tools'
+programs on the same cgroup keep running (links are multi-attach), and removing the pins is what
+``bpflb cleanup`` does to detach.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .maps import bpfsys
+from .maps.structs import MAPS
+from .settings import MapSizes, Paths
+
+log = logging.getLogger("bpflb.datapath")
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+if not BPF_DIR.is_dir():  # installed as a package: bpf/ is shipped as package data
+    BPF_DIR = Path(__file__).resolve().parent / "bpf"
+LINKS_DIR = "links"
+
+
+@dataclass(frozen=True)
+class Hook:
+    func: str  # function in bpf/sock_lb.c (also the kernel's program name)
+    attach: str  # bcc BPFAttachType member
+    what: str
+
+
+HOOKS = (
+    Hook("bpflb_conn4", "CGROUP_INET4_CONNECT", "connect4 (IPv4 TCP and connected UDP)"),
+    Hook("bpflb_conn6", "CGROUP_INET6_CONNECT", "connect6 (IPv6 TCP and connected UDP)"),
+    Hook("bpflb_send4", "CGROUP_UDP4_SENDMSG", "sendmsg4 (IPv4 unconnected UDP)"),
+    Hook("bpflb_send6", "CGROUP_UDP6_SENDMSG", "sendmsg6 (IPv6 unconnected UDP)"),
+    Hook("bpflb_recv4", "CGROUP_UDP4_RECVMSG", "recvmsg4 (IPv4 UDP reply source)"),
+    Hook("bpflb_recv6", "CGROUP_UDP6_RECVMSG", "recvmsg6 (IPv6 UDP reply source)"),
+    Hook("bpflb_peer4", "CGROUP_INET4_GETPEERNAME", "getpeername4"),
+    Hook("bpflb_peer6", "CGROUP_INET6_GETPEERNAME", "getpeername6"),
+)
+
+
+class DatapathError(RuntimeError):
+    pass
+
+
+def ensure_headers() -> None:
+    """bcc compiles against /lib/modules/$(uname -r)/build; Debian's headers are for another kernel
+    version, so the setup script links the installed ones. Say so clearly if that was skipped."""
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not build.exists():
+        raise DatapathError(f"kernel headers missing: {build} does not exist (run ./scripts/setup.sh, which installs "
+                            f"linux-headers-amd64 and links /lib/modules/{os.uname().release})")
+
+
+def _mount_of(path: str) -> tuple[str, str]:
+    """(mount point, fs type) of the mount holding ``path``."""
+    best = ("/", "")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, parts[2])
+    return best
+
+
+def ensure_bpffs(root: str) -> None:
+    root = os.path.abspath(root)
+    mnt, fstype = _mount_of(root)
+    if fstype != "bpf":
+        if not root.startswith("/sys/fs/bpf/"):
+            raise DatapathError(f"--bpf-root {root} is not on a bpffs mount")
+        os.makedirs("/sys/fs/bpf", exist_ok=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+    os.makedirs(os.path.join(root, LINKS_DIR), exist_ok=True)
+
+
+def cflags(paths: Paths, sizes: MapSizes) -> list[str]:
+    return [f"-I{BPF_DIR}", f'-DPIN_ROOT="{paths.bpf_root}"',
+            f"-DSVC_MAP_SIZE={sizes.services}", f"-DBACKEND_MAP_SIZE={sizes.backends}",
+            f"-DREVNAT_MAP_SIZE={sizes.revnat}", f"-DSOCK_REVNAT_SIZE={sizes.sock_revnat}",
+            f"-DAFFINITY_MAP_SIZE={sizes.affinity}"]
+
+
+def compile_sock_lb(paths: Paths, sizes: MapSizes):
+    """Compile bpf/sock_lb.c; bcc creates or reuses the pinned maps."""
+    import bcc  # imported here: only the agent and the probe need a compiler
+
+    ensure_headers()
+    ensure_bpffs(paths.bpf_root)
+    try:
+        return bcc.BPF(src_file=str(BPF_DIR / "sock_lb.c").encode(), cflags=cflags(paths, sizes))
+    except Exception as e:
+        raise DatapathError(f"compiling bpf/sock_lb.c failed: {e}") from None
+
+
+def load_hook(b, hook: Hook) -> int:
+    import bcc
+
+    try:
+        fn = b.load_func(hook.func.encode(), bcc.BPFProgType.CGROUP_SOCK_ADDR,
+                         attach_type=getattr(bcc.BPFAttachType, hook.attach))
+    except Exception as e:
+        raise DatapathError(f"kernel refused the {hook.what} program: {e}") from None
+    return fn.fd
+
+
+def attach_type(hook: Hook) -> int:
+    import bcc
+
+    return int(getattr(bcc.BPFAttachType, hook.attach))
+
+
+def attach(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
+    """Load every socket program and attach it to the cgroup (or swap it into the pinned link).
+    Strict: any program the kernel refuses stops everything before an attachment is touched.
+    Not strict: the refused hooks are skipped and returned."""
+    b = compile_sock_lb(paths, sizes)
+    progs = {}
+    skipped = []
+    for h in HOOKS:  # load all before touching attachments
+        try:
+            progs[h.func] = load_hook(b, h)
+        except DatapathError as e:
+            if strict:
+                raise DatapathError(f"strict mode: {e}; refusing to start (--no-strict runs without it)") from None
+            log.warning("%s; continuing without it (--no-strict)", e)
+            skipped.append(h.what)
+    created = []
+    try:
+        cg = os.open(paths.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise DatapathError(f"--cgroup-root {paths.cgroup_root}: {e.strerror}") from None
+    try:
+        for h in HOOKS:
+            if h.func not in progs:
+                continue
+            pin = os.path.join(paths.bpf_root, LINKS_DIR, h.func)
+            if os.path.exists(pin):
+                link = bpfsys.obj_get(pin)
+                try:
+                    bpfsys.link_update(link, progs[h.func])
+                finally:
+                    os.close(link)
+                continue
+            try:
+                link = bpfsys.link_create(progs[h.func], cg, attach_type(h))
+            except OSError as e:
+                for p in created:  # all or nothing: undo this run's new attachments
+                    os.unlink(p)
+                raise DatapathError(f"attaching {h.what} to {paths.cgroup_root} failed: {e.strerror}") from None
+            try:
+                bpfsys.obj_pin(link, pin)
+                created.append(pin)
+            finally:
+                os.close(link)
+    finally:
+        os.close(cg)
+    # The programs stay alive through their links; the bcc object (and its fds) may now go.
+    b.cleanup()
+    return skipped
+
+
+def attached(paths: Paths) -> list[str]:
+    d = os.path.join(paths.bpf_root, LINKS_DIR)
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def cleanup(paths: Paths) -> list[str]:
+    """Remove every attachment and pin bpflb made under these paths; returns what was removed."""
+    removed = []
+    links = os.path.join(paths.bpf_root, LINKS_DIR)
+    if os.path.isdir(links):
+        for name in sorted(os.listdir(links)):
+            os.unlink(os.path.join(links, name))  # last reference gone -> link detaches
+            removed.append(f"link {name}")
+        os.rmdir(links)
+    # Legacy/foreign check: programs of ours attached without a link (none expected).
+    try:
+        cg = os.open(paths.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        cg = -1
+    if cg >= 0:
+        try:
+            for h in HOOKS:
+                try:
+                    ids = bpfsys.prog_query(cg, attach_type(h))
+                except (OSError, ImportError):
+                    continue
+                for pid in ids:
+                    try:
+                        fd, name = bpfsys.prog_name(pid)
+                    except OSError:
+                        continue
+                    try:
+                        if name == h.func[:15]:
+                            try:
+                                bpfsys.prog_detach(fd, cg, attach_type(h))
+                                removed.append(f"attachment {name}")
+                            except OSError as e:
+                                if e.errno not in (errno.ENOENT, errno.EINVAL, errno.EPERM):
+                                    raise
+                    finally:
+                        os.close(fd)
+        finally:
+            os.close(cg)
+    if os.path.isdir(paths.bpf_root):
+        for name in sorted(os.listdir(paths.bpf_root)):
+            if name in MAPS or name.startswith("lb_"):
+                os.unlink(os.path.join(paths.bpf_root, name))
+                removed.append(f"map {name}")
+        try:
+            os.rmdir(paths.bpf_root)
+        except OSError:
+            pass
+    return removed

@@ -1,0 +1,49 @@
+"""Read-only views of the pinned maps, as the datapath sees them (not the agent's memory)."""
+from __future__ import annotations
+
+from .maps.services import PinnedServiceMaps
+from .maps.structs import SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY
+
+
+def service_rows(bpf_root: str) -> list[dict]:
+    maps = PinnedServiceMaps(bpf_root)
+    try:
+        frontends = maps.dump_frontends()
+        backends = maps.dump_backends()
+        revnat = maps.dump_revnat()
+    finally:
+        maps.close()
+    rows = []
+    for fe in sorted(frontends):
+        master, slots = frontends[fe]
+        count = master.count if master else 0
+        flags = master.flags if master else 0
+        bes = []
+        for slot in range(1, count + 1):
+            bid = slots.get(slot)
+            be = backends.get(bid) if bid is not None else None
+            bes.append({"slot": slot, "backend_id": bid, "address": str(be) if be else None,
+                        "state": "ok" if be else "MISSING"})
+        rn = revnat.get(master.rev_nat_id) if master else None
+        if master is None:
+            action = "incomplete (no master entry)"
+        elif count:
+            action = "load-balance"
+        else:
+            action = "drop" if flags & SVC_F_DROP_EMPTY else "reject"
+        rows.append({"frontend": str(fe), "ip": fe.ip, "port": fe.port, "protocol": fe.protocol,
+                     "scope": "external" if fe.scope == SCOPE_EXTERNAL else "internal",
+                     "id": master.rev_nat_id if master else None, "action": action,
+                     "affinity_timeout": master.affinity_timeout if master and flags & SVC_F_AFFINITY else 0,
+                     "revnat_ok": rn == (fe.ip, fe.port), "backends": bes})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'ID':>5}  {'FRONTEND':<42} {'ACTION':<13} BACKENDS"]
+    for r in rows:
+        extra = f" affinity={r['affinity_timeout']}s" if r["affinity_timeout"] else ""
+        bes = ", ".join(f"{b['slot']}:{b['address'] or 'MISSING'}" for b in r["backends"]) or "-"
+        warn = "" if r["revnat_ok"] else "  (reverse NAT entry missing)"
+        lines.append(f"{r['id'] or '-':>5}  {r['frontend']:<42} {r['action'] + extra:<13} {bes}{warn}")
+    return "\n".join(lines)

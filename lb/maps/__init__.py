@@ -1,0 +1,1 @@
+"""The only code that touches BPF maps. Byte order is converted here and nowhere else."""

@@ -1,0 +1,181 @@
+"""The service maps: frontends (master entry + slots), backends, reverse NAT.
+
+ServiceMaps is the interface reconcile programs against (a fake with the same methods stands in
+tests); PinnedServiceMaps is the real one, opening the maps by their pins. Model values go in and
+come out; packing and byte order live here and nowhere else.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Protocol
+
+from ..model import Backend, Frontend
+from ..settings import MAP_SIZE_FLAGS
+from . import bpfsys
+from .structs import (AFFINITY_MAP, BACKENDS_MAP, MAPS, REVNAT_MAP, SERVICES_MAP, SOCK_REVNAT_MAP,
+                      Backend as CBackend, RevNat, SvcKey, SvcVal, packer)
+
+PROTO_NUM = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
+PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
+
+_KEY = packer(SvcKey)
+_VAL = packer(SvcVal)
+_BACKEND = packer(CBackend)
+_REVNAT = packer(RevNat)
+_U32 = struct.Struct("=I")
+
+SIZE_SETTING = dict(zip((SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP),
+                        MAP_SIZE_FLAGS.values()))
+
+
+class MapFullError(RuntimeError):
+    def __init__(self, name: str):
+        super().__init__(f"BPF map {name} is full: raise {SIZE_SETTING.get(name, 'its size setting')} "
+                         f"and restart the agent (bpflb cleanup first, the map size is fixed at creation)")
+        self.map = name
+
+
+@lru_cache(maxsize=1 << 18)
+def pack_ip(ip: str) -> bytes:
+    a = ipaddress.ip_address(ip)
+    if a.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + a.packed
+    return a.packed
+
+
+@lru_cache(maxsize=1 << 18)
+def unpack_ip(raw: bytes) -> str:
+    if raw[:12] == b"\0" * 10 + b"\xff\xff":
+        return str(ipaddress.IPv4Address(raw[12:]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def pack_frontend(fe: Frontend, slot: int) -> bytes:
+    return _KEY.pack(pack_ip(fe.ip), socket.htons(fe.port), PROTO_NUM[fe.protocol], fe.scope, slot, 0)
+
+
+@dataclass(frozen=True)
+class Master:
+    """Slot 0 of a frontend."""
+    rev_nat_id: int
+    count: int
+    flags: int
+    affinity_timeout: int
+
+
+class ServiceMaps(Protocol):
+    def dump_frontends(self) -> dict[Frontend, tuple[Master | None, dict[int, int]]]: ...
+    def dump_backends(self) -> dict[int, Backend]: ...
+    def write_backends(self, items: list[tuple[int, Backend]]) -> None: ...
+    def write_slots(self, items: list[tuple[Frontend, int, int, int]]) -> None: ...
+    def write_revnat(self, items: list[tuple[int, Frontend]]) -> None: ...
+    def write_masters(self, items: list[tuple[Frontend, Master]]) -> None: ...
+    def delete_slots(self, items: list[tuple[Frontend, int]]) -> None: ...
+    def delete_revnat(self, ids: list[int]) -> None: ...
+    def delete_backends(self, ids: list[int]) -> None: ...
+
+
+class PinnedServiceMaps:
+    """The real maps, opened from their pins under bpf_root."""
+
+    def __init__(self, bpf_root: str):
+        self.root = bpf_root
+        self.fd = {}
+        try:
+            for name in (SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP):
+                self.fd[name] = bpfsys.obj_get(os.path.join(bpf_root, name))
+        except OSError as e:
+            self.close()
+            raise FileNotFoundError(f"bpflb maps not found under {bpf_root} ({e.strerror}): "
+                                    f"is the agent running with --bpf-root {bpf_root}?") from None
+
+    def close(self) -> None:
+        for fd in self.fd.values():
+            os.close(fd)
+        self.fd = {}
+
+    def _batch(self, name: str, keys: list[bytes], vals: list[bytes]) -> None:
+        try:
+            bpfsys.update_batch(self.fd[name], b"".join(keys), b"".join(vals), len(keys))
+        except OSError as e:
+            if e.errno in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
+                raise MapFullError(name) from None
+            raise
+
+    # ---- reads ----
+    def dump_frontends(self) -> dict[Frontend, tuple[Master | None, dict[int, int]]]:
+        out: dict[Frontend, tuple[Master | None, dict[int, int]]] = {}
+        for k, v in bpfsys.dump(self.fd[SERVICES_MAP], _KEY.size, _VAL.size):
+            addr, dport, proto, scope, slot, _ = _KEY.unpack(k)
+            backend_id, rev_nat_id, count, flags, timeout = _VAL.unpack(v)
+            fe = Frontend(unpack_ip(addr), socket.ntohs(dport), PROTO_NAME.get(proto, str(proto)), scope)
+            master, slots = out.get(fe, (None, {}))
+            if slot == 0:
+                master = Master(rev_nat_id, count, flags, timeout)
+            else:
+                slots[slot] = backend_id
+            out[fe] = (master, slots)
+        return out
+
+    def dump_backends(self) -> dict[int, Backend]:
+        out = {}
+        for k, v in bpfsys.dump(self.fd[BACKENDS_MAP], 4, _BACKEND.size):
+            addr, port, proto, _flags = _BACKEND.unpack(v)
+            out[_U32.unpack(k)[0]] = Backend(unpack_ip(addr), socket.ntohs(port), PROTO_NAME.get(proto, str(proto)))
+        return out
+
+    def dump_revnat(self) -> dict[int, tuple[str, int]]:
+        out = {}
+        for k, v in bpfsys.dump(self.fd[REVNAT_MAP], 4, _REVNAT.size):
+            addr, port, _ = _REVNAT.unpack(v)
+            out[_U32.unpack(k)[0]] = (unpack_ip(addr), socket.ntohs(port))
+        return out
+
+    # ---- writes (reconcile decides the order; see reconcile.py) ----
+    def write_backends(self, items: list[tuple[int, Backend]]) -> None:
+        self._batch(BACKENDS_MAP, [_U32.pack(i) for i, _ in items],
+                    [_BACKEND.pack(pack_ip(b.ip), socket.htons(b.port), PROTO_NUM[b.protocol], 0) for _, b in items])
+
+    def write_slots(self, items: list[tuple[Frontend, int, int, int]]) -> None:
+        self._batch(SERVICES_MAP, [pack_frontend(fe, slot) for fe, slot, _, _ in items],
+                    [_VAL.pack(bid, rid, 0, 0, 0) for _, _, bid, rid in items])
+
+    def write_revnat(self, items: list[tuple[int, Frontend]]) -> None:
+        self._batch(REVNAT_MAP, [_U32.pack(i) for i, _ in items],
+                    [_REVNAT.pack(pack_ip(fe.ip), socket.htons(fe.port), 0) for _, fe in items])
+
+    def write_masters(self, items: list[tuple[Frontend, Master]]) -> None:
+        self._batch(SERVICES_MAP, [pack_frontend(fe, 0) for fe, _ in items],
+                    [_VAL.pack(0, m.rev_nat_id, m.count, m.flags, m.affinity_timeout) for _, m in items])
+
+    def delete_slots(self, items: list[tuple[Frontend, int]]) -> None:
+        bpfsys.delete_batch(self.fd[SERVICES_MAP], b"".join(pack_frontend(fe, s) for fe, s in items),
+                            len(items), _KEY.size)
+
+    def delete_revnat(self, ids: list[int]) -> None:
+        bpfsys.delete_batch(self.fd[REVNAT_MAP], b"".join(_U32.pack(i) for i in ids), len(ids), 4)
+
+    def delete_backends(self, ids: list[int]) -> None:
+        bpfsys.delete_batch(self.fd[BACKENDS_MAP], b"".join(_U32.pack(i) for i in ids), len(ids), 4)
+
+
+def map_fill(bpf_root: str) -> dict[str, int]:
+    """Entries per pinned map (for inspection and metrics)."""
+    out = {}
+    for name, (k, v) in MAPS.items():
+        try:
+            fd = bpfsys.obj_get(os.path.join(bpf_root, name))
+        except OSError:
+            continue
+        try:
+            out[name] = len(bpfsys.dump(fd, ctypes.sizeof(k), ctypes.sizeof(v)))
+        finally:
+            os.close(fd)
+    return out

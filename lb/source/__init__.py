@@ -1,0 +1,1 @@
+"""Sources of Kubernetes objects: a manifest folder (standalone) or the API server."""

@@ -1,0 +1,81 @@
+"""Tracker: the current object per key; drops no-op changes; says which Services need a sync.
+
+Sources only record changes here. The sync loop (agent.py) asks for the dirty Services and acts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .model import EndpointSlice, Node, ObjKey, Service
+
+
+@dataclass
+class Tracker:
+    node_name: str
+    services: dict[ObjKey, Service] = field(default_factory=dict)
+    slices: dict[ObjKey, EndpointSlice] = field(default_factory=dict)
+    node: Node | None = None
+    dirty: set[ObjKey] = field(default_factory=set)
+    all_dirty: bool = False
+    slices_of: dict[ObjKey, set[ObjKey]] = field(default_factory=dict)  # service -> its slice keys
+
+    def set_service(self, key: ObjKey, svc: Service | None) -> bool:
+        old = self.services.get(key)
+        if old == svc:
+            return False
+        if svc is None:
+            del self.services[key]
+        else:
+            self.services[key] = svc
+        self.dirty.add(key)
+        return True
+
+    def set_slice(self, key: ObjKey, es: EndpointSlice | None) -> bool:
+        old = self.slices.get(key)
+        if old == es:
+            return False
+        if old is not None and old.service is not None:
+            self.dirty.add(old.service)
+            self.slices_of.get(old.service, set()).discard(key)
+        if es is None:
+            del self.slices[key]
+        else:
+            self.slices[key] = es
+            if es.service is not None:
+                self.dirty.add(es.service)
+                self.slices_of.setdefault(es.service, set()).add(key)
+        return True
+
+    def set_node(self, node: Node | None) -> bool:
+        if node is not None and node.name != self.node_name:
+            return False
+        if node == self.node:
+            return False
+        # Only the labels matter to translation (zone); anything else is a no-op for services.
+        relevant = (self.node.labels if self.node else None) != (node.labels if node else None)
+        self.node = node
+        if relevant:
+            self.all_dirty = True
+        return relevant
+
+    def replace_all(self, services: dict[ObjKey, Service], slices: dict[ObjKey, EndpointSlice],
+                    node: Node | None) -> None:
+        """A source that only knows complete snapshots (the manifest folder) hands them in whole."""
+        for key in set(self.services) - set(services):
+            self.set_service(key, None)
+        for key, svc in services.items():
+            self.set_service(key, svc)
+        for key in set(self.slices) - set(slices):
+            self.set_slice(key, None)
+        for key, es in slices.items():
+            self.set_slice(key, es)
+        self.set_node(node)
+
+    def slices_for(self, key: ObjKey) -> list[EndpointSlice]:
+        return [self.slices[k] for k in self.slices_of.get(key, ()) if k in self.slices]
+
+    def take_dirty(self) -> tuple[set[ObjKey], bool]:
+        """(dirty Services, whether every Service is dirty); clears both."""
+        dirty, full = self.dirty, self.all_dirty
+        self.dirty, self.all_dirty = set(), False
+        return dirty, full
