@@ -71,6 +71,7 @@ class Agent:
         self.listed = False
         self.reconciler: Reconciler | None = None
         self.syncs = 0
+        self.ready = False  # the first full sync (with prune) has succeeded
 
     # ---- sources -----------------------------------------------------------------------------
     async def watch_manifests(self, max_iterations: int | None = None) -> None:
@@ -143,6 +144,9 @@ class Agent:
                 self.sync_once(full=pending_full)
                 if pending_full:
                     last_full = self.clock()
+                    if not self.ready:
+                        self.ready = True
+                        log.info("initial sync complete: %d frontends programmed", len(self.table.want))
                 pending_full = False
                 if failing:
                     log.warning("sync recovered")

@@ -1,0 +1,14 @@
+.PHONY: setup demo test bench clean
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	.venv/bin/python -m lb.testing.demo
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+bench: setup
+	.venv/bin/python bench/connect_rate.py
+	.venv/bin/python bench/program_time.py
