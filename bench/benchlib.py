@@ -1,0 +1,67 @@
+"""What both benchmarks share: a test bed that is always torn down, SIGTERM as an exception, and
+robust statistics for noisy machines (medians and quartiles, never means)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import uuid
+from typing import Iterator, Sequence
+
+from lb import datapath
+from lb.settings import Paths
+from lb.testing.bed import Bed
+
+
+def sigterm_exits() -> None:
+    """SIGTERM (and SIGHUP) raise SystemExit, so every ``finally`` below runs as on Ctrl-C."""
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def paths_of(bed: Bed) -> Paths:
+    return Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root)
+
+
+@contextlib.contextmanager
+def bench_bed(backends: int = 1) -> Iterator[Bed]:
+    """A test bed whose datapath (links, pins) is removed before its namespaces and cgroup,
+    whatever happens; afterwards, anything left behind is reported on stderr."""
+    bed = Bed(tag="bn" + uuid.uuid4().hex[:4], backends=backends)
+    try:
+        with bed:
+            try:
+                yield bed
+            finally:
+                datapath.cleanup(paths_of(bed))
+    finally:
+        for item in leftovers(bed):
+            print(f"WARNING: left behind: {item}", file=sys.stderr)
+
+
+def leftovers(bed: Bed) -> list[str]:
+    out = []
+    for ns in (bed.client_ns, bed.backend_ns):
+        if os.path.exists(f"/run/netns/{ns}"):
+            out.append(f"network namespace {ns}")
+    for path, what in ((bed.bpf_root, "bpffs directory"), (bed.cgroup, "cgroup")):
+        if os.path.exists(path):
+            out.append(f"{what} {path}")
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    """(25th, 75th) percentile; the spread a reader needs to judge a median."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]

@@ -1,0 +1,59 @@
+"""The command line: probe, strict mode, inspection errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from lb import datapath
+from lb.datapath import DatapathError, Hook
+from lb.settings import MapSizes, Paths
+
+
+def bpflb(*args, check=False):
+    return subprocess.run([sys.executable, "-m", "lb.cli", *args], capture_output=True, text=True, cwd=ROOT, check=check)
+
+
+def test_probe_loads_and_attaches_every_hook():
+    r = bpflb("probe", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    results = {x["feature"]: x for x in json.loads(r.stdout)}
+    for h in datapath.HOOKS:
+        assert results[f"cgroup {h.what}"]["ok"] and results[f"cgroup {h.what}"]["required"]
+    assert results["map type lru_hash"]["ok"]
+    assert not [d for d in os.listdir("/sys/fs/bpf") if d.startswith("bpflb-probe")]  # cleaned up
+    assert not [d for d in os.listdir("/sys/fs/cgroup/unified") if d.startswith("bpflb-probe")]
+
+
+def test_strict_mode_refuses_a_missing_hook_and_attaches_nothing(bed, monkeypatch):
+    # A hook the kernel cannot load stands for a kernel without it.
+    monkeypatch.setattr(datapath, "HOOKS", datapath.HOOKS + (Hook("no_such_prog", "CGROUP_INET4_BIND", "bind4 (test)"),))
+    paths = Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root)
+    with pytest.raises(DatapathError) as e:
+        datapath.attach(paths, MapSizes(services=64, backends=64, revnat=64, sock_revnat=64, affinity=64))
+    assert "strict mode" in str(e.value) and "bind4 (test)" in str(e.value)
+    assert datapath.attached(paths) == []
+    skipped = datapath.attach(paths, MapSizes(services=64, backends=64, revnat=64, sock_revnat=64, affinity=64),
+                              strict=False)
+    assert skipped == ["bind4 (test)"]
+    assert len(datapath.attached(paths)) == len(datapath.HOOKS) - 1
+
+
+def test_service_list_without_maps_says_what_is_wrong(tmp_path):
+    r = bpflb("service", "list", "--bpf-root", "/sys/fs/bpf/bpflb-does-not-exist")
+    assert r.returncode == 1 and "bpflb maps not found under /sys/fs/bpf/bpflb-does-not-exist" in r.stderr
+
+
+def test_agent_flags_are_checked(tmp_path):
+    r = bpflb("agent", "--manifests", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "not a directory" in r.stderr
+    r = bpflb("agent", "--manifests", str(tmp_path), "--cgroup-root", "/nonexistent-cg", "--bpf-root",
+              "/sys/fs/bpf/bpflb-flagtest")
+    try:
+        assert r.returncode == 1 and "--cgroup-root /nonexistent-cg" in r.stderr
+    finally:
+        datapath.cleanup(Paths(cgroup_root="/nonexistent-cg", bpf_root="/sys/fs/bpf/bpflb-flagtest"))
