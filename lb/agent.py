@@ -13,6 +13,7 @@ from . import datapath
 from .maps.services import MapFullError, PinnedServiceMaps
 from .model import Frontend, FrontendState, ObjKey
 from .reconcile import Reconciler
+from .sockets import destroy_udp
 from .settings import Settings
 from .source.manifests import ManifestFolder
 from .tracker import Tracker
@@ -111,6 +112,13 @@ class Agent:
         assert self.reconciler is not None
         stats = self.reconciler.sync(self.table.want, scope, prune=full and self.listed)
         self.syncs += 1
+        # After the maps: connected UDP sockets still aimed at a removed backend are destroyed
+        # (kube-proxy flushes conntrack for the same reason).
+        udp_gone = {(rid, b) for rid, b in stats.removed if b.protocol == "UDP"}
+        if udp_gone:
+            n = destroy_udp(self.settings.paths.cgroup_root, self.settings.paths.bpf_root, udp_gone)
+            if n:
+                log.info("destroyed %d connected UDP socket(s) of removed backends", n)
         if stats.writes:
             log.info("synced %d frontends: %d backends, %d slots, %d masters written, %d deleted",
                      len(scope), stats.backends_written, stats.slots_written, stats.masters_written, stats.deleted)

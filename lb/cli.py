@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("-o", "--output", choices=["text", "json"], default="text")
     ls.add_argument("--bpf-root", default=BPF_ROOT_DEFAULT)
 
+    ex = sub.add_parser("explain", help="why each endpoint of a Service is or is not used on this node")
+    ex.add_argument("service", metavar="NAMESPACE/NAME[:PORT]")
+    ex.add_argument("--manifests", metavar="DIR", required=True)
+    ex.add_argument("--node-name", default=None)
+
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -90,6 +95,27 @@ def main(argv: list[str] | None = None) -> int:
 
         for item in cleanup(_paths(a)):
             print(f"removed {item}")
+        return 0
+
+    if a.cmd == "explain":
+        from .explain import explain
+        from .model import ObjKey
+        from .source.manifests import ManifestFolder
+        from .translate import NodeView
+
+        ref, _, port = a.service.partition(":")
+        ns, _, name = ref.rpartition("/")
+        key = ObjKey(ns or "default", name)
+        folder = ManifestFolder(a.manifests, report=lambda p: print(f"warning: {p}", file=sys.stderr))
+        folder.scan()
+        services, slices, nodes = folder.snapshot()
+        if key not in services:
+            print(f"bpflb explain: Service {key} not found in {a.manifests}", file=sys.stderr)
+            return 1
+        node_name = a.node_name or socket.gethostname()
+        mine = [s for s in slices.values() if s.service == key]
+        print(explain(services[key], [s for s in mine if not s.skip], NodeView.of(node_name, nodes.get(node_name)),
+                      port or None, ignored_slices=[s for s in mine if s.skip]))
         return 0
 
     if a.cmd == "service" and a.svc_cmd == "list":

@@ -43,6 +43,8 @@ class SyncStats:
     slots_written: int = 0
     masters_written: int = 0
     deleted: int = 0
+    removed: set[tuple[int, Backend]] = field(default_factory=set)  # (frontend ID, backend it stopped using)
+
 
     @property
     def writes(self) -> int:
@@ -161,6 +163,9 @@ class Reconciler:
             if state is None:
                 if cur is not None:
                     removed.append(fe)
+                    count = cur.master.count if cur.master else 0
+                    stats.removed.update((cur.rev_nat_id, self.backend_of[b]) for b in cur.slots[:count]
+                                         if b in self.backend_of)
                 continue
             ids = []
             for be in state.backends:
@@ -175,6 +180,9 @@ class Reconciler:
             old = cur.slots if cur else []
             old_count = cur.master.count if cur and cur.master else 0
             layout = stable_slots(old[:old_count], ids)
+            if cur:
+                stats.removed.update((cur.rev_nat_id, self.backend_of[b]) for b in set(old[:old_count]) - set(layout)
+                                     if b in self.backend_of)
             rid = cur.rev_nat_id if cur and cur.rev_nat_id else 0
             if not rid:
                 rid = self.revnat_ids.alloc()

@@ -22,7 +22,9 @@ def _addr(text: str) -> tuple[int, tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("target")
-    ap.add_argument("--mode", choices=["tcp", "udp", "udp-connected"], default="tcp")
+    ap.add_argument("--mode", choices=["tcp", "udp", "udp-connected", "udp-persistent"], default="tcp",
+                    help="udp-persistent: one connected UDP socket, reconnected only after an error; "
+                         "prints one JSON line per reply or error as it happens")
     ap.add_argument("--count", type=int, default=1, help="connections; 0 = until SIGTERM")
     ap.add_argument("--timeout", type=float, default=2.0)
     ap.add_argument("--interval", type=float, default=0.0)
@@ -41,6 +43,31 @@ def main() -> None:
     sources = collections.Counter()
     n = 0
     t0 = time.monotonic()
+    if a.mode == "udp-persistent":
+        s = None
+        while not stop and (a.count == 0 or n < a.count):
+            n += 1
+            try:
+                if s is None:
+                    s = socket.socket(fam, socket.SOCK_DGRAM)
+                    s.settimeout(a.timeout)
+                    s.connect(addr)
+                s.send(b"hi\n")
+                event = {"answer": s.recv(2048).decode().strip()}
+            except socket.timeout:
+                event = {"error": "ETIMEDOUT"}
+            except OSError as e:
+                event = {"error": errno.errorcode.get(e.errno, str(e.errno))}
+                s.close()
+                s = None
+            print(json.dumps(event), flush=True)
+            if "answer" in event:
+                answered[event["answer"]] += 1
+            else:
+                errors[event["error"]] += 1
+            time.sleep(a.interval or 0.01)
+        print(json.dumps({"attempts": n, "answered": answered, "errors": errors}), flush=True)
+        return
     while not stop and (a.count == 0 or n < a.count):
         n += 1
         s = socket.socket(fam, socket.SOCK_STREAM if a.mode == "tcp" else socket.SOCK_DGRAM)

@@ -1,0 +1,160 @@
+"""Destroy connected UDP sockets that still point at a removed backend.
+
+kube-proxy flushes conntrack when a UDP endpoint goes away; at the socket layer the translation is
+in the socket itself (connect() fixed its peer), so the socket must go: the kernel's SOCK_DESTROY
+(sock_diag netlink, CONFIG_INET_DIAG_DESTROY) aborts it and the application sees ECONNABORTED and
+reconnects through the service again. Only sockets our programs translated to that backend are
+touched: a socket is destroyed only if lb_sock_revnat holds (its cookie, the backend).
+
+sock_diag works per network namespace, so every namespace of a process below the cgroup root is
+visited (a thread joins it with setns just long enough to open a netlink socket there).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+from typing import Iterable
+
+from .maps import bpfsys
+from .maps.services import pack_ip
+from .maps.structs import SOCK_REVNAT_MAP, SockKey, SockVal, packer
+from .model import Backend
+
+log = logging.getLogger("bpflb.sockets")
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+SOCK_DESTROY = 21
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+_NLH = struct.Struct("=IHHII")
+_REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2 head; then inet_diag_sockid (48 bytes)
+_SOCKID = struct.Struct("=2s2s16s16sIQ")  # sport, dport (network order), src, dst, if, cookie
+_SK = packer(SockKey)
+_SV = packer(SockVal)
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def namespaces_below(cgroup_root: str) -> dict[tuple[int, int], int]:
+    """(dev, inode) of each network namespace used by a process below the cgroup -> one pid in it."""
+    out: dict[tuple[int, int], int] = {}
+    for dirpath, _dirs, files in os.walk(cgroup_root):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                st = os.stat(f"/proc/{pid}/ns/net")
+            except OSError:
+                continue
+            out.setdefault((st.st_dev, st.st_ino), pid)
+    return out
+
+
+def _netlink_in(pid: int) -> socket.socket:
+    """A NETLINK_SOCK_DIAG socket inside the network namespace of ``pid``."""
+    result: list = []
+
+    def work() -> None:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            if _libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            try:
+                result.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG))
+            finally:
+                _libc.setns(own, CLONE_NEWNET)
+        except OSError as e:
+            result.append(e)
+        finally:
+            os.close(own)
+            os.close(target)
+
+    t = threading.Thread(target=work, name="setns")
+    t.start()
+    t.join()
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
+def _request(nl: socket.socket, msg_type: int, flags: int, family: int, sockid: bytes, states: int = 0xFFFFFFFF) -> list[bytes]:
+    body = _REQ.pack(family, socket.IPPROTO_UDP, 0, states) + sockid
+    nl.send(_NLH.pack(_NLH.size + len(body), msg_type, flags, 1, 0) + body)
+    msgs = []
+    while True:
+        data = nl.recv(65536)
+        off = 0
+        while off < len(data):
+            length, mtype, _f, _seq, _pid = _NLH.unpack_from(data, off)
+            payload = data[off + _NLH.size: off + length]
+            off += (length + 3) & ~3
+            if mtype == NLMSG_DONE:
+                return msgs
+            if mtype == NLMSG_ERROR:
+                err = -struct.unpack_from("=i", payload)[0]
+                if err:
+                    raise OSError(err, os.strerror(err))
+                return msgs
+            msgs.append(payload)
+
+
+def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Backend]]) -> int:
+    """Destroy UDP sockets that frontend ``id`` translated to ``backend``, for each (id, backend) in
+    ``removed`` (a socket of another frontend still using that backend is left alone); returns how many."""
+    targets: dict[tuple[bytes, int], set[int]] = {}
+    for rid, b in removed:
+        if b.protocol == "UDP":
+            targets.setdefault((pack_ip(b.ip), socket.htons(b.port)), set()).add(rid)
+    if not targets:
+        return 0
+    fd = bpfsys.obj_get(os.path.join(bpf_root, SOCK_REVNAT_MAP))
+    destroyed = 0
+    try:
+        for pid in namespaces_below(cgroup_root).values():
+            try:
+                nl = _netlink_in(pid)
+            except OSError:
+                continue  # the process is gone
+            with nl:
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    try:
+                        msgs = _request(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, bytes(48))
+                    except OSError:
+                        continue
+                    for m in msgs:
+                        sockid = m[4:52]
+                        sport, dport, src, dst, _ifx, cookie = _SOCKID.unpack(sockid)
+                        addr = (b"\0" * 10 + b"\xff\xff" + dst[:4]) if family == socket.AF_INET else dst
+                        dport16 = struct.unpack("=H", dport)[0]
+                        if (addr, dport16) not in targets:
+                            continue
+                        key = _SK.pack(cookie, addr, dport16, 0, 0, 0)
+                        val = bpfsys.lookup(fd, key, ctypes.sizeof(SockVal))
+                        if val is None or _SV.unpack(val)[3] not in targets[(addr, dport16)]:
+                            continue  # not translated by that frontend (or a direct connection): leave it
+                        try:
+                            _request(nl, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, family, sockid)
+                            destroyed += 1
+                            bpfsys.delete(fd, key)
+                        except OSError as e:
+                            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                                log.warning("cannot destroy UDP sockets (kernel without INET_DIAG_DESTROY): %s", e)
+                                return destroyed
+                            if e.errno != errno.ENOENT:
+                                raise
+    finally:
+        os.close(fd)
+    return destroyed
