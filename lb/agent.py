@@ -1,25 +1,33 @@
-"""The agent: one asyncio run() with named tasks: a source that records changes in the tracker,
-and one bounded-frequency sync loop that translates dirty Services and reconciles the maps.
+"""The agent: one asyncio run() with named tasks: sources that only record changes in the tracker,
+one bounded-frequency sync loop that translates dirty Services and reconciles the maps, and the
+health/metrics server.
 """
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 import time
 from typing import Callable
 
 from . import datapath
+from .health import HealthState, HttpServer
 from .maps.services import MapFullError, PinnedServiceMaps
+from .maps.structs import BACKENDS_MAP, REVNAT_MAP, SERVICES_MAP
+from .metrics import AgentMetrics
 from .model import Frontend, FrontendState, ObjKey
+from .objects import ObjectError, parse_endpoint_slice, parse_node, parse_service
 from .reconcile import Reconciler
-from .sockets import destroy_udp
 from .settings import Settings
+from .sockets import destroy_udp
 from .source.manifests import ManifestFolder
 from .tracker import Tracker
 from .translate import NodeView, translate_service
 
 log = logging.getLogger("bpflb.agent")
+
+TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 class ServiceTable:
@@ -61,18 +69,124 @@ class ServiceTable:
         return touched, retry
 
 
+def _trigger_time(obj: dict) -> float | None:
+    text = ((obj.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_ANNOTATION)
+    if not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _describe(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind', '?')} {meta.get('namespace', '')}/{meta.get('name', '?')}".replace(" /", " ")
+
+
 class Agent:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
         self.settings = settings
-        self.clock = clock
+        self.clock, self.wall = clock, wall
         self.tracker = Tracker(settings.node_name)
         self.table = ServiceTable()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
-        self.listed = False
+        self.listed = False  # every source finished its initial list: pruning is allowed
         self.reconciler: Reconciler | None = None
         self.syncs = 0
         self.ready = False  # the first full sync (with prune) has succeeded
+        self.health = HealthState(settings.health_timeout, wall)
+        self.metrics = AgentMetrics()
+        self.informers: list = []
+
+    # ---- recording changes (sources call these; they never act) -------------------------------
+    def changed(self) -> None:
+        self.health.queued()
+        self.metrics.pending.set(len(self.tracker.dirty))
+        self.wake.set()
+
+    def _parse(self, parser, obj: dict):
+        try:
+            return parser(obj)
+        except ObjectError as e:
+            log.error("bad object from the API server: %s: %s: %s (last good version kept)", _describe(obj),
+                      e.field, e.reason)
+            return None
+
+    def api_services(self, items: list[dict]) -> None:
+        parsed = {}
+        for obj in items:
+            svc = self._parse(parse_service, obj)
+            if svc is None:  # malformed: keep what we had
+                key = ObjKey((obj.get("metadata") or {}).get("namespace", ""), (obj.get("metadata") or {}).get("name", ""))
+                if key in self.tracker.services:
+                    parsed[key] = self.tracker.services[key]
+                continue
+            parsed[svc.key] = svc
+        self.tracker.replace_services(parsed)
+        self.changed()
+
+    def api_service_event(self, kind: str, obj: dict) -> None:
+        if kind == "DELETED":
+            meta = obj.get("metadata") or {}
+            self.tracker.set_service(ObjKey(meta.get("namespace", ""), meta.get("name", "")), None)
+        else:
+            svc = self._parse(parse_service, obj)
+            if svc is None:
+                return
+            self.tracker.set_service(svc.key, svc)
+        self.changed()
+
+    def api_slices(self, items: list[dict]) -> None:
+        parsed = {}
+        for obj in items:
+            es = self._parse(parse_endpoint_slice, obj)
+            if es is None:
+                meta = obj.get("metadata") or {}
+                key = ObjKey(meta.get("namespace", ""), meta.get("name", ""))
+                if key in self.tracker.slices:
+                    parsed[key] = self.tracker.slices[key]
+                continue
+            parsed[es.key] = es
+            self._note_trigger(es.service, obj)
+        self.tracker.replace_slices(parsed)
+        self.changed()
+
+    def api_slice_event(self, kind: str, obj: dict) -> None:
+        if kind == "DELETED":
+            meta = obj.get("metadata") or {}
+            self.tracker.set_slice(ObjKey(meta.get("namespace", ""), meta.get("name", "")), None)
+        else:
+            es = self._parse(parse_endpoint_slice, obj)
+            if es is None:
+                return
+            if self.tracker.set_slice(es.key, es):
+                self._note_trigger(es.service, obj)
+        self.changed()
+
+    def _note_trigger(self, service: ObjKey | None, obj: dict) -> None:
+        t = _trigger_time(obj)
+        if service is not None and t is not None:
+            self.tracker.note_trigger(service, t)
+
+    def api_nodes(self, items: list[dict]) -> None:
+        nodes = [n for n in (self._parse(parse_node, o) for o in items) if n is not None]
+        self.set_node(next((n for n in nodes if n.name == self.settings.node_name), None))
+
+    def api_node_event(self, kind: str, obj: dict) -> None:
+        if kind == "DELETED":
+            self.set_node(None)
+        else:
+            node = self._parse(parse_node, obj)
+            if node is not None:
+                self.set_node(node)
+
+    def set_node(self, node) -> None:
+        self.health.node_eligible = not (node and node.deleting)
+        if self.tracker.set_node(node):
+            self.changed()
 
     # ---- sources -----------------------------------------------------------------------------
     async def watch_manifests(self, max_iterations: int | None = None) -> None:
@@ -81,9 +195,10 @@ class Agent:
         while not self.stop.is_set():
             if folder.scan() or not self.listed:
                 services, slices, nodes = folder.snapshot()
-                self.tracker.replace_all(services, slices, nodes.get(self.settings.node_name))
+                self.tracker.replace_all(services, slices, None)
+                self.set_node(nodes.get(self.settings.node_name))
                 self.listed = True  # a folder is "listed" once it has been read whole
-                self.wake.set()
+                self.changed()
             n += 1
             if max_iterations is not None and n >= max_iterations:
                 return
@@ -92,14 +207,40 @@ class Agent:
             except asyncio.TimeoutError:
                 pass
 
+    def kube_tasks(self) -> list[asyncio.Task]:
+        from .source.kube import ENDPOINT_SLICES, SERVICES, Informer, KubeClient, node_resource
+
+        client = KubeClient(self.settings.kubeconfig)
+
+        def on_error(e) -> None:
+            self.metrics.api_errors.inc(code=str(e.status))
+
+        self.informers = [
+            Informer(client, SERVICES, self.api_services, self.api_service_event, on_error),
+            Informer(client, ENDPOINT_SLICES, self.api_slices, self.api_slice_event, on_error),
+            Informer(client, node_resource(self.settings.node_name), self.api_nodes, self.api_node_event, on_error),
+        ]
+
+        async def all_listed() -> None:
+            await asyncio.gather(*(i.listed.wait() for i in self.informers))
+            self.listed = True
+            log.info("Services, EndpointSlices and Node listed")
+            self.changed()
+
+        tasks = [asyncio.create_task(i.run(self.stop), name=f"watch:{i.res.kind}") for i in self.informers]
+        tasks.append(asyncio.create_task(all_listed(), name="listed"))
+        return tasks
+
     # ---- sync loop ---------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> None:
         """Translate the dirty Services and reconcile their frontends (all, with prune, if full)."""
+        t0 = self.clock()
         dirty, all_dirty = self.tracker.take_dirty()
         if full or all_dirty:
             dirty = set(self.tracker.services) | set(self.table.frontends_of)
         node = NodeView.of(self.settings.node_name, self.tracker.node)
         scope: set[Frontend] = set()
+        synced = set(dirty)
         while dirty:
             retry: set[ObjKey] = set()
             for key in dirty:
@@ -109,6 +250,7 @@ class Agent:
                 scope |= touched
                 retry |= again
             dirty = retry
+            synced |= retry
         assert self.reconciler is not None
         stats = self.reconciler.sync(self.table.want, scope, prune=full and self.listed)
         self.syncs += 1
@@ -119,6 +261,13 @@ class Agent:
             n = destroy_udp(self.settings.paths.cgroup_root, self.settings.paths.bpf_root, udp_gone)
             if n:
                 log.info("destroyed %d connected UDP socket(s) of removed backends", n)
+        now = self.wall()
+        for t in self.tracker.take_triggers(synced):
+            self.metrics.programming_latency.observe(max(0.0, now - t))
+        self.metrics.sync_duration.observe(self.clock() - t0)
+        self.metrics.services.set(len(self.reconciler.have))
+        self.metrics.backends.set(len(self.reconciler.backend_of))
+        self.metrics.last_sync.set(now)
         if stats.writes:
             log.info("synced %d frontends: %d backends, %d slots, %d masters written, %d deleted",
                      len(scope), stats.backends_written, stats.slots_written, stats.masters_written, stats.deleted)
@@ -150,6 +299,8 @@ class Agent:
                     self.reconciler.restore()  # re-read the kernel: drift is rewritten
                     self.tracker.all_dirty = True
                 self.sync_once(full=pending_full)
+                self.health.updated()
+                self.metrics.pending.set(len(self.tracker.dirty))
                 if pending_full:
                     last_full = self.clock()
                     if not self.ready:
@@ -159,14 +310,13 @@ class Agent:
                 if failing:
                     log.warning("sync recovered")
                 failing, delay = False, s.retry_initial
-            except MapFullError as e:
+            except Exception as e:
+                self.metrics.sync_errors.inc()
                 if not failing:
-                    log.error("sync failed: %s", e)
-                failing, pending_full = True, True
-                delay = min(delay * 2, s.retry_max)
-            except Exception:
-                if not failing:
-                    log.exception("sync failed; retrying with backoff")
+                    if isinstance(e, MapFullError):
+                        log.error("sync failed: %s", e)
+                    else:
+                        log.exception("sync failed; retrying with backoff")
                 failing, pending_full = True, True
                 delay = min(delay * 2, s.retry_max)
 
@@ -176,25 +326,45 @@ class Agent:
         self.reconciler = Reconciler(PinnedServiceMaps(self.settings.paths.bpf_root),
                                      revnat_limit=self.settings.maps.revnat)
 
+    def render_metrics(self) -> str:
+        sizes = self.settings.maps
+        if self.reconciler is not None:  # from what reconcile holds: no map walk per scrape
+            r = self.reconciler
+            self.metrics.map_fill.set(sum(len(p.slots) + 1 for p in r.have.values()) / sizes.services, map=SERVICES_MAP)
+            self.metrics.map_fill.set(len(r.backend_of) / sizes.backends, map=BACKENDS_MAP)
+            self.metrics.map_fill.set(len(r.have) / sizes.revnat, map=REVNAT_MAP)
+        return self.metrics.registry.render()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         if self.reconciler is None:
             self.start_datapath()
+        http = HttpServer(self.health, self.render_metrics)
+        for what, addr in (("healthz", self.settings.healthz_bind), ("metrics", self.settings.metrics_bind)):
+            if addr:
+                try:
+                    port = await http.listen(addr)
+                    log.info("serving %s on %s (port %d)", what, addr, port)
+                except OSError as e:  # the datapath matters more than the endpoint: go on without it
+                    log.error("cannot serve %s on %s: %s", what, addr, e.strerror)
         tasks = [asyncio.create_task(self.sync_loop(), name="sync")]
         if self.settings.manifests:
             tasks.append(asyncio.create_task(self.watch_manifests(), name="source:manifests"))
         else:
-            raise SystemExit("no source: pass --manifests DIR (the API server source is not built yet)")
+            tasks += self.kube_tasks()
         stop_wait = asyncio.create_task(self.stop.wait(), name="stop")
         done, _ = await asyncio.wait(tasks + [stop_wait], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
-            if t is not stop_wait and not t.cancelled() and t.exception():
+            if t is stop_wait or t.get_name() == "listed":
+                continue
+            if not t.cancelled() and t.exception():
                 log.error("task %s ended unexpectedly", t.get_name(), exc_info=t.exception())
-            elif t is not stop_wait:
+            else:
                 log.error("task %s ended unexpectedly", t.get_name())
         self.stop.set()
+        http.close()
         for t in tasks + [stop_wait]:
             t.cancel()
         _, pending = await asyncio.wait(tasks + [stop_wait], timeout=5)

@@ -27,7 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     ag = sub.add_parser("agent", help="program the datapath from a manifest folder")
-    ag.add_argument("--manifests", metavar="DIR", help="folder of Service/EndpointSlice/Node YAML or JSON")
+    ag.add_argument("--manifests", metavar="DIR", help="follow a folder of Service/EndpointSlice/Node YAML or JSON "
+                    "instead of the API server")
+    ag.add_argument("--kubeconfig", help="API server credentials (default: in-cluster configuration)")
+    ag.add_argument("--healthz-bind-address", default=Settings.__dataclass_fields__["healthz_bind"].default,
+                    help="/healthz and /livez address:port (default %(default)s; empty disables)")
+    ag.add_argument("--metrics-bind-address", default=Settings.__dataclass_fields__["metrics_bind"].default,
+                    help="/metrics address:port (default %(default)s; empty disables)")
+    ag.add_argument("--remove-kube-proxy-rules", action="store_true",
+                    help="delete kube-proxy's iptables/nftables rules on this node instead of refusing to start")
     ag.add_argument("--node-name", default=None, help="this node's name (default: hostname)")
     ag.add_argument("--strict", dest="strict", action="store_true", default=True,
                     help="refuse to start when a needed kernel hook is missing (default)")
@@ -63,12 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         from . import agent
         from .datapath import DatapathError
 
-        if not a.manifests:
-            ap.error("agent: --manifests DIR is required (the API server source is not built yet)")
-        if not os.path.isdir(a.manifests):
+        if a.manifests and not os.path.isdir(a.manifests):
             ap.error(f"agent: --manifests {a.manifests}: not a directory")
+        if a.manifests and a.kubeconfig:
+            ap.error("agent: --manifests and --kubeconfig are two sources; pick one")
+        if not a.manifests and not a.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            ap.error("agent: no source: pass --manifests DIR or --kubeconfig FILE (or run in a cluster)")
+        if a.kubeconfig and not os.path.isfile(a.kubeconfig):
+            ap.error(f"agent: --kubeconfig {a.kubeconfig}: no such file")
         sizes = MapSizes(**{f: getattr(a, f"map_{f}") for f in MapSizes.__dataclass_fields__})
         settings = Settings(node_name=a.node_name or socket.gethostname(), manifests=a.manifests,
+                            kubeconfig=a.kubeconfig, healthz_bind=a.healthz_bind_address,
+                            metrics_bind=a.metrics_bind_address, remove_kube_proxy_rules=a.remove_kube_proxy_rules,
                             strict=a.strict, paths=_paths(a), maps=sizes)
         try:
             agent.run(settings)

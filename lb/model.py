@@ -80,6 +80,7 @@ class Node:
     labels: tuple[tuple[str, str], ...] = ()
     pod_cidrs: tuple[str, ...] = ()
     addresses: tuple[tuple[str, str], ...] = ()
+    deleting: bool = False  # deletionTimestamp set, or tainted ToBeDeletedByClusterAutoscaler
 
     def label(self, name: str) -> str | None:
         for k, v in self.labels:

@@ -250,7 +250,11 @@ def parse_node(obj: dict) -> Node:
             raise ObjectError(f"spec.podCIDRs[{i}]", f"not a CIDR: {c!r}") from None
     addrs = tuple((str(a.get("type", "")), str(a.get("address", "")))
                   for a in _get(obj, "status.addresses", list, []) if isinstance(a, dict))
-    return Node(name=key.name, labels=tuple(sorted(labels.items())), pod_cidrs=tuple(cidrs), addresses=addrs)
+    taints = _get(obj, "spec.taints", list, [])
+    deleting = bool(_get(obj, "metadata.deletionTimestamp", str, "")) or any(
+        isinstance(t, dict) and t.get("key") == "ToBeDeletedByClusterAutoscaler" for t in taints)
+    return Node(name=key.name, labels=tuple(sorted(labels.items())), pod_cidrs=tuple(cidrs), addresses=addrs,
+                deleting=deleting)
 
 
 def kind_of(obj: Any) -> tuple[str, str] | None:

@@ -66,6 +66,16 @@ class Settings:
     """--node-name: this node's name, as in Node objects and endpoints' nodeName."""
     manifests: str | None = None
     """--manifests: follow a folder of YAML/JSON instead of a Kubernetes API server."""
+    kubeconfig: str | None = None
+    """--kubeconfig: API server credentials; without it (and without --manifests) in-cluster config."""
+    healthz_bind: str = "0.0.0.0:10256"
+    """--healthz-bind-address: /healthz and /livez (kube-proxy's default port); empty to disable."""
+    metrics_bind: str = "127.0.0.1:10249"
+    """--metrics-bind-address: Prometheus /metrics (kube-proxy's default port); empty to disable."""
+    health_timeout: float = 60.0
+    """Seconds a change may stay unprogrammed before /healthz fails (kube-proxy: 2 x syncPeriod)."""
+    remove_kube_proxy_rules: bool = False
+    """--remove-kube-proxy-rules: delete kube-proxy's iptables/nftables rules instead of refusing to start."""
     strict: bool = True
     """--strict (default) / --no-strict: refuse to start when a needed kernel hook is missing."""
     poll_interval: float = 0.2

@@ -18,6 +18,7 @@ class Tracker:
     dirty: set[ObjKey] = field(default_factory=set)
     all_dirty: bool = False
     slices_of: dict[ObjKey, set[ObjKey]] = field(default_factory=dict)  # service -> its slice keys
+    triggers: dict[ObjKey, float] = field(default_factory=dict)  # service -> earliest pending trigger time
 
     def set_service(self, key: ObjKey, svc: Service | None) -> bool:
         old = self.services.get(key)
@@ -58,18 +59,33 @@ class Tracker:
             self.all_dirty = True
         return relevant
 
-    def replace_all(self, services: dict[ObjKey, Service], slices: dict[ObjKey, EndpointSlice],
-                    node: Node | None) -> None:
-        """A source that only knows complete snapshots (the manifest folder) hands them in whole."""
+    def replace_services(self, services: dict[ObjKey, Service]) -> None:
+        """A complete list (initial list, relist after 410, a folder snapshot): diffed, so only
+        what really changed becomes dirty."""
         for key in set(self.services) - set(services):
             self.set_service(key, None)
         for key, svc in services.items():
             self.set_service(key, svc)
+
+    def replace_slices(self, slices: dict[ObjKey, EndpointSlice]) -> None:
         for key in set(self.slices) - set(slices):
             self.set_slice(key, None)
         for key, es in slices.items():
             self.set_slice(key, es)
+
+    def replace_all(self, services: dict[ObjKey, Service], slices: dict[ObjKey, EndpointSlice],
+                    node: Node | None) -> None:
+        self.replace_services(services)
+        self.replace_slices(slices)
         self.set_node(node)
+
+    def note_trigger(self, service: ObjKey, when: float) -> None:
+        """The earliest last-change-trigger-time of a Service's pending EndpointSlice changes."""
+        if service not in self.triggers or when < self.triggers[service]:
+            self.triggers[service] = when
+
+    def take_triggers(self, services: set[ObjKey]) -> list[float]:
+        return [self.triggers.pop(k) for k in services if k in self.triggers]
 
     def slices_for(self, key: ObjKey) -> list[EndpointSlice]:
         return [self.slices[k] for k in self.slices_of.get(key, ()) if k in self.slices]

@@ -1,0 +1,95 @@
+"""/healthz, /livez and /metrics, as kube-proxy serves them (pkg/proxy/healthcheck/proxier_health.go).
+
+Health rule (ProxierHealthServer.isHealthy): healthy while starting, when nothing is queued, or when
+the oldest change still pending was queued less than ``health_timeout`` ago. /healthz also reports
+503 when the node is being deleted or tainted for deletion (nodeEligible false); /livez does not.
+Body: {"lastUpdated": ..., "currentTime": ..., "nodeEligible": ...} with Go's RFC 3339 times.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger("bpflb.health")
+
+
+def go_time(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class HealthState:
+    health_timeout: float = 60.0
+    wall: Callable[[], float] = time.time
+    last_updated: float = 0.0
+    oldest_pending: float | None = None
+    node_eligible: bool = True
+
+    def queued(self) -> None:
+        """A change was recorded and waits for a sync (kube-proxy: QueuedUpdate)."""
+        if self.oldest_pending is None:
+            self.oldest_pending = self.wall()
+
+    def updated(self) -> None:
+        """A sync programmed every pending change (kube-proxy: Updated)."""
+        self.last_updated = self.wall()
+        self.oldest_pending = None
+
+    def healthy(self) -> tuple[bool, float]:
+        now = self.wall()
+        if self.oldest_pending is None:
+            return True, now
+        return now - self.oldest_pending < self.health_timeout, now
+
+    def body(self, with_node: bool) -> tuple[int, dict]:
+        ok, now = self.healthy()
+        doc = {"lastUpdated": go_time(self.last_updated), "currentTime": go_time(now)}
+        if with_node:
+            doc["nodeEligible"] = self.node_eligible
+            ok = ok and self.node_eligible
+        return (200 if ok else 503), doc
+
+
+@dataclass
+class HttpServer:
+    health: HealthState
+    metrics: Callable[[], str]
+    servers: list = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode(errors="replace").split()
+            path = parts[1].split("?")[0] if len(parts) > 1 else "/"
+            if path in ("/healthz", "/livez"):
+                status, doc = self.health.body(with_node=path == "/healthz")
+                body, ctype = json.dumps(doc).encode(), "application/json"
+            elif path == "/metrics":
+                status, body, ctype = 200, self.metrics().encode(), "text/plain; version=0.0.4"
+            else:
+                status, body, ctype = 404, b"404 page not found\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def listen(self, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        server = await asyncio.start_server(self.handle, host.strip("[]") or None, int(port))
+        self.servers.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
