@@ -321,7 +321,24 @@ class Agent:
                 delay = min(delay * 2, s.retry_max)
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def check_kube_proxy(self) -> None:
+        """Strict mode refuses to run beside kube-proxy's rules (see lb/kube_proxy_rules.py)."""
+        from . import kube_proxy_rules
+
+        if self.settings.remove_kube_proxy_rules:
+            for item in kube_proxy_rules.remove():
+                log.warning("removed kube-proxy rule: %s", item)
+        found = kube_proxy_rules.find()
+        if found and self.settings.strict:
+            raise datapath.DatapathError(
+                "strict mode: kube-proxy's rules are present on this node (" + "; ".join(found[:5]) +
+                (f"; and {len(found) - 5} more" if len(found) > 5 else "") +
+                "). Stop kube-proxy, then start with --remove-kube-proxy-rules (or --no-strict to run beside them)")
+        for item in found:
+            log.warning("kube-proxy leftover (not strict): %s", item)
+
     def start_datapath(self) -> None:
+        self.check_kube_proxy()
         datapath.attach(self.settings.paths, self.settings.maps, strict=self.settings.strict)
         self.reconciler = Reconciler(PinnedServiceMaps(self.settings.paths.bpf_root),
                                      revnat_limit=self.settings.maps.revnat)

@@ -57,3 +57,33 @@ def test_agent_flags_are_checked(tmp_path):
         assert r.returncode == 1 and "--cgroup-root /nonexistent-cg" in r.stderr
     finally:
         datapath.cleanup(Paths(cgroup_root="/nonexistent-cg", bpf_root="/sys/fs/bpf/bpflb-flagtest"))
+
+
+def test_strict_mode_refuses_kube_proxy_rules_unless_told_to_remove_them(bed, tmp_path):
+    """The agent runs in the bed's backend namespace, whose tables get kube-proxy-like rules."""
+    ns = ["nsenter", f"--net=/run/netns/{bed.backend_ns}"]
+    for cmd in (["iptables", "-t", "nat", "-N", "KUBE-SERVICES"], ["iptables", "-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+                ["ip6tables", "-t", "nat", "-N", "KUBE-POSTROUTING"], ["nft", "add", "table", "ip", "kube-proxy"]):
+        subprocess.run(ns + cmd, check=True)
+    argv = ns + [sys.executable, "-m", "lb.cli", "agent", "--manifests", str(tmp_path), "--node-name", "n",
+                 "--cgroup-root", bed.cgroup, "--bpf-root", bed.bpf_root, "--healthz-bind-address", "",
+                 "--metrics-bind-address", ""]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 1
+    assert "kube-proxy's rules are present" in r.stderr and "chain KUBE-SERVICES" in r.stderr
+    assert "nftables table ip kube-proxy" in r.stderr
+    assert datapath.attached(Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root)) == []
+    p = subprocess.Popen(argv + ["--remove-kube-proxy-rules"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        for line in p.stderr:
+            if "initial sync complete" in line:
+                break
+        else:
+            raise AssertionError("agent did not start after removing the rules")
+    finally:
+        p.kill()
+        p.wait()
+    save = subprocess.run(ns + ["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+    assert "KUBE-" not in save
+    assert "KUBE-" not in subprocess.run(ns + ["ip6tables-save", "-t", "nat"], capture_output=True, text=True).stdout
+    assert "kube-proxy" not in subprocess.run(ns + ["nft", "list", "tables"], capture_output=True, text=True).stdout
