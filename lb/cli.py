@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ag.add_argument("--metrics-bind-address", default=Settings.__dataclass_fields__["metrics_bind"].default,
                     help="/metrics address:port (default %(default)s; empty disables)")
     ag.add_argument("--remove-kube-proxy-rules", action="store_true",
-                    help="delete kube-proxy's iptables/nftables rules on this node instead of refusing to start")
+                    default=os.environ.get("BPFLB_REMOVE_KUBE_PROXY_RULES", "").lower() == "true",
+                    help="delete kube-proxy's iptables/nftables rules on this node instead of refusing to start "
+                         "(default: $BPFLB_REMOVE_KUBE_PROXY_RULES == true)")
     ag.add_argument("--node-name", default=None, help="this node's name (default: hostname)")
     ag.add_argument("--strict", dest="strict", action="store_true", default=True,
                     help="refuse to start when a needed kernel hook is missing (default)")

@@ -22,9 +22,8 @@ from .settings import MapSizes, Paths
 
 log = logging.getLogger("bpflb.datapath")
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-if not BPF_DIR.is_dir():  # installed as a package: bpf/ is shipped as package data
-    BPF_DIR = Path(__file__).resolve().parent / "bpf"
+# bpf/ next to lb/ in a checkout (pip install -e); an installed image points at its copy.
+BPF_DIR = Path(os.environ.get("BPFLB_BPF_DIR") or Path(__file__).resolve().parent.parent / "bpf")
 LINKS_DIR = "links"
 
 
