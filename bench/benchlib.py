@@ -16,8 +16,16 @@ from lb.testing.bed import Bed
 
 
 def sigterm_exits() -> None:
-    """SIGTERM (and SIGHUP) raise SystemExit, so every ``finally`` below runs as on Ctrl-C."""
+    """SIGTERM (and SIGHUP) raise SystemExit, so every ``finally`` below runs as on Ctrl-C.
+
+    Only in this process: pyroute2 forks helpers (netns.create, IPRoute(netns=...)) that inherit
+    the handler and are stopped with SIGTERM; one that raised would unwind *our* stack in the
+    child and tear the bed down (namespaces removed under the parent's feet). They just exit."""
+    main_pid = os.getpid()
+
     def handler(signum, _frame):
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

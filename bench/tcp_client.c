@@ -8,7 +8,7 @@
  *   run <ip> <port> <c|r> <count>  -> "<ok> <failed> <first errno> <elapsed ns>"
  *        c: socket, connect, close                       ("connect+close")
  *        r: socket, connect, send "hi\n", read the reply, close   ("request/response")
- *   check <ip> <port>              -> "<reply> <peer ip>:<peer port>"  (one request/response)
+ *   check <ip> <port> <c|r>        -> "<reply or -> <peer ip>:<peer port>"  (one connection, as run)
  *   quit
  *
  * Every socket is closed with SO_LINGER {1, 0} (an abortive close, RST): no TIME_WAIT is left on
@@ -146,8 +146,8 @@ int main(void)
 			}
 			t1 = now_ns();
 			printf("%ld %ld %d %lld\n", ok, failed, first, t1 - t0);
-		} else if (sscanf(line, "check %63s %d", ip, &port) == 2) {
-			char reply[128] = "", peer[INET6_ADDRSTRLEN] = "?";
+		} else if (sscanf(line, "check %63s %d %3s", ip, &port, mode) == 3) {
+			char reply[128] = "-", peer[INET6_ADDRSTRLEN] = "?";
 			struct sockaddr_storage ps;
 			socklen_t pl = sizeof(ps);
 			int fd = -1, err;
@@ -156,7 +156,7 @@ int main(void)
 				printf("error bad address %s\n", ip);
 				continue;
 			}
-			err = one(&t, 1, reply, sizeof(reply), &fd);
+			err = one(&t, mode[0] == 'r', reply, sizeof(reply), &fd);
 			if (err) {
 				printf("error %s\n", strerror(err));
 				continue;

@@ -1,0 +1,1 @@
+"""The bundled CNI plugin: pod network attachments, IPAM, and the launcher the runtime executes."""
