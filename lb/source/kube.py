@@ -161,7 +161,7 @@ class Informer:
             try:
                 result = fn()
             except BaseException as e:  # noqa: BLE001 - handed to the loop
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+                loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
             else:
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
 
@@ -204,6 +204,15 @@ class Informer:
                     await asyncio.wait_for(stop.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
+            except Exception:  # a bug or a payload we did not expect: never let the watch die
+                log.exception("%s watch: unexpected error; relisting after %.1f s", self.res.kind, delay)
+                self.rv = ""
+                degraded = True
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, 30.0)
 
     async def _watch_once(self) -> None:
         loop = asyncio.get_running_loop()
