@@ -11,7 +11,7 @@ import signal
 import time
 from typing import Callable
 
-from . import datapath
+from . import datapath, nodenet
 from .health import HealthState, HttpServer
 from .maps.services import MapFullError, PinnedServiceMaps
 from .maps.structs import BACKENDS_MAP, REVNAT_MAP, SERVICES_MAP
@@ -100,6 +100,8 @@ class Agent:
         self.health = HealthState(settings.health_timeout, wall)
         self.metrics = AgentMetrics()
         self.informers: list = []
+        self.net_problems: tuple[str, ...] = ()
+        self.net_plan: nodenet.Plan | None = None  # planned by sync_once, applied by apply_nodes
 
     # ---- recording changes (sources call these; they never act) -------------------------------
     def changed(self) -> None:
@@ -172,20 +174,25 @@ class Agent:
             self.tracker.note_trigger(service, t)
 
     def api_nodes(self, items: list[dict]) -> None:
-        nodes = [n for n in (self._parse(parse_node, o) for o in items) if n is not None]
-        self.set_node(next((n for n in nodes if n.name == self.settings.node_name), None))
+        nodes = {n.name: n for n in (self._parse(parse_node, o) for o in items) if n is not None}
+        self.tracker.replace_nodes(nodes)
+        self._node_changed()
 
     def api_node_event(self, kind: str, obj: dict) -> None:
+        name = (obj.get("metadata") or {}).get("name", "")
         if kind == "DELETED":
-            self.set_node(None)
+            self.tracker.set_any_node(name, None)
         else:
             node = self._parse(parse_node, obj)
-            if node is not None:
-                self.set_node(node)
+            if node is None:
+                return
+            self.tracker.set_any_node(node.name, node)
+        self._node_changed()
 
-    def set_node(self, node) -> None:
+    def _node_changed(self) -> None:
+        node = self.tracker.node
         self.health.node_eligible = not (node and node.deleting)
-        if self.tracker.set_node(node):
+        if self.tracker.all_dirty or self.tracker.nodes_dirty:
             self.changed()
 
     # ---- sources -----------------------------------------------------------------------------
@@ -195,8 +202,10 @@ class Agent:
         while not self.stop.is_set():
             if folder.scan() or not self.listed:
                 services, slices, nodes = folder.snapshot()
-                self.tracker.replace_all(services, slices, None)
-                self.set_node(nodes.get(self.settings.node_name))
+                self.tracker.replace_services(services)
+                self.tracker.replace_slices(slices)
+                self.tracker.replace_nodes(nodes)
+                self.health.node_eligible = not (self.tracker.node and self.tracker.node.deleting)
                 self.listed = True  # a folder is "listed" once it has been read whole
                 self.changed()
             n += 1
@@ -208,7 +217,7 @@ class Agent:
                 pass
 
     def kube_tasks(self) -> list[asyncio.Task]:
-        from .source.kube import ENDPOINT_SLICES, SERVICES, Informer, KubeClient, node_resource
+        from .source.kube import ENDPOINT_SLICES, NODES, SERVICES, Informer, KubeClient, node_resource
 
         client = KubeClient(self.settings.kubeconfig)
 
@@ -218,7 +227,8 @@ class Agent:
         self.informers = [
             Informer(client, SERVICES, self.api_services, self.api_service_event, on_error),
             Informer(client, ENDPOINT_SLICES, self.api_slices, self.api_slice_event, on_error),
-            Informer(client, node_resource(self.settings.node_name), self.api_nodes, self.api_node_event, on_error),
+            Informer(client, NODES if self.settings.network_mode != "none" else node_resource(self.settings.node_name),
+                     self.api_nodes, self.api_node_event, on_error),
         ]
 
         async def all_listed() -> None:
@@ -261,6 +271,9 @@ class Agent:
             n = destroy_udp(self.settings.paths.cgroup_root, self.settings.paths.bpf_root, udp_gone)
             if n:
                 log.info("destroyed %d connected UDP socket(s) of removed backends", n)
+        if (self.tracker.nodes_dirty or full) and self.settings.network_mode != "none":
+            self.tracker.nodes_dirty = False
+            self.net_plan = self.plan_nodes()
         now = self.wall()
         for t in self.tracker.take_triggers(synced):
             self.metrics.programming_latency.observe(max(0.0, now - t))
@@ -271,6 +284,23 @@ class Agent:
         if stats.writes:
             log.info("synced %d frontends: %d backends, %d slots, %d masters written, %d deleted",
                      len(scope), stats.backends_written, stats.slots_written, stats.masters_written, stats.deleted)
+
+    def plan_nodes(self) -> nodenet.Plan:
+        """Pod networking between nodes (lb/nodenet.py): the plan, from every Node."""
+        plan = nodenet.plan(self.settings.node_name, self.tracker.nodes, self.settings.network_mode)
+        if plan.problems != self.net_problems:
+            for p in plan.problems:
+                log.warning("pod network: %s", p)
+            self.net_problems = plan.problems
+        return plan
+
+    async def apply_nodes(self) -> None:
+        """Netlink in a worker thread: pyroute2 0.9 drives its sockets with the running event loop,
+        which uvloop cannot do for netlink; in a thread it has no loop and stays synchronous."""
+        plan, self.net_plan = self.net_plan, None
+        if plan is not None:
+            for change in await asyncio.to_thread(nodenet.apply, plan):
+                log.info("pod network: %s", change)
 
     async def sync_loop(self) -> None:
         s = self.settings.sync
@@ -299,6 +329,7 @@ class Agent:
                     self.reconciler.restore()  # re-read the kernel: drift is rewritten
                     self.tracker.all_dirty = True
                 self.sync_once(full=pending_full)
+                await self.apply_nodes()
                 self.health.updated()
                 self.metrics.pending.set(len(self.tracker.dirty))
                 if pending_full:

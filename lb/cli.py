@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="/healthz and /livez address:port (default %(default)s; empty disables)")
     ag.add_argument("--metrics-bind-address", default=Settings.__dataclass_fields__["metrics_bind"].default,
                     help="/metrics address:port (default %(default)s; empty disables)")
+    ag.add_argument("--network-mode", choices=["overlay", "direct", "none"], default="overlay",
+                    help="pod traffic between nodes: VXLAN overlay (default), direct routes via node IPs, or none "
+                         "(a routing daemon announces pod CIDRs)")
     ag.add_argument("--remove-kube-proxy-rules", action="store_true",
                     default=os.environ.get("BPFLB_REMOVE_KUBE_PROXY_RULES", "").lower() == "true",
                     help="delete kube-proxy's iptables/nftables rules on this node instead of refusing to start "
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = MapSizes(**{f: getattr(a, f"map_{f}") for f in MapSizes.__dataclass_fields__})
         settings = Settings(node_name=a.node_name or socket.gethostname(), manifests=a.manifests,
                             kubeconfig=a.kubeconfig, healthz_bind=a.healthz_bind_address,
-                            metrics_bind=a.metrics_bind_address, remove_kube_proxy_rules=a.remove_kube_proxy_rules,
+                            metrics_bind=a.metrics_bind_address, network_mode=a.network_mode, remove_kube_proxy_rules=a.remove_kube_proxy_rules,
                             strict=a.strict, paths=_paths(a), maps=sizes)
         try:
             agent.run(settings)

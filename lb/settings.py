@@ -74,6 +74,8 @@ class Settings:
     """--metrics-bind-address: Prometheus /metrics (kube-proxy's default port); empty to disable."""
     health_timeout: float = 60.0
     """Seconds a change may stay unprogrammed before /healthz fails (kube-proxy: 2 x syncPeriod)."""
+    network_mode: str = "overlay"
+    """--network-mode: pod traffic between nodes: overlay (VXLAN), direct (routes via node IPs) or none."""
     remove_kube_proxy_rules: bool = False
     """--remove-kube-proxy-rules: delete kube-proxy's iptables/nftables rules instead of refusing to start."""
     strict: bool = True

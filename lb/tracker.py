@@ -15,6 +15,8 @@ class Tracker:
     services: dict[ObjKey, Service] = field(default_factory=dict)
     slices: dict[ObjKey, EndpointSlice] = field(default_factory=dict)
     node: Node | None = None
+    nodes: dict[str, Node] = field(default_factory=dict)  # every Node (pod networking)
+    nodes_dirty: bool = False
     dirty: set[ObjKey] = field(default_factory=set)
     all_dirty: bool = False
     slices_of: dict[ObjKey, set[ObjKey]] = field(default_factory=dict)  # service -> its slice keys
@@ -58,6 +60,25 @@ class Tracker:
         if relevant:
             self.all_dirty = True
         return relevant
+
+    def set_any_node(self, name: str, node: Node | None) -> None:
+        """Every Node matters to pod networking (its IP, its pod CIDR); this node's also to services."""
+        if self.nodes.get(name) != node:
+            if node is None:
+                self.nodes.pop(name, None)
+            else:
+                self.nodes[name] = node
+            self.nodes_dirty = True
+        if name == self.node_name:
+            self.set_node(node)
+
+    def replace_nodes(self, nodes: dict[str, Node]) -> None:
+        for name in set(self.nodes) - set(nodes):
+            self.set_any_node(name, None)
+        for name, node in nodes.items():
+            self.set_any_node(name, node)
+        if self.node_name not in nodes:
+            self.set_node(None)
 
     def replace_services(self, services: dict[ObjKey, Service]) -> None:
         """A complete list (initial list, relist after 410, a folder snapshot): diffed, so only

@@ -98,7 +98,8 @@ class AgentProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lb.cli", "agent", "--manifests", str(self.manifests), "--node-name", NODE,
              "--cgroup-root", self.bed.cgroup, "--bpf-root", self.bed.bpf_root,
-             "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0", *self.extra],
+             "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0",
+             "--network-mode", "none", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         if wait_ready:

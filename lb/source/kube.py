@@ -42,6 +42,9 @@ SERVICES = Resource("Service", "/api/v1/services", PROXY_SELECTOR)
 ENDPOINT_SLICES = Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", PROXY_SELECTOR)
 
 
+NODES = Resource("Node", "/api/v1/nodes")
+
+
 def node_resource(name: str) -> Resource:
     return Resource("Node", "/api/v1/nodes", field_selector=f"metadata.name={name}")
 

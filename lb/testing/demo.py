@@ -30,7 +30,9 @@ def main() -> int:
             bed.servers(["10.200.1.11", "10.200.1.12", "10.200.1.13", "10.200.1.14",
                          "fd00:201::11", "fd00:201::12", "fd00:201::13"], 8080)
             agent = subprocess.Popen([sys.executable, "-m", "lb.cli", "agent", "--manifests", a.manifests,
-                                      "--node-name", "demo-node", "--cgroup-root", bed.cgroup, "--bpf-root", bed.bpf_root],
+                                      "--node-name", "demo-node", "--cgroup-root", bed.cgroup, "--bpf-root", bed.bpf_root,
+                                      "--network-mode", "none", "--healthz-bind-address", "127.0.0.1:0",
+                                      "--metrics-bind-address", "127.0.0.1:0"],
                                      stderr=subprocess.PIPE, text=True, cwd=ROOT)
             ready = threading.Event()
 

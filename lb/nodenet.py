@@ -1,0 +1,185 @@
+"""Node-to-node pod networking: VXLAN overlay (default) or direct routing.
+
+  plan()   PURE: this node + every Node (name, InternalIP, podCIDRs) -> routes, neighbours, FDB entries
+  apply()  idempotent netlink (pyroute2): create what is missing, replace what differs, and prune the
+           routes bpflb owns (protocol RTPROT_BPFLB) and the FDB/neighbour entries on its VXLAN device
+           that the plan no longer has, so a removed node's routes and tunnel entries go.
+
+Overlay, flannel-style: each node's bpflb_vxlan holds the first address of its pod CIDR (x.y.z.0/32);
+a remote pod CIDR is routed via the remote's .0 on bpflb_vxlan (onlink), a permanent neighbour entry
+gives that .0 the remote VTEP MAC, and an FDB entry sends that MAC to the remote node IP. A VTEP MAC
+is derived from the node IP (0e:bf:a.b.c.d), so no annotation has to be published and read back.
+
+Direct routing: a remote pod CIDR is routed via the remote node IP. That needs every node on one L2
+segment (the next hop must be directly reachable); across routers, announce the pod CIDRs with a
+routing daemon (BGP) instead and run with --network-mode none.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+
+from .model import Node
+
+log = logging.getLogger("bpflb.nodenet")
+
+RTPROT_BPFLB = 193  # "proto 193" in `ip route`: the routes bpflb owns and may prune
+VXLAN_DEV = "bpflb_vxlan"
+VXLAN_PORT = 8472
+VXLAN_VNI = 1
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+
+
+@dataclass(frozen=True, order=True)
+class RouteSpec:
+    dst: str  # CIDR
+    gateway: str
+    dev: str
+    onlink: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    node_ip: str | None
+    vtep_addr: str | None  # overlay: this node's bpflb_vxlan address
+    routes: frozenset[RouteSpec] = frozenset()
+    neighbours: frozenset[tuple[str, str]] = frozenset()  # (ip, mac) on bpflb_vxlan
+    fdb: frozenset[tuple[str, str]] = frozenset()  # (mac, remote node ip) on bpflb_vxlan
+    problems: tuple[str, ...] = ()
+
+
+def node_ip(node: Node) -> str | None:
+    """InternalIP first, as kubelet reports it; IPv4 only (the overlay is IPv4)."""
+    for kind in ("InternalIP", "ExternalIP"):
+        for t, addr in node.addresses:
+            if t == kind and ":" not in addr:
+                return addr
+    return None
+
+
+def v4_pod_cidr(node: Node) -> ipaddress.IPv4Network | None:
+    for c in node.pod_cidrs:
+        net = ipaddress.ip_network(c, strict=False)
+        if net.version == 4:
+            return net
+    return None
+
+
+def vtep_mac(ip: str) -> str:
+    return "0e:bf:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
+
+
+def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str = "eth0") -> Plan:
+    me = nodes.get(self_name)
+    if mode == "none" or me is None:
+        return Plan(mode, None, None, problems=() if mode == "none" else (f"Node {self_name} not known yet",))
+    my_ip = node_ip(me)
+    my_cidr = v4_pod_cidr(me)
+    problems = []
+    if my_ip is None:
+        problems.append(f"Node {self_name} has no InternalIP")
+    routes, neigh, fdb = set(), set(), set()
+    for name, node in sorted(nodes.items()):
+        if name == self_name:
+            continue
+        ip, cidr = node_ip(node), v4_pod_cidr(node)
+        if ip is None or cidr is None:
+            problems.append(f"Node {name} skipped: {'no InternalIP' if ip is None else 'no IPv4 podCIDR'}")
+            continue
+        if mode == "direct":
+            routes.add(RouteSpec(str(cidr), ip, uplink))
+        else:
+            gw = str(cidr.network_address)
+            mac = vtep_mac(ip)
+            routes.add(RouteSpec(str(cidr), gw, VXLAN_DEV, onlink=True))
+            neigh.add((gw, mac))
+            fdb.add((mac, ip))
+    vtep = f"{my_cidr.network_address}" if (mode == "overlay" and my_cidr) else None
+    return Plan(mode, my_ip, vtep, frozenset(routes), frozenset(neigh), frozenset(fdb), tuple(problems))
+
+
+def _sysctl(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        log.warning("cannot set %s: %s", path, e.strerror)
+
+
+def apply(p: Plan, ipr=None) -> list[str]:
+    """Make this network namespace match the plan; returns what changed."""
+    from pyroute2 import IPRoute
+
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    changes: list[str] = []
+    try:
+        if p.mode == "none" or p.node_ip is None:
+            return changes  # nothing known about this node yet: touch nothing
+        _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        dev = None
+        if p.mode == "overlay" and p.node_ip:
+            found = ipr.link_lookup(ifname=VXLAN_DEV)
+            if not found:
+                ipr.link("add", ifname=VXLAN_DEV, kind="vxlan", vxlan_id=VXLAN_VNI, vxlan_port=VXLAN_PORT,
+                         vxlan_local=p.node_ip, vxlan_learning=0, address=vtep_mac(p.node_ip))
+                found = ipr.link_lookup(ifname=VXLAN_DEV)
+                changes.append(f"created {VXLAN_DEV}")
+            dev = found[0]
+            ipr.link("set", index=dev, state="up")
+            _sysctl(f"/proc/sys/net/ipv4/conf/{VXLAN_DEV}/rp_filter", "0")
+            if p.vtep_addr:
+                have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=dev)}
+                if p.vtep_addr not in have:
+                    ipr.addr("add", index=dev, address=p.vtep_addr, prefixlen=32)
+                    changes.append(f"{VXLAN_DEV} address {p.vtep_addr}/32")
+            # FDB: remote VTEP MAC -> remote node IP
+            have_fdb = set()
+            for e in ipr.fdb("dump", ifindex=dev):
+                mac, dst = e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST")
+                if dst and mac and mac != "00:00:00:00:00:00":
+                    have_fdb.add((mac, dst))
+            for mac, dst in sorted(p.fdb - have_fdb):
+                ipr.fdb("append", ifindex=dev, lladdr=mac, dst=dst)
+                changes.append(f"fdb {mac} -> {dst}")
+            for mac, dst in sorted(have_fdb - p.fdb):
+                ipr.fdb("del", ifindex=dev, lladdr=mac, dst=dst)
+                changes.append(f"fdb {mac} -> {dst} removed")
+            have_neigh = {(n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")) for n in ipr.get_neighbours(ifindex=dev, family=socket.AF_INET)
+                          if n["state"] & NUD_PERMANENT}
+            for ip, mac in sorted(p.neighbours - have_neigh):
+                ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=dev, state=NUD_PERMANENT)
+                changes.append(f"neigh {ip} {mac}")
+            for ip, mac in sorted(have_neigh - p.neighbours):
+                ipr.neigh("del", dst=ip, lladdr=mac, ifindex=dev)
+                changes.append(f"neigh {ip} removed")
+        # Routes we own.
+        have_routes = {}
+        for r in ipr.get_routes(family=socket.AF_INET, proto=RTPROT_BPFLB):
+            if r["proto"] != RTPROT_BPFLB:
+                continue
+            dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+            have_routes[dst] = r
+        want = {r.dst: r for r in p.routes}
+        for dst, spec in sorted(want.items()):
+            idx = ipr.link_lookup(ifname=spec.dev)
+            if not idx:
+                log.warning("route %s: device %s missing", dst, spec.dev)
+                continue
+            cur = have_routes.get(dst)
+            if cur is not None and cur.get_attr("RTA_GATEWAY") == spec.gateway and cur.get_attr("RTA_OIF") == idx[0]:
+                continue
+            ipr.route("replace", dst=dst, gateway=spec.gateway, oif=idx[0], proto=RTPROT_BPFLB,
+                      flags=4 if spec.onlink else 0)  # RTNH_F_ONLINK
+            changes.append(f"route {dst} via {spec.gateway} dev {spec.dev}")
+        for dst in sorted(set(have_routes) - set(want)):
+            ipr.route("del", dst=dst, proto=RTPROT_BPFLB)
+            changes.append(f"route {dst} removed")
+        return changes
+    finally:
+        if own:
+            ipr.close()
