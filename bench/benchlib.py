@@ -6,8 +6,10 @@ import contextlib
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from lb import datapath
@@ -30,6 +32,19 @@ def sigterm_exits() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGHUP, handler)
+
+
+def code_version() -> str:
+    """The commit measured, and whether lb/ or bpf/ had uncommitted changes (figures depend on them)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lb", "bpf"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes in lb/ or bpf/" if dirty else "")
 
 
 def paths_of(bed: Bed) -> Paths:

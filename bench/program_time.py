@@ -4,7 +4,8 @@
 
 A folder with one JSON file (a v1 List of N ClusterIP Services, one TCP port each, and N
 EndpointSlices labelled kubernetes.io/service-name with E ready endpoints each, all distinct IPs)
-is generated, and two things are measured:
+is generated (JSON: the fastest format for the manifest source to parse), and two things are
+measured:
 
 1. The real agent, ``bpflb agent --manifests DIR``, started as a subprocess on the test bed's cgroup
    and a fresh bpffs directory (empty maps), --runs times. Reported per run and as medians:
@@ -13,12 +14,15 @@ is generated, and two things are measured:
        programmed); polled every 2 ms by map lookups from this process;
      - the initial sync from the agent's log: from "datapath attached" (compile and attach done)
        to "synced N frontends" (folder read, parsed, translated, reconciled, written);
-     - VmHWM (peak RSS) from /proc/<pid>/status just before SIGTERM, and VmHWM already reached
-       when "datapath attached" was logged (the part bcc/LLVM compiling accounts for).
+     - VmHWM (peak RSS) and VmRSS from /proc/<pid>/status just before SIGTERM, and both as they
+       were when "datapath attached" was logged (what imports and bcc/LLVM compiling account for).
 2. The same pipeline in this process, --reps times on maps emptied in between: parse (the manifest
    folder source), translate (lb.translate, pure), reconcile (lb.reconcile.Reconciler.sync against
-   the pinned maps), with the time spent inside map syscalls separated from Python planning.
-   With --profile (or when the sync is over the 2 s target) one more rep runs under cProfile.
+   the pinned maps), with the time spent inside the map methods (packing and syscalls) separated
+   from Python planning.
+   Each rep starts cold (lb's memoising caches cleared, garbage collected), as a new agent would.
+   With --profile (or when the sync is over the 2 s target) one more rep runs under cProfile;
+   --gc-threshold N shows what raising the collector's first threshold would change.
 
 Map entries written are counted from the maps afterwards (lb_services masters and slots,
 lb_backends, lb_revnat). Nothing asserts on time; the 2 s target is only printed next to the result.
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
+import gc
 import io
 import json
 import os
@@ -41,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import bench_bed, median, paths_of, sigterm_exits
+from benchlib import bench_bed, code_version, median, paths_of, sigterm_exits
 from lb import datapath
 from lb.maps import bpfsys
 from lb.maps.services import PinnedServiceMaps, map_fill, pack_frontend
@@ -51,8 +57,6 @@ from lb.reconcile import Reconciler
 from lb.settings import MapSizes
 from lb.source.manifests import ManifestFolder
 from lb.translate import NodeView, translate
-
-import ctypes
 
 TARGET_S = 2.0
 NODE = "bench"
@@ -100,9 +104,11 @@ def agent_argv(folder: Path, bed) -> list[str]:
     argv += ["agent", "--manifests", str(folder), "--node-name", NODE, "--cgroup-root", bed.cgroup,
              "--bpf-root", bed.bpf_root]
     helptext = subprocess.run(argv[:argv.index("agent") + 1] + ["--help"], capture_output=True, text=True).stdout
-    for flag in ("--healthz-bind-address", "--metrics-bind-address"):  # no ports: other agents may run
+    # Where this agent has them: no listening ports (other agents may run on this machine) and no
+    # changes to the host's network (pod networking between nodes is not what is measured here).
+    for flag, value in (("--healthz-bind-address", ""), ("--metrics-bind-address", ""), ("--network-mode", "none")):
         if flag in helptext:
-            argv += [flag, ""]
+            argv += [flag, value]
     return argv
 
 
@@ -156,6 +162,7 @@ class AgentRun:
     sync_s: float  # "datapath attached" -> "synced N frontends" logged
     hwm_kib: int
     hwm_at_attach_kib: int
+    rss_at_attach_kib: int
     rss_kib: int
     synced_line: str
     fill: dict[str, int] = field(default_factory=dict)
@@ -180,7 +187,7 @@ def run_agent(bed, folder: Path, frontends: list[Frontend], timeout: float) -> A
         return next(((t, l) for t, l in list(lines) if text in l), None)
 
     try:
-        hwm_at_attach = 0
+        at_attach: dict[str, int] = {}
         t_done = None
         deadline = t0 + timeout
         while True:
@@ -188,8 +195,8 @@ def run_agent(bed, folder: Path, frontends: list[Frontend], timeout: float) -> A
                 raise RuntimeError(f"agent exited ({p.returncode}):\n" + "\n".join(l for _, l in lines))
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not programmed after {timeout} s:\n" + "\n".join(l for _, l in lines[-20:]))
-            if not hwm_at_attach and logged("datapath attached"):
-                hwm_at_attach = proc_status(p.pid).get("VmHWM", 0)
+            if not at_attach and logged("datapath attached"):
+                at_attach = proc_status(p.pid)
             if poller.done():
                 t_done = time.monotonic()
                 break
@@ -212,8 +219,9 @@ def run_agent(bed, folder: Path, frontends: list[Frontend], timeout: float) -> A
                 p.wait()
         reader.join(timeout=5)
     return AgentRun(programmed_s=t_done - t0, attached_s=attached[0] - t0, sync_s=synced[0] - attached[0],
-                    hwm_kib=status.get("VmHWM", 0), hwm_at_attach_kib=hwm_at_attach or status.get("VmHWM", 0),
-                    rss_kib=status.get("VmRSS", 0), synced_line=synced[1].split(": ", 1)[-1], fill=fill)
+                    hwm_kib=status.get("VmHWM", 0), hwm_at_attach_kib=at_attach.get("VmHWM", 0),
+                    rss_at_attach_kib=at_attach.get("VmRSS", 0), rss_kib=status.get("VmRSS", 0),
+                    synced_line=synced[1].split(": ", 1)[-1], fill=fill)
 
 
 # ---- the pipeline in this process ---------------------------------------------------------------------
@@ -249,7 +257,19 @@ class Rep:
     frontends: int
 
 
+def cold_start() -> None:
+    """Forget what an earlier rep left in this process, as a fresh agent would not have it: lb's
+    memoising caches (e.g. the packed-address cache of lb.maps.services) and collectable garbage."""
+    for name, mod in list(sys.modules.items()):
+        if name == "lb" or name.startswith("lb."):
+            for value in list(vars(mod).values()):
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
+    gc.collect()
+
+
 def pipeline_once(folder: Path, maps: PinnedServiceMaps, sizes: MapSizes) -> Rep:
+    cold_start()
     t0 = time.perf_counter()
     source = ManifestFolder(str(folder))
     source.scan()
@@ -271,6 +291,7 @@ def pipeline_once(folder: Path, maps: PinnedServiceMaps, sizes: MapSizes) -> Rep
 
 
 def profile_once(folder: Path, maps: PinnedServiceMaps, sizes: MapSizes, top: int) -> str:
+    cold_start()
     source = ManifestFolder(str(folder))
     prof = cProfile.Profile()
     prof.enable()
@@ -301,6 +322,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=None, help="agent subprocess runs (default 3; --quick 1)")
     ap.add_argument("--reps", type=int, default=None, help="in-process pipeline reps (default 5; --quick 2)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one in-process rep")
+    ap.add_argument("--gc-threshold", type=int, default=None, metavar="N",
+                    help="run the in-process reps with gc.set_threshold(N, 10, 10) (default: Python's, as the agent)")
     ap.add_argument("--timeout", type=float, default=120.0, help="give up on one agent run after this long")
     a = ap.parse_args()
     n = a.services or (1000 if a.quick else 10000)
@@ -318,6 +341,7 @@ def main() -> int:
     sigterm_exits()
     with tempfile.TemporaryDirectory(prefix="bpflb-bench-manifests-") as tmp, bench_bed(backends=1) as bed:
         folder = Path(tmp)
+        print(f"# lb at {code_version()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
         t = time.monotonic()
         write_manifests(folder, n, e)
         size = (folder / "services.json").stat().st_size
@@ -327,13 +351,14 @@ def main() -> int:
 
         print(f"\n## the agent (subprocess), {runs} run(s), each from empty maps")
         print(f"{'run':>3}  {'start->programmed':>17}  {'start->attached':>15}  {'initial sync':>12}  "
-              f"{'VmHWM':>9}  {'HWM@attach':>10}  {'VmRSS':>9}  agent's log")
+              f"{'VmHWM':>9}  {'HWM@attach':>10}  {'RSS@attach':>10}  {'VmRSS':>9}  agent's log")
         agent_runs = []
         for r in range(runs):
             ar = run_agent(bed, folder, frontends, a.timeout)
             agent_runs.append(ar)
             print(f"{r + 1:>3}  {ar.programmed_s:>16.2f}s  {ar.attached_s:>14.2f}s  {ar.sync_s:>11.2f}s  "
-                  f"{mib(ar.hwm_kib):>9}  {mib(ar.hwm_at_attach_kib):>10}  {mib(ar.rss_kib):>9}  {ar.synced_line}",
+                  f"{mib(ar.hwm_kib):>9}  {mib(ar.hwm_at_attach_kib):>10}  {mib(ar.rss_at_attach_kib):>10}  "
+                  f"{mib(ar.rss_kib):>9}  {ar.synced_line}",
                   flush=True)
             bad = {k: (ar.fill.get(k), v) for k, v in want_fill.items() if ar.fill.get(k) != v}
             if bad:
@@ -348,7 +373,10 @@ def main() -> int:
               f"peak RSS {mib(max(x.hwm_kib for x in agent_runs))}; map entries written {written} "
               f"({', '.join(f'{k} {last.fill.get(k, 0)}' for k in want_fill)})", flush=True)
 
-        print(f"\n## the same pipeline in this process, {reps} rep(s) on emptied maps")
+        if a.gc_threshold:
+            gc.set_threshold(a.gc_threshold, 10, 10)
+        print(f"\n## the same pipeline in this process, {reps} rep(s) on emptied maps, gc thresholds "
+              f"{gc.get_threshold()}")
         datapath.cleanup(paths_of(bed))
         datapath.attach(paths_of(bed), sizes)
         maps = PinnedServiceMaps(bed.bpf_root)
@@ -362,7 +390,8 @@ def main() -> int:
                 total = rep.parse_s + rep.translate_s + rep.reconcile_s
                 print(f"{r + 1:>3}  {rep.parse_s:>6.2f}s  {rep.translate_s:>8.2f}s  {rep.reconcile_s:>8.2f}s  "
                       f"{rep.maps_s:>8.2f}s  {total:>6.2f}s  {rep.clear_s:>9.2f}s", flush=True)
-            med = {k: median([getattr(x, k) for x in rs]) for k in ("parse_s", "translate_s", "reconcile_s", "maps_s", "clear_s")}
+            med = {k: median([getattr(x, k) for x in rs])
+                   for k in ("parse_s", "translate_s", "reconcile_s", "maps_s", "clear_s")}
             total = med["parse_s"] + med["translate_s"] + med["reconcile_s"]
             print(f"median: parse {med['parse_s']:.2f} s + translate {med['translate_s']:.2f} s + reconcile "
                   f"{med['reconcile_s']:.2f} s (of which {med['maps_s']:.2f} s in map packing and syscalls) = "

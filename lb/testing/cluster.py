@@ -119,6 +119,7 @@ class Cluster:
         """A pod namespace behind node n (what the CNI plugin does, minimal, for network tests)."""
         pod = f"{self.node_ns(n)}p{m}"
         netns.create(pod)
+        self.pods[(n, m)] = pod  # registered first: down() removes it even if the set-up below fails
         with IPRoute(netns=self.node_ns(n)) as ipr:
             ipr.link("add", ifname=f"p{m}", kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
             host = ipr.link_lookup(ifname=f"p{m}")[0]
@@ -132,7 +133,6 @@ class Cluster:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             # pods only, no default route out; the gateway answers by proxy ARP on the host veth
             ipr.route("add", dst="10.244.0.0/16", gateway=f"10.244.{n}.1", oif=eth, flags=4)  # RTNH_F_ONLINK
-        self.pods[(n, m)] = pod
         return pod
 
     def down(self) -> None:
