@@ -306,3 +306,36 @@ int bpflb_peer6(struct bpf_sock_addr *ctx)
 {
 	return rev6(ctx);
 }
+
+/*
+ * Socket release: forget the socket's reverse-NAT entry. Without it the LRU map stays full and every
+ * translated connect pays for an eviction (measured: 1.0 us instead of 0.5 us per connect).
+ */
+int bpflb_release(struct bpf_sock *ctx)
+{
+	struct lb_sock_key sk = {};
+	/* Every field is read once, up front, at a constant offset: clang otherwise shares one
+	 * computed ctx pointer between the two families, which the verifier rejects. */
+	__u32 family = ctx->family;
+	__u16 port = ctx->dst_port;
+	__u32 ip4 = ctx->dst_ip4;
+	__u32 ip6_0 = ctx->dst_ip6[0], ip6_1 = ctx->dst_ip6[1], ip6_2 = ctx->dst_ip6[2], ip6_3 = ctx->dst_ip6[3];
+
+	if (port == 0)
+		return 1; /* never connected (listening, unconnected UDP): nothing to forget */
+	if (family == 2 /* AF_INET */) {
+		sk.addr[2] = bpf_htonl(0xffff);
+		sk.addr[3] = ip4;
+	} else if (family == 10 /* AF_INET6 */) {
+		sk.addr[0] = ip6_0;
+		sk.addr[1] = ip6_1;
+		sk.addr[2] = ip6_2;
+		sk.addr[3] = ip6_3;
+	} else {
+		return 1;
+	}
+	sk.port = port;
+	sk.cookie = bpf_get_socket_cookie(ctx);
+	lb_sock_revnat_v1.delete(&sk);
+	return 1;
+}

@@ -32,6 +32,8 @@ class Hook:
     func: str  # function in bpf/sock_lb.c (also the kernel's program name)
     attach: str  # bcc BPFAttachType member
     what: str
+    prog_type: str = "CGROUP_SOCK_ADDR"  # bcc BPFProgType member
+    required: bool = True  # strict mode refuses to start without it
 
 
 HOOKS = (
@@ -43,6 +45,8 @@ HOOKS = (
     Hook("bpflb_recv6", "CGROUP_UDP6_RECVMSG", "recvmsg6 (IPv6 UDP reply source)"),
     Hook("bpflb_peer4", "CGROUP_INET4_GETPEERNAME", "getpeername4"),
     Hook("bpflb_peer6", "CGROUP_INET6_GETPEERNAME", "getpeername6"),
+    Hook("bpflb_release", "CGROUP_INET_SOCK_RELEASE", "sock_release (frees reverse-NAT entries; kernel >= 5.9)",
+         prog_type="CGROUP_SOCK", required=False),
 )
 
 
@@ -105,7 +109,7 @@ def load_hook(b, hook: Hook) -> int:
     import bcc
 
     try:
-        fn = b.load_func(hook.func.encode(), bcc.BPFProgType.CGROUP_SOCK_ADDR,
+        fn = b.load_func(hook.func.encode(), getattr(bcc.BPFProgType, hook.prog_type),
                          attach_type=getattr(bcc.BPFAttachType, hook.attach))
     except Exception as e:
         raise DatapathError(f"kernel refused the {hook.what} program: {e}") from None
@@ -129,7 +133,7 @@ def attach(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
         try:
             progs[h.func] = load_hook(b, h)
         except DatapathError as e:
-            if strict:
+            if strict and h.required:
                 raise DatapathError(f"strict mode: {e}; refusing to start (--no-strict runs without it)") from None
             log.warning("%s; continuing without it (--no-strict)", e)
             skipped.append(h.what)

@@ -94,9 +94,9 @@ def probe(cgroup_parent: str) -> list[Result]:
                 fd = datapath.load_hook(b, h)
                 link = bpfsys.link_create(fd, cg, datapath.attach_type(h))
                 os.close(link)
-                results.append(Result(f"cgroup {h.what}", True))
+                results.append(Result(f"cgroup {h.what}", True, required=h.required))
             except (datapath.DatapathError, OSError) as e:
-                results.append(Result(f"cgroup {h.what}", False, str(e)))
+                results.append(Result(f"cgroup {h.what}", False, str(e), required=h.required))
         b.cleanup()
     except datapath.DatapathError as e:
         results += [Result(f"cgroup {h.what}", False, str(e)) for h in datapath.HOOKS]

@@ -24,7 +24,7 @@ def test_probe_loads_and_attaches_every_hook():
     assert r.returncode == 0, r.stderr
     results = {x["feature"]: x for x in json.loads(r.stdout)}
     for h in datapath.HOOKS:
-        assert results[f"cgroup {h.what}"]["ok"] and results[f"cgroup {h.what}"]["required"]
+        assert results[f"cgroup {h.what}"]["ok"] and results[f"cgroup {h.what}"]["required"] == h.required
     assert results["map type lru_hash"]["ok"]
     assert not [d for d in os.listdir("/sys/fs/bpf") if d.startswith("bpflb-probe")]  # cleaned up
     assert not [d for d in os.listdir("/sys/fs/cgroup/unified") if d.startswith("bpflb-probe")]

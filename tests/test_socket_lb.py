@@ -80,6 +80,14 @@ def test_udp_replies_come_from_the_vip(bed, web_agent, target, mode, expected):
         assert r["peers"] == {f"{vip}:53": 150}
 
 
+def test_closed_sockets_leave_no_reverse_nat_entry(bed, web_agent):
+    from lb.maps.services import map_fill
+
+    r = bed.run_client(f"{VIP4}:80", "--count", "200")
+    assert r["errors"] == {} and r["peers"] == {f"{VIP4}:80": 200}  # getpeername worked while open
+    assert map_fill(bed.bpf_root)["lb_sock_revnat_v1"] == 0  # the release hook forgot every one
+
+
 def test_wrong_port_on_a_cluster_ip_is_not_translated(bed, web_agent):
     r = bed.run_client(f"{VIP4}:81", "--count", "5")
     assert r["errors"] == {"ENETUNREACH": 5}  # left alone: no route to the VIP in the client netns
