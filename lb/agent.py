@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import logging
 import signal
 import time
@@ -336,6 +337,7 @@ class Agent:
                     last_full = self.clock()
                     if not self.ready:
                         self.ready = True
+                        gc.freeze()  # what the first sync built lives as long as the agent: stop rescanning it
                         log.info("initial sync complete: %d frontends programmed", len(self.table.want))
                 pending_full = False
                 if failing:
@@ -370,7 +372,7 @@ class Agent:
 
     def start_datapath(self) -> None:
         self.check_kube_proxy()
-        datapath.attach(self.settings.paths, self.settings.maps, strict=self.settings.strict)
+        datapath.attach_in_child(self.settings.paths, self.settings.maps, strict=self.settings.strict)
         self.reconciler = Reconciler(PinnedServiceMaps(self.settings.paths.bpf_root),
                                      revnat_limit=self.settings.maps.revnat)
 
@@ -422,6 +424,9 @@ class Agent:
 
 
 def run(settings: Settings) -> None:
+    # The first list builds ~10 objects per endpoint, all long-lived: with the default thresholds
+    # the collector rescans them over and over (half of a 10k-Service initial sync, measured).
+    gc.set_threshold(50_000, 20, 20)
     agent = Agent(settings)
     agent.start_datapath()
     log.info("datapath attached to %s, maps pinned under %s", settings.paths.cgroup_root, settings.paths.bpf_root)

@@ -225,3 +225,42 @@ def cleanup(paths: Paths) -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def attach_in_child(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
+    """attach() in a short-lived child process. bcc and LLVM stay resident once loaded (~130 MB
+    measured); the agent only needs the pinned maps and links, so it never imports them."""
+    import json
+    import sys
+    from dataclasses import asdict
+
+    args = json.dumps({"paths": asdict(paths), "sizes": asdict(sizes), "strict": strict})
+    r = subprocess.run([sys.executable, "-m", "lb.datapath", args], capture_output=True, text=True)
+    for line in r.stderr.splitlines():
+        if line.startswith("WARNING "):
+            log.warning("%s", line[8:])
+    if r.returncode != 0:
+        lines = [l for l in r.stderr.strip().splitlines() if l.startswith("ERROR ")]
+        raise DatapathError(lines[-1][6:] if lines else f"loading the datapath failed: {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout or "[]")
+
+
+def _main(argv: list[str]) -> int:
+    import json
+    import sys
+
+    a = json.loads(argv[0])
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        skipped = attach(Paths(**a["paths"]), MapSizes(**a["sizes"]), a["strict"])
+    except DatapathError as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(skipped))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -45,7 +45,7 @@ class Service:
     skip: str = ""  # why the proxy ignores this Service ("" = it does not)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     ip: str  # first address, normalised
     ready: bool = True
@@ -57,7 +57,7 @@ class Endpoint:
     hint_nodes: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SlicePort:
     name: str
     port: int
@@ -91,7 +91,7 @@ class Node:
 
 # ---- translate output ---------------------------------------------------------------------------
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Frontend:
     ip: str
     port: int
@@ -103,7 +103,7 @@ class Frontend:
         return f"{host}:{self.port}/{self.protocol}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Backend:
     ip: str
     port: int
@@ -114,7 +114,7 @@ class Backend:
         return f"{host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FrontendState:
     """What the datapath must do for one frontend."""
     backends: tuple[Backend, ...]

@@ -7,6 +7,7 @@ field; the caller reports it and keeps everything else.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 from .model import (IPV4, IPV6, SCTP, TCP, UDP, Endpoint, EndpointSlice, Node, ObjKey, Service,
@@ -39,6 +40,14 @@ def parse_ip_sloppy(value: Any, field: str) -> str:
     leading zeros ("10.180.00.001" is 10.180.0.1, decimal, not octal)."""
     if not isinstance(value, str) or not value:
         raise ObjectError(field, f"not an IP address: {value!r}")
+    try:  # fast path: most addresses are already canonical
+        if ":" in value:
+            if socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, value)) == value:
+                return value
+        elif socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value)) == value:
+            return value
+    except OSError:
+        pass
     text = value.strip()
     try:
         if "." in text and ":" not in text:

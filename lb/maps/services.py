@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import ipaddress
 import os
 import socket
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Iterable, Protocol
 
 from ..model import Backend, Frontend
@@ -42,19 +40,20 @@ class MapFullError(RuntimeError):
         self.map = name
 
 
-@lru_cache(maxsize=1 << 18)
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def pack_ip(ip: str) -> bytes:
-    a = ipaddress.ip_address(ip)
-    if a.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + a.packed
-    return a.packed
+    """16 bytes, IPv4 as ::ffff:a.b.c.d. inet_pton: 10x faster than ipaddress, and no cache to fill."""
+    if ":" in ip:
+        return socket.inet_pton(socket.AF_INET6, ip)
+    return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)
 
 
-@lru_cache(maxsize=1 << 18)
 def unpack_ip(raw: bytes) -> str:
-    if raw[:12] == b"\0" * 10 + b"\xff\xff":
-        return str(ipaddress.IPv4Address(raw[12:]))
-    return str(ipaddress.IPv6Address(raw))
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
 
 
 def pack_frontend(fe: Frontend, slot: int) -> bytes:
