@@ -12,3 +12,4 @@ test: setup
 bench: setup
 	.venv/bin/python bench/connect_rate.py
 	.venv/bin/python bench/program_time.py
+	.venv/bin/python bench/pod_throughput.py
