@@ -1,5 +1,5 @@
-"""Identity servers: on TCP accept, send "ip:port\\n" of the listening socket and close (or, with
---echo-after, read one request line first); on UDP, answer each datagram with the same text."""
+"""Identity servers: on TCP accept, send "ip:port\\n" of the listening socket and close; on UDP,
+answer each datagram with the same text."""
 from __future__ import annotations
 
 import argparse
