@@ -42,6 +42,25 @@ def make_service(ns: str, name: str, mutate: Callable[[dict], None] | None = Non
     return svc
 
 
+def make_endpoint(ip: str, ready: bool = True, serving: bool | None = None, terminating: bool | None = None,
+                  node: str = NODE, zones: list[str] | None = None, nodes: list[str] | None = None) -> dict:
+    """One EndpointSlice endpoint; a condition left None is absent, as the API allows."""
+    cond: dict = {"ready": ready}
+    if serving is not None:
+        cond["serving"] = serving
+    if terminating is not None:
+        cond["terminating"] = terminating
+    e = {"addresses": [ip], "conditions": cond, "nodeName": node}
+    hints = {}
+    if zones is not None:
+        hints["forZones"] = [{"name": z} for z in zones]
+    if nodes is not None:
+        hints["forNodes"] = [{"name": n} for n in nodes]
+    if hints:
+        e["hints"] = hints
+    return e
+
+
 def make_slice(ns: str, name: str, service: str, ips: list[str], mutate: Callable[[dict], None] | None = None,
                port: int = PORT, port_name: str = "http", protocol: str = "TCP", node: str = NODE) -> dict:
     es = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import BE4, NODE, PORT, VIP4, backends_of, make_service, make_slice, wait_for, write_manifests
+from conftest import BE4, NODE, PORT, VIP4, backends_of, make_endpoint, make_service, make_slice, wait_for, write_manifests
 
 N = 300
 
@@ -19,16 +19,7 @@ def node(zone="zone-a"):
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": zone}}}
 
 
-def endpoint(ip, ready=True, serving=None, terminating=None, node=NODE, zones=None):
-    cond = {"ready": ready}
-    if serving is not None:
-        cond["serving"] = serving
-    if terminating is not None:
-        cond["terminating"] = terminating
-    e = {"addresses": [ip], "conditions": cond, "nodeName": node}
-    if zones:
-        e["hints"] = {"forZones": [{"name": z} for z in zones]}
-    return e
+endpoint = make_endpoint
 
 
 def program(agent_folder, endpoints, svc_mut=None, protocol="TCP"):

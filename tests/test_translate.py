@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_service, make_slice
+from conftest import make_endpoint, make_service, make_slice
 from lb.model import Backend, Frontend
 from lb.objects import parse_endpoint_slice, parse_node, parse_service
 from lb.translate import NodeView, translate_service
@@ -13,21 +13,7 @@ NODE = NodeView("node-a", "zone-a")
 FE = Frontend("10.96.0.10", 80, "TCP")
 
 
-def ep(ip, ready=True, serving=None, terminating=None, node="node-a", zones=None, nodes=None):
-    cond = {"ready": ready}
-    if serving is not None:
-        cond["serving"] = serving
-    if terminating is not None:
-        cond["terminating"] = terminating
-    e = {"addresses": [ip], "conditions": cond, "nodeName": node}
-    hints = {}
-    if zones is not None:
-        hints["forZones"] = [{"name": z} for z in zones]
-    if nodes is not None:
-        hints["forNodes"] = [{"name": n} for n in nodes]
-    if hints:
-        e["hints"] = hints
-    return e
+ep = make_endpoint
 
 
 def run(svc_mut=None, endpoints=(), slices=None, node=NODE):
