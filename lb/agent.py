@@ -232,15 +232,26 @@ class Agent:
                      self.api_nodes, self.api_node_event, on_error),
         ]
 
-        async def all_listed() -> None:
-            await asyncio.gather(*(i.listed.wait() for i in self.informers))
-            self.listed = True
-            log.info("Services, EndpointSlices and Node listed")
-            self.changed()
+        async def watch_all() -> None:
+            """The informers, plus the moment all of them have listed (pruning is allowed from then)."""
+            runs = [asyncio.create_task(i.run(self.stop), name=f"watch:{i.res.kind}") for i in self.informers]
+            try:
+                listed = asyncio.gather(*(i.listed.wait() for i in self.informers))
+                done, _ = await asyncio.wait([listed, *runs], return_when=asyncio.FIRST_COMPLETED)
+                if listed in done:
+                    self.listed = True
+                    log.info("Services, EndpointSlices and Node listed")
+                    self.changed()
+                    done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:  # an informer only returns when stopping; anything else is a bug
+                    t.result()
+            finally:
+                for t in runs:
+                    t.cancel()
+                listed.cancel()
+                await asyncio.gather(*runs, listed, return_exceptions=True)
 
-        tasks = [asyncio.create_task(i.run(self.stop), name=f"watch:{i.res.kind}") for i in self.informers]
-        tasks.append(asyncio.create_task(all_listed(), name="listed"))
-        return tasks
+        return [asyncio.create_task(watch_all(), name="source:kube")]
 
     # ---- sync loop ---------------------------------------------------------------------------
     def sync_once(self, full: bool = False) -> None:
@@ -407,7 +418,7 @@ class Agent:
         stop_wait = asyncio.create_task(self.stop.wait(), name="stop")
         done, _ = await asyncio.wait(tasks + [stop_wait], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
-            if t is stop_wait or t.get_name() == "listed":
+            if t is stop_wait:
                 continue
             if not t.cancelled() and t.exception():
                 log.error("task %s ended unexpectedly", t.get_name(), exc_info=t.exception())

@@ -107,7 +107,8 @@ def bed():
 
 
 class AgentProc:
-    def __init__(self, bed: Bed, manifests: Path, extra: list[str] | None = None):
+    def __init__(self, bed: Bed, manifests: Path | None, extra: list[str] | None = None):
+        """manifests None: the source is in ``extra`` (e.g. --kubeconfig)."""
         self.bed, self.manifests, self.extra = bed, manifests, extra or []
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
@@ -115,7 +116,8 @@ class AgentProc:
     def start(self, wait_ready: bool = True) -> "AgentProc":
         self.lines = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lb.cli", "agent", "--manifests", str(self.manifests), "--node-name", NODE,
+            [sys.executable, "-m", "lb.cli", "agent", *(["--manifests", str(self.manifests)] if self.manifests else []),
+             "--node-name", NODE,
              "--cgroup-root", self.bed.cgroup, "--bpf-root", self.bed.bpf_root,
              "--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0",
              "--network-mode", "none", *self.extra],
