@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import gc
 import logging
+import os
 import signal
 import time
 from typing import Callable
@@ -387,6 +388,25 @@ class Agent:
         self.reconciler = Reconciler(PinnedServiceMaps(self.settings.paths.bpf_root),
                                      revnat_limit=self.settings.maps.revnat)
 
+    async def serve_cni(self) -> None:
+        """The bundled CNI plugin's server; the launcher and conflist are installed first if asked."""
+        from .cni import install, server
+
+        s = self.settings
+        if s.cni_bin_dir and s.cni_conf_dir:
+            launcher = os.environ.get("BPFLB_CNI_LAUNCHER") or await asyncio.to_thread(install.build_launcher)
+            binary, conf = install.install(s.cni_bin_dir, s.cni_conf_dir, launcher=launcher,
+                                           mtu=1450 if s.network_mode == "overlay" else 1500)
+            log.info("installed CNI plugin %s and %s", binary, conf)
+
+        def defaults() -> dict:
+            """The pod CIDR comes from this node's Node object unless the conflist names one."""
+            node = self.tracker.node
+            v4 = [c for c in (node.pod_cidrs if node else ()) if ":" not in c]
+            return {"podCIDR": v4[0]} if v4 else {}
+
+        await server.serve(s.cni_socket, self.stop, defaults)
+
     def render_metrics(self) -> str:
         sizes = self.settings.maps
         if self.reconciler is not None:  # from what reconcile holds: no map walk per scrape
@@ -411,6 +431,8 @@ class Agent:
                 except OSError as e:  # the datapath matters more than the endpoint: go on without it
                     log.error("cannot serve %s on %s: %s", what, addr, e.strerror)
         tasks = [asyncio.create_task(self.sync_loop(), name="sync")]
+        if self.settings.cni_socket:
+            tasks.append(asyncio.create_task(self.serve_cni(), name="cni"))
         if self.settings.manifests:
             tasks.append(asyncio.create_task(self.watch_manifests(), name="source:manifests"))
         else:

@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     ag.add_argument("--network-mode", choices=["overlay", "direct", "none"], default="overlay",
                     help="pod traffic between nodes: VXLAN overlay (default), direct routes via node IPs, or none "
                          "(a routing daemon announces pod CIDRs)")
+    ag.add_argument("--cni-socket", default="", help="serve the bundled CNI plugin on this unix socket "
+                    "(the DaemonSet uses /run/bpflb/cni.sock)")
+    ag.add_argument("--cni-bin-dir", default="", help="install the CNI launcher (bpflb-cni) here at start")
+    ag.add_argument("--cni-conf-dir", default="", help="install the CNI conflist here at start")
     ag.add_argument("--remove-kube-proxy-rules", action="store_true",
                     default=os.environ.get("BPFLB_REMOVE_KUBE_PROXY_RULES", "").lower() == "true",
                     help="delete kube-proxy's iptables/nftables rules on this node instead of refusing to start "
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = MapSizes(**{f: getattr(a, f"map_{f}") for f in MapSizes.__dataclass_fields__})
         settings = Settings(node_name=a.node_name or socket.gethostname(), manifests=a.manifests,
                             kubeconfig=a.kubeconfig, healthz_bind=a.healthz_bind_address,
-                            metrics_bind=a.metrics_bind_address, network_mode=a.network_mode, remove_kube_proxy_rules=a.remove_kube_proxy_rules,
+                            metrics_bind=a.metrics_bind_address, network_mode=a.network_mode, cni_socket=a.cni_socket,
+                            cni_bin_dir=a.cni_bin_dir, cni_conf_dir=a.cni_conf_dir, remove_kube_proxy_rules=a.remove_kube_proxy_rules,
                             strict=a.strict, paths=_paths(a), maps=sizes)
         try:
             agent.run(settings)

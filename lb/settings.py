@@ -76,6 +76,12 @@ class Settings:
     """Seconds a change may stay unprogrammed before /healthz fails (kube-proxy: 2 x syncPeriod)."""
     network_mode: str = "overlay"
     """--network-mode: pod traffic between nodes: overlay (VXLAN), direct (routes via node IPs) or none."""
+    cni_socket: str = ""
+    """--cni-socket: serve the CNI launcher's requests on this unix socket (empty: no CNI plugin)."""
+    cni_bin_dir: str = ""
+    """--cni-bin-dir: install the launcher here at start (k3s: /var/lib/rancher/k3s/data/current/bin)."""
+    cni_conf_dir: str = ""
+    """--cni-conf-dir: install the conflist here at start (k3s: /var/lib/rancher/k3s/agent/etc/cni/net.d)."""
     remove_kube_proxy_rules: bool = False
     """--remove-kube-proxy-rules: delete kube-proxy's iptables/nftables rules instead of refusing to start."""
     strict: bool = True

@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Idempotent: build (once, cached by version outside the repo) the real Kubernetes components the tests
 # and `make demo-cluster` use: kube-apiserver and kubectl from k8s.io/kubernetes, etcd and etcdctl, cnitool.
-# Writes /var/cache/bpflb/components.env with their absolute paths.
-# One-time cost measured here (2 cores, empty module cache): about 5 minutes (kube-apiserver + kubectl 3 min).
+# Writes /var/cache/bpflb/components.env (KUBE_APISERVER=, KUBECTL=, ETCD=, ETCDCTL=, CNITOOL=, absolute
+# paths) and prints it. A second run with the binaries present takes well under a second.
+#
+# One-time cost, measured (2 cores, empty Go module and build caches, from scratch):
+#   WALLTIME_PLACEHOLDER
+# Disk: about 0.8 GiB of Go modules (~/go/pkg/mod) and 2.5 GiB of Go build cache (~/.cache/go-build), 160 MiB
+# of binaries here.
+#
+# etcd: Debian 12's etcd-server is 3.4.23. It does start and serve kube-apiserver v1.34.4 (checked), but it
+# is below what v1.34 supports (kubeadm's MinExternalEtcdVersion is 3.5.24; the apiserver turns off watch
+# progress requests for etcd < 3.4.31, etcd-io/etcd#17507), so we build the etcd that k8s.io/kubernetes
+# itself requires instead.
 set -euo pipefail
 K8S_VERSION=v1.34.4          # k8s.io/kubernetes; staging modules are the matching v0.34.4
 ETCD_VERSION=v3.6.4          # the etcd client/server version k8s.io/kubernetes v1.34.4 itself requires
@@ -15,6 +25,10 @@ k8s_dir=$CACHE/bin/kubernetes-$K8S_VERSION
 etcd_dir=$CACHE/bin/etcd-$ETCD_VERSION
 cni_dir=$CACHE/bin/cnitool-$CNI_VERSION
 mkdir -p "$k8s_dir" "$etcd_dir" "$cni_dir" "$CACHE/src"
+command -v go > /dev/null || { echo "build-components: Go not found (expected /usr/local/go/bin/go)" >&2; exit 1; }
+# One builder at a time (two test runs starting together wait for the first to finish the build).
+exec 9> "$CACHE/.build.lock"
+flock 9
 
 if [ ! -x "$k8s_dir/kube-apiserver" ] || [ ! -x "$k8s_dir/kubectl" ]; then
   echo "build-components: kube-apiserver and kubectl $K8S_VERSION (one time, several minutes)"

@@ -1,0 +1,102 @@
+"""The agent's side of the launcher: a unix-socket server running each CNI request in a worker thread
+(plugin work is blocking netlink; pyroute2 must not see the agent's event loop).
+
+The agent fills in ``podCIDR`` from its Node's spec.podCIDR when the network configuration has none.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import struct
+import sys
+from typing import Callable
+
+from .plugin import handle
+
+log = logging.getLogger("bpflb.cni")
+DEFAULT_SOCKET = "/run/bpflb/cni.sock"
+_U32 = struct.Struct("<I")
+
+
+def with_defaults(stdin: bytes, defaults: dict) -> bytes:
+    if not defaults:
+        return stdin
+    try:
+        conf = json.loads(stdin)
+    except ValueError:
+        return stdin  # the plugin reports the decoding error
+    if not isinstance(conf, dict):
+        return stdin
+    for k, v in defaults.items():
+        conf.setdefault(k, v)
+    return json.dumps(conf).encode()
+
+
+async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            (n,) = _U32.unpack(await reader.readexactly(4))
+            env = {}
+            for _ in range(n):
+                (ln,) = _U32.unpack(await reader.readexactly(4))
+                k, _, v = (await reader.readexactly(ln)).decode().partition("=")
+                env[k] = v
+            (ln,) = _U32.unpack(await reader.readexactly(4))
+            stdin = with_defaults(await reader.readexactly(ln), defaults())
+            out, rc = await asyncio.to_thread(handle, env, stdin)
+            if env.get("CNI_COMMAND") in ("ADD", "DEL", "GC"):
+                log.info("CNI %s %s/%s: %s", env.get("CNI_COMMAND"), env.get("CNI_CONTAINERID", "")[:12],
+                         env.get("CNI_IFNAME", ""), "ok" if rc == 0 else out.decode(errors="replace"))
+            writer.write(_U32.pack(rc) + _U32.pack(len(out)) + out)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            log.warning("CNI request cut short: %r", e)
+        except Exception as e:  # answer with a CNI error rather than a reset connection
+            log.exception("CNI request failed")
+            out = json.dumps({"cniVersion": "1.1.0", "code": 5, "msg": f"bpflb agent: {e}"}).encode()
+            writer.write(_U32.pack(1) + _U32.pack(len(out)) + out)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(one, path=path, backlog=512)
+    os.chmod(path, 0o600)
+    async with server:
+        await stop.wait()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def main() -> int:
+    """`python -m lb.cni.server SOCKET`: the server alone (tests, and nodes without the agent)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    path = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_SOCKET
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        import signal
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        task = asyncio.create_task(serve(path, stop))
+        while not os.path.exists(path):
+            await asyncio.sleep(0.01)
+        print("ready", flush=True)
+        await task
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
