@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+import json
+import os
+
 from conftest import make_service, make_slice, wait_for, write_manifests
+from lb.testing.apiserver import components
 from lb.testing.cluster import Cluster, node_ip, node_object, pod_ip
 
 PORT = 9000
@@ -71,3 +75,32 @@ def test_removed_node_takes_its_routes_and_tunnel_entries(cluster):
         fdb = cluster.in_node(1, ["bridge", "fdb", "show", "dev", "bpflb_vxlan"])
         assert node_ip(3) not in fdb and node_ip(2) in fdb
         assert "10.244.3.0" not in cluster.in_node(1, ["ip", "neigh", "show", "dev", "bpflb_vxlan"])
+
+
+def test_pods_made_by_the_bundled_cni_plugin_reach_each_other_across_nodes(tmp_path):
+    """Each node's agent serves the plugin (pod CIDR from its Node object) and installs the launcher and
+    the conflist; the real CNI library (cnitool) adds a pod on each node; the pods talk over the overlay."""
+    with Cluster(nodes=2) as c:
+        write_manifests(tmp_path, "nodes.json", [node_object(n, c.node_name(n)) for n in (1, 2)])
+        dirs = {n: tmp_path / f"n{n}" for n in (1, 2)}
+        for n, d in dirs.items():
+            c.agent(n, str(tmp_path), "overlay", ("--cni-socket", str(d / "cni.sock"), "--cni-bin-dir", str(d / "bin"),
+                                                  "--cni-conf-dir", str(d / "net.d")))
+        ips = {}
+        for n, d in dirs.items():
+            wait_for(lambda: any("initial sync complete" in l for l in c.logs[n]), 30, f"agent {n}")
+            conflist = d / "net.d" / "05-bpflb.conflist"
+            wait_for(conflist.exists, 10, "conflist installed")
+            conf = json.loads(conflist.read_text())
+            assert conf["plugins"][0]["mtu"] == 1450 and "podCIDR" not in conf["plugins"][0]
+            conf["plugins"][0]["dataDir"] = str(d / "data")  # IPAM state inside the test's folder
+            conflist.write_text(json.dumps(conf))
+            pod = c.add_netns(n, "cni")
+            env = dict(os.environ, NETCONFPATH=str(d / "net.d"), CNI_PATH=str(d / "bin"), BPFLB_CNI_SOCKET=str(d / "cni.sock"))
+            r = c.in_node_run(n, [components()["CNITOOL"], "add", "bpflb", f"/run/netns/{pod}"], env=env)
+            assert r.returncode == 0, r.stdout + r.stderr
+            ips[n] = json.loads(r.stdout)["ips"][0]["address"].split("/")[0]
+            assert ips[n].startswith(f"10.244.{n}.")  # the Node's podCIDR, filled in by the agent
+        c.server(2, "cni", PORT, ip=ips[2])
+        r = c.run_client(1, "cni", f"{ips[2]}:{PORT}", "--count", "20")
+        assert r["errors"] == {} and r["answered"] == {f"{ips[2]}:{PORT}": 20}

@@ -171,10 +171,10 @@ class Cluster:
         time.sleep(0.05)
 
     # ---- processes ----
-    def agent(self, n: int, manifests: str, mode: str) -> subprocess.Popen:
+    def agent(self, n: int, manifests: str, mode: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         argv = [sys.executable, "-m", "lb.cli", "agent", "--manifests", manifests, "--node-name", self.node_name(n),
                 "--cgroup-root", self.cgroup(n), "--bpf-root", self.bpf_root(n), "--network-mode", mode,
-                "--healthz-bind-address", "", "--metrics-bind-address", ""]
+                "--healthz-bind-address", "", "--metrics-bind-address", "", *extra]
         p = subprocess.Popen(argv, preexec_fn=lambda: enter(self.node_ns(n), None), stderr=subprocess.PIPE,
                              text=True, cwd=ROOT)
         self.agents[n] = p
@@ -182,13 +182,13 @@ class Cluster:
         threading.Thread(target=lambda: [lines.append(l.rstrip()) for l in p.stderr], daemon=True).start()
         return p
 
-    def in_pod(self, n: int, m: int, argv: list[str], **kw) -> subprocess.Popen:
+    def in_pod(self, n: int, m, argv: list[str], **kw) -> subprocess.Popen:
         """A process in pod m of node n, in node n's cgroup (so its sockets are load-balanced)."""
         p = subprocess.Popen(argv, preexec_fn=lambda: enter(self.pods[(n, m)], self.cgroup(n)), **kw)
         self.procs.append(p)
         return p
 
-    def run_client(self, n: int, m: int, *args: str, timeout: float = 60) -> dict:
+    def run_client(self, n: int, m, *args: str, timeout: float = 60) -> dict:
         p = self.in_pod(n, m, [sys.executable, "-m", "lb.testing.client", *args], stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
         out, err = p.communicate(timeout=timeout)
@@ -196,8 +196,18 @@ class Cluster:
             raise RuntimeError(f"client failed: {err}")
         return json.loads(out)
 
-    def server(self, n: int, m: int, port: int) -> subprocess.Popen:
-        p = self.in_pod(n, m, [sys.executable, "-m", "lb.testing.server", "--port", str(port), pod_ip(n, m)],
+    def add_netns(self, n: int, m) -> str:
+        """An empty pod namespace for node n (a CNI plugin will fill it); removed with the cluster."""
+        pod = f"{self.node_ns(n)}p{m}"
+        netns.create(pod)
+        self.pods[(n, m)] = pod
+        return pod
+
+    def in_node_run(self, n: int, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, preexec_fn=lambda: enter(self.node_ns(n), None), capture_output=True, text=True, **kw)
+
+    def server(self, n: int, m, port: int, ip: str | None = None) -> subprocess.Popen:
+        p = self.in_pod(n, m, [sys.executable, "-m", "lb.testing.server", "--port", str(port), ip or pod_ip(n, m)],
                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
         if p.stdout.readline().strip() != "ready":
             raise RuntimeError("server did not start")
