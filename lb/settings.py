@@ -50,7 +50,7 @@ class Paths:
 
 @dataclass(frozen=True)
 class SyncSettings:
-    min_interval: float = 0.05
+    min_interval: float = 0.01
     """Seconds between two syncs at least: changes arriving inside it are coalesced."""
     full_resync: float = 3600.0
     """Seconds between full resyncs that re-read the kernel's maps and rewrite what drifted."""

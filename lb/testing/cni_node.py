@@ -1,0 +1,77 @@
+"""A CNI test node: a network namespace holding the plugin server, the installed launcher and config,
+and pod namespaces; the launcher and cnitool run inside it, so host-side devices never touch the host.
+Used by tests/test_cni.py and bench/cni_add_latency.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from ..cni.install import build_launcher, install
+from .apiserver import components
+from .bed import enter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CIDR = "10.244.7.0/24"
+GW = "10.244.7.1"
+
+
+class Node:
+    def __init__(self, tmp_path):
+        self.tag = uuid.uuid4().hex[:6]
+        self.ns = f"blc{self.tag}"
+        self.dir = tmp_path
+        self.sock = str(tmp_path / "cni.sock")
+        self.data = str(tmp_path / "data")
+        self.bin = str(tmp_path / "bin")
+        self.conf = str(tmp_path / "net.d")
+        self.pods: list[str] = []
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        self.server = subprocess.Popen([sys.executable, "-m", "lb.cni.server", self.sock], cwd=ROOT,
+                                       preexec_fn=lambda: enter(self.ns, None), stdout=subprocess.PIPE, text=True)
+        assert self.server.stdout.readline().strip() == "ready"
+
+    def install(self, **conf) -> None:
+        install(self.bin, self.conf, launcher=build_launcher(str(self.dir / "launcher")), pod_cidr=conf.pop("pod_cidr", CIDR),
+                **conf)
+        with open(os.path.join(self.conf, "05-bpflb.conflist")) as f:
+            doc = json.load(f)
+        doc["plugins"][0]["dataDir"] = self.data
+        with open(os.path.join(self.conf, "05-bpflb.conflist"), "w") as f:
+            json.dump(doc, f)
+        self.plugin_conf = dict(doc["plugins"][0], cniVersion=doc["cniVersion"], name=doc["name"])
+
+    def pod(self) -> str:
+        name = f"blc{self.tag}p{len(self.pods)}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        self.pods.append(name)
+        return f"/run/netns/{name}"
+
+    def in_ns(self, argv, env=None, input=None, ns=None) -> subprocess.CompletedProcess:
+        target = ns or self.ns
+        return subprocess.run(argv, preexec_fn=lambda: enter(target, None), capture_output=True, text=True,
+                              env=env, input=input)
+
+    def cnitool(self, *args: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, NETCONFPATH=self.conf, CNI_PATH=self.bin, BPFLB_CNI_SOCKET=self.sock)
+        return self.in_ns([components()["CNITOOL"], *args], env=env)
+
+    def launcher(self, command: str, conf: dict | str, cid: str = "", netns: str = "", ifname: str = "eth0"):
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
+               "CNI_PATH": self.bin, "BPFLB_CNI_SOCKET": self.sock}
+        env = {k: v for k, v in env.items() if v}
+        r = self.in_ns([os.path.join(self.bin, "bpflb-cni")], env=env,
+                       input=conf if isinstance(conf, str) else json.dumps(conf))
+        return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None)
+
+    def host_links(self) -> list[str]:
+        return [l.split(":")[1].strip().split("@")[0] for l in self.in_ns(["ip", "-o", "link"]).stdout.splitlines()]
+
+    def close(self) -> None:
+        self.server.kill()
+        self.server.wait()
+        for p in self.pods:
+            subprocess.run(["ip", "netns", "del", p], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
