@@ -15,8 +15,9 @@ demo-cluster: components
 test: components
 	.venv/bin/python -m pytest -q
 
-bench: setup
+bench: components
 	.venv/bin/python bench/connect_rate.py
 	.venv/bin/python bench/program_time.py
 	.venv/bin/python bench/pod_throughput.py
 	.venv/bin/python bench/api_sync.py
+	.venv/bin/python bench/cni_add_latency.py
