@@ -80,4 +80,15 @@ struct lb_affinity_val {
 	__u64 last_used_ns;     /* bpf_ktime_get_boot_ns() of the last new connection */
 };
 
+/* Local pod endpoints, written by the CNI plugin (via the agent): pod IP -> its host-side veth. */
+struct lb_endpoint_key {
+	__u32 addr[4];
+};
+
+struct lb_endpoint {
+	__u32 ifindex;          /* host end of the pod's veth pair */
+	__u8  mac[6];           /* the pod's eth0 MAC, for a redirect that rewrites L2 */
+	__u16 flags;
+};
+
 #endif /* BPFLB_LB_STRUCTS_H */

@@ -7,7 +7,7 @@
  * translate the backend back to the frontend so the application only ever sees the VIP.
  *
  * Loaded by lb/datapath.py with: -DPIN_ROOT="..." -DSVC_MAP_SIZE=... -DBACKEND_MAP_SIZE=...
- * -DREVNAT_MAP_SIZE=... -DSOCK_REVNAT_SIZE=... -DAFFINITY_MAP_SIZE=...
+ * -DREVNAT_MAP_SIZE=... -DSOCK_REVNAT_SIZE=... -DAFFINITY_MAP_SIZE=... -DENDPOINT_MAP_SIZE=...
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -27,6 +27,8 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends_v1, BACKEND_MAP_S
 BPF_TABLE_PINNED("hash", __u32, struct lb_revnat, lb_revnat_v1, REVNAT_MAP_SIZE, PIN(lb_revnat_v1));
 BPF_TABLE_PINNED("lru_hash", struct lb_sock_key, struct lb_sock_val, lb_sock_revnat_v1, SOCK_REVNAT_SIZE, PIN(lb_sock_revnat_v1));
 BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_val, lb_affinity_v1, AFFINITY_MAP_SIZE, PIN(lb_affinity_v1));
+/* Created and pinned here with the others; read by the node datapath (tc), written by the CNI plugin. */
+BPF_TABLE_PINNED("hash", struct lb_endpoint_key, struct lb_endpoint, lb_endpoints_v1, ENDPOINT_MAP_SIZE, PIN(lb_endpoints_v1));
 
 /* The return value of a sock_addr program: 1 lets the syscall go on, 0 fails it with the
  * errno given to bpf_set_retval (EPERM if none). */

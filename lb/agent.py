@@ -405,7 +405,13 @@ class Agent:
             v4 = [c for c in (node.pod_cidrs if node else ()) if ":" not in c]
             return {"podCIDR": v4[0]} if v4 else {}
 
-        await server.serve(s.cni_socket, self.stop, defaults)
+        from .maps.endpoints import PinnedEndpointMap
+
+        endpoints = PinnedEndpointMap(s.paths.bpf_root)
+        try:
+            await server.serve(s.cni_socket, self.stop, defaults, endpoints)
+        finally:
+            endpoints.close()
 
     def render_metrics(self) -> str:
         sizes = self.settings.maps

@@ -90,7 +90,7 @@ def cflags(paths: Paths, sizes: MapSizes) -> list[str]:
     return [f"-I{BPF_DIR}", f'-DPIN_ROOT="{paths.bpf_root}"',
             f"-DSVC_MAP_SIZE={sizes.services}", f"-DBACKEND_MAP_SIZE={sizes.backends}",
             f"-DREVNAT_MAP_SIZE={sizes.revnat}", f"-DSOCK_REVNAT_SIZE={sizes.sock_revnat}",
-            f"-DAFFINITY_MAP_SIZE={sizes.affinity}"]
+            f"-DAFFINITY_MAP_SIZE={sizes.affinity}", f"-DENDPOINT_MAP_SIZE={sizes.endpoints}"]
 
 
 def compile_sock_lb(paths: Paths, sizes: MapSizes):

@@ -33,11 +33,14 @@ class MapSizes:
     """--sock-revnat-map-size: translated sockets remembered for recvmsg/getpeername (LRU)."""
     affinity: int = 65536
     """--affinity-map-size: (client, frontend) session-affinity entries (LRU)."""
+    endpoints: int = 65536
+    """--endpoint-map-size: local pod endpoints (written by the CNI plugin)."""
 
 
 # MapSizes field -> its command-line flag (named in "map is full" errors too).
 MAP_SIZE_FLAGS = {"services": "--svc-map-size", "backends": "--backend-map-size", "revnat": "--revnat-map-size",
-                  "sock_revnat": "--sock-revnat-map-size", "affinity": "--affinity-map-size"}
+                  "sock_revnat": "--sock-revnat-map-size", "affinity": "--affinity-map-size",
+                  "endpoints": "--endpoint-map-size"}
 
 
 @dataclass(frozen=True)

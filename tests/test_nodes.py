@@ -9,6 +9,7 @@ import json
 import os
 
 from conftest import make_service, make_slice, wait_for, write_manifests
+from lb.maps.endpoints import PinnedEndpointMap
 from lb.testing.apiserver import components
 from lb.testing.cluster import Cluster, node_ip, node_object, pod_ip
 
@@ -86,7 +87,7 @@ def test_pods_made_by_the_bundled_cni_plugin_reach_each_other_across_nodes(tmp_p
         for n, d in dirs.items():
             c.agent(n, str(tmp_path), "overlay", ("--cni-socket", str(d / "cni.sock"), "--cni-bin-dir", str(d / "bin"),
                                                   "--cni-conf-dir", str(d / "net.d")))
-        ips = {}
+        ips, pods = {}, {}
         for n, d in dirs.items():
             wait_for(lambda: any("initial sync complete" in l for l in c.logs[n]), 30, f"agent {n}")
             conflist = d / "net.d" / "05-bpflb.conflist"
@@ -99,8 +100,18 @@ def test_pods_made_by_the_bundled_cni_plugin_reach_each_other_across_nodes(tmp_p
             env = dict(os.environ, NETCONFPATH=str(d / "net.d"), CNI_PATH=str(d / "bin"), BPFLB_CNI_SOCKET=str(d / "cni.sock"))
             r = c.in_node_run(n, [components()["CNITOOL"], "add", "bpflb", f"/run/netns/{pod}"], env=env)
             assert r.returncode == 0, r.stdout + r.stderr
-            ips[n] = json.loads(r.stdout)["ips"][0]["address"].split("/")[0]
+            result = json.loads(r.stdout)
+            ips[n] = result["ips"][0]["address"].split("/")[0]
             assert ips[n].startswith(f"10.244.{n}.")  # the Node's podCIDR, filled in by the agent
+            # registered for the datapath: pod IP -> host veth ifindex and the pod's MAC
+            host_if, pod_mac = result["interfaces"][0]["name"], result["interfaces"][1]["mac"]
+            ifindex = int(c.in_node(n, ["ip", "-o", "link", "show", host_if]).split(":")[0])
+            assert PinnedEndpointMap(c.bpf_root(n)).dump() == {ips[n]: (ifindex, pod_mac.lower())}
+            pods[n] = (pod, env)
         c.server(2, "cni", PORT, ip=ips[2])
         r = c.run_client(1, "cni", f"{ips[2]}:{PORT}", "--count", "20")
         assert r["errors"] == {} and r["answered"] == {f"{ips[2]}:{PORT}": 20}
+        pod, env = pods[1]
+        r = c.in_node_run(1, [components()["CNITOOL"], "del", "bpflb", f"/run/netns/{pod}"], env=env)
+        assert r.returncode == 0, r.stderr
+        assert PinnedEndpointMap(c.bpf_root(1)).dump() == {}

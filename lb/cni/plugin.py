@@ -15,7 +15,7 @@ import ipaddress
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import netsetup
 from .ipam import IPAM, PoolExhausted
@@ -34,6 +34,12 @@ E_DECODE = 6
 E_INVALID_CONFIG = 7
 E_TRY_AGAIN = 11
 E_NOT_AVAILABLE = 50
+
+
+class EndpointSink(Protocol):
+    """Where attachments are registered for the datapath (lb.maps.endpoints.PinnedEndpointMap)."""
+    def added(self, ip: str, ifindex: int, mac: str) -> None: ...
+    def removed(self, ip: str) -> None: ...
 
 
 class CNIError(Exception):
@@ -134,7 +140,7 @@ def _result(req: Request, ip: str, gateway: str, prefix: int, att: netsetup.Atta
             "dns": {}}
 
 
-def cmd_add(req: Request) -> dict:
+def cmd_add(req: Request, sink: EndpointSink | None = None) -> dict:
     if not os.path.exists(req.netns):
         raise CNIError(E_INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
     gateway = netsetup.gateway_of(req.subnet)
@@ -161,10 +167,18 @@ def cmd_add(req: Request) -> dict:
     with open(path + ".tmp", "w") as f:
         json.dump(record, f)
     os.replace(path + ".tmp", path)
+    if sink is not None:
+        sink.added(ip, att.host_index, att.pod_mac)
     return _result(req, ip, gateway, ipaddress.ip_network(req.subnet, strict=False).prefixlen, att)
 
 
-def _remove(req: Request, cid: str, ifname: str) -> None:
+def _remove(req: Request, cid: str, ifname: str, sink: EndpointSink | None = None) -> None:
+    if sink is not None:
+        try:
+            with open(_record_path(req, cid, ifname)) as f:
+                sink.removed(json.load(f)["ip"])  # unregistered before the device goes
+        except (OSError, ValueError, KeyError):
+            pass
     netsetup.detach(netsetup.host_ifname(cid, ifname))
     ipam_dir = os.path.join(req.data_dir, "ipam", req.name)
     if os.path.isdir(ipam_dir):
@@ -175,12 +189,12 @@ def _remove(req: Request, cid: str, ifname: str) -> None:
         pass
 
 
-def cmd_del(req: Request) -> None:
+def cmd_del(req: Request, sink: EndpointSink | None = None) -> None:
     """Idempotent: an unknown container, a gone namespace, a second DEL all succeed."""
-    _remove(req, req.container_id, req.ifname)
+    _remove(req, req.container_id, req.ifname, sink)
 
 
-def cmd_check(req: Request) -> None:
+def cmd_check(req: Request, sink: EndpointSink | None = None) -> None:
     try:
         with open(_record_path(req)) as f:
             rec = json.load(f)
@@ -191,7 +205,7 @@ def cmd_check(req: Request) -> None:
         raise CNIError(E_IO, f"CHECK failed: {problem}")
 
 
-def cmd_status(req: Request) -> None:
+def cmd_status(req: Request, sink: EndpointSink | None = None) -> None:
     try:
         ipam = IPAM(req.data_dir, req.name, req.subnet, netsetup.gateway_of(req.subnet))
         probe = os.path.join(ipam.dir, ".status")
@@ -204,7 +218,7 @@ def cmd_status(req: Request) -> None:
         raise CNIError(E_NOT_AVAILABLE, f"pod CIDR {req.subnet} has no free address")
 
 
-def cmd_gc(req: Request) -> None:
+def cmd_gc(req: Request, sink: EndpointSink | None = None) -> None:
     valid = req.config.get(VALID_ATTACHMENTS)
     if not isinstance(valid, list):
         raise CNIError(E_INVALID_CONFIG, f"GC needs {VALID_ATTACHMENTS} (a list)")
@@ -223,11 +237,11 @@ def cmd_gc(req: Request) -> None:
         if rec.get("network") == req.name:
             seen.add((rec.get("containerID"), rec.get("ifname")))
     for cid, ifname in seen - keep:
-        _remove(req, cid, ifname)
+        _remove(req, cid, ifname, sink)
 
 
-def handle(env: dict[str, str], stdin: bytes) -> tuple[bytes, int]:
-    """One plugin invocation: (stdout, exit code)."""
+def handle(env: dict[str, str], stdin: bytes, sink: EndpointSink | None = None) -> tuple[bytes, int]:
+    """One plugin invocation: (stdout, exit code). ``sink`` registers attachments for the datapath."""
     version = SUPPORTED[-1]
     try:
         try:
@@ -239,8 +253,8 @@ def handle(env: dict[str, str], stdin: bytes) -> tuple[bytes, int]:
         if req.command == "VERSION":
             return json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED)}).encode(), 0
         if req.command == "ADD":
-            return json.dumps(cmd_add(req)).encode(), 0
-        {"DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command](req)
+            return json.dumps(cmd_add(req, sink)).encode(), 0
+        {"DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command](req, sink)
         return b"", 0
     except CNIError as e:
         err = {"cniVersion": version, "code": e.code, "msg": e.msg}

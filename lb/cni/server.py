@@ -34,7 +34,8 @@ def with_defaults(stdin: bytes, defaults: dict) -> bytes:
     return json.dumps(conf).encode()
 
 
-async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = dict) -> None:
+async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = dict, sink=None) -> None:
+    """Serve the launcher; ``sink`` (an EndpointSink) registers each attachment for the datapath."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         os.unlink(path)
@@ -51,7 +52,7 @@ async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = d
                 env[k] = v
             (ln,) = _U32.unpack(await reader.readexactly(4))
             stdin = with_defaults(await reader.readexactly(ln), defaults())
-            out, rc = await asyncio.to_thread(handle, env, stdin)
+            out, rc = await asyncio.to_thread(handle, env, stdin, sink)
             if env.get("CNI_COMMAND") in ("ADD", "DEL", "GC"):
                 log.info("CNI %s %s/%s: %s", env.get("CNI_COMMAND"), env.get("CNI_CONTAINERID", "")[:12],
                          env.get("CNI_IFNAME", ""), "ok" if rc == 0 else out.decode(errors="replace"))
@@ -77,9 +78,14 @@ async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = d
 
 
 def main() -> int:
-    """`python -m lb.cni.server SOCKET`: the server alone (tests, and nodes without the agent)."""
+    """`python -m lb.cni.server SOCKET [BPF_ROOT]`: the server alone (tests, and nodes without the agent)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_SOCKET
+    sink = None
+    if len(sys.argv) > 2:  # a bpf-root: register endpoints in its lb_endpoints map
+        from ..maps.endpoints import PinnedEndpointMap
+
+        sink = PinnedEndpointMap(sys.argv[2])
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -88,7 +94,7 @@ def main() -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        task = asyncio.create_task(serve(path, stop))
+        task = asyncio.create_task(serve(path, stop, sink=sink))
         while not os.path.exists(path):
             await asyncio.sleep(0.01)
         print("ready", flush=True)

@@ -17,7 +17,7 @@ from typing import Iterable, Protocol
 from ..model import Backend, Frontend
 from ..settings import MAP_SIZE_FLAGS
 from . import bpfsys
-from .structs import (AFFINITY_MAP, BACKENDS_MAP, MAPS, REVNAT_MAP, SERVICES_MAP, SOCK_REVNAT_MAP,
+from .structs import (AFFINITY_MAP, BACKENDS_MAP, ENDPOINTS_MAP, MAPS, REVNAT_MAP, SERVICES_MAP, SOCK_REVNAT_MAP,
                       Backend as CBackend, RevNat, SvcKey, SvcVal, packer)
 
 PROTO_NUM = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
@@ -29,7 +29,7 @@ _BACKEND = packer(CBackend)
 _REVNAT = packer(RevNat)
 _U32 = struct.Struct("=I")
 
-SIZE_SETTING = dict(zip((SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP),
+SIZE_SETTING = dict(zip((SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP, ENDPOINTS_MAP),
                         MAP_SIZE_FLAGS.values()))
 
 

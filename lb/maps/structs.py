@@ -57,6 +57,14 @@ class AffinityVal(ctypes.Structure):
                 ("last_used_ns", ctypes.c_uint64)]
 
 
+class EndpointKey(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32 * 4)]
+
+
+class Endpoint(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6), ("flags", ctypes.c_uint16)]
+
+
 _FMT = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}
 
 
@@ -89,5 +97,6 @@ MAPS = {
     f"lb_revnat_{MAP_VERSION}": (ctypes.c_uint32, RevNat),
     f"lb_sock_revnat_{MAP_VERSION}": (SockKey, SockVal),
     f"lb_affinity_{MAP_VERSION}": (AffinityKey, AffinityVal),
+    f"lb_endpoints_{MAP_VERSION}": (EndpointKey, Endpoint),
 }
-SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP = MAPS
+SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP, ENDPOINTS_MAP = MAPS

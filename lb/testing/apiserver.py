@@ -71,10 +71,11 @@ def _openssl(*args: str) -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _popen(argv: list[str], log: IO) -> subprocess.Popen:
@@ -206,7 +207,7 @@ class ControlPlane:
             [self.bin["ETCD"], "--data-dir", str(self.dir / "etcd"), "--name", "bpflb-test",
              "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"bpflb-test={peer}", "--listen-metrics-urls", "",
+             "--initial-cluster", f"bpflb-test={peer}",
              # throwaway data: no fsync (writes go at memory speed instead of the disk's)
              "--unsafe-no-fsync", "--log-level", "error", "--quota-backend-bytes", str(4 << 30)],
             self._log("etcd.log"))
