@@ -114,6 +114,14 @@ static __always_inline int sock_xlate_fwd(void *ctx, struct lb_addr *la, __u8 pr
 	if (count == 0)
 		return (flags & LB_SVC_F_DROP_EMPTY) ? -EHOSTUNREACH : -ECONNREFUSED;
 
+	/*
+	 * sessionAffinity ClientIP at the socket layer: "the same client" is the caller's network
+	 * namespace (bpf_get_netns_cookie), not a source IP. At connect() the source address is often
+	 * not chosen yet (an unbound socket), and reading it would need the route lookup we run before.
+	 * In Kubernetes a pod is exactly one network namespace with one IP per family, so the netns is the
+	 * pod's IP; host-network processes share the node's namespace, just as kube-proxy sees them all
+	 * arrive from the node IP. It is also stable across the pod's sockets and IP families.
+	 */
 	struct lb_affinity_key ak = {};
 	__u64 now = 0;
 	if (flags & LB_SVC_F_AFFINITY) {
