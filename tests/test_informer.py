@@ -16,7 +16,7 @@ class ScriptedClient:
         self.calls: list[str] = []
         self.lock = threading.Lock()
 
-    def list(self, res, limit=500):
+    def list(self, res, limit=500, convert=None):
         with self.lock:
             self.calls.append("list")
             item = self.lists.pop(0)

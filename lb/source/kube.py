@@ -101,9 +101,10 @@ class KubeClient:
             raise ApiError(resp.status, reason)
         return resp
 
-    def list(self, res: Resource, limit: int = 500) -> tuple[list[dict], str]:
-        """All items (paginated), and the list's resourceVersion."""
-        items: list[dict] = []
+    def list(self, res: Resource, limit: int = 500, convert: Callable[[dict], Any] | None = None) -> tuple[list, str]:
+        """All items (paginated), each passed through ``convert`` as its page arrives, and the list's
+        resourceVersion."""
+        items: list = []
         cont = ""
         while True:
             resp = self._open(res.path, {"labelSelector": res.label_selector, "fieldSelector": res.field_selector,
@@ -114,8 +115,10 @@ class KubeClient:
                 raise ApiError(0, f"reading list: {e}") from None
             finally:
                 resp.release_conn()
-            items.extend(data.get("items") or [])
+            page = data.get("items") or []
+            items.extend(map(convert, page) if convert else page)
             meta = data.get("metadata") or {}
+            del data, page
             cont = meta.get("continue") or ""
             if not cont:
                 return items, meta.get("resourceVersion", "")
@@ -144,7 +147,8 @@ class Informer:
 
     def __init__(self, client: KubeClient, res: Resource, on_replace: Callable[[list[dict]], None],
                  on_event: Callable[[str, dict], None], on_error: Callable[[ApiError], None] | None = None,
-                 watch_timeout: int = 300, clock: Callable[[], float] = time.monotonic):
+                 watch_timeout: int = 300, clock: Callable[[], float] = time.monotonic,
+                 convert: Callable[[dict], Any] | None = None):
         self.client, self.res = client, res
         self.on_replace, self.on_event = on_replace, on_event
         self.on_error = on_error or (lambda e: None)
@@ -153,6 +157,7 @@ class Informer:
         self.rv = ""
         self.relists = 0
         self.clock = clock
+        self.convert = convert  # applied to listed items page by page (see KubeClient.list)
 
     async def _in_thread(self, fn: Callable[[], Any]) -> Any:
         """Run blocking I/O in a daemon thread (an executor's threads would block interpreter exit
@@ -179,7 +184,7 @@ class Informer:
             n += 1
             try:
                 if not self.rv:
-                    items, self.rv = await self._in_thread(lambda: self.client.list(self.res))
+                    items, self.rv = await self._in_thread(lambda: self.client.list(self.res, convert=self.convert))
                     self.on_replace(items)
                     self.relists += 1
                     self.listed.set()
