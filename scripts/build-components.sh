@@ -2,41 +2,58 @@
 # Idempotent: build (once, cached by version outside the repo) the real Kubernetes components the tests
 # and `make demo-cluster` use: kube-apiserver and kubectl from k8s.io/kubernetes, etcd and etcdctl, cnitool.
 # Writes /var/cache/bpflb/components.env (KUBE_APISERVER=, KUBECTL=, ETCD=, ETCDCTL=, CNITOOL=, absolute
-# paths) and prints it. A second run with the binaries present takes well under a second.
+# paths, and the versions) and prints it. With the binaries present it takes a few milliseconds.
+# Run as root (it writes /var/cache); BPFLB_CACHE=DIR puts the cache elsewhere.
 #
-# One-time cost, measured (2 cores, empty Go module and build caches, from scratch):
-#   WALLTIME_PLACEHOLDER
-# Disk: about 0.8 GiB of Go modules (~/go/pkg/mod) and 2.5 GiB of Go build cache (~/.cache/go-build), 160 MiB
-# of binaries here.
+# One-time cost, measured on 2 cores with empty Go module and build caches (downloads included), while
+# other tests ran on the machine: 4 min 35 s and 4 min 38 s in two runs; kube-apiserver + kubectl about
+# 4 min 5-20 s, etcd and etcdctl 20-27 s, cnitool 1 s. A rebuild with warm Go caches (e.g. after a change
+# of ldflags only) is about 10 s. Disk: 0.8 GiB of Go modules (go env GOMODCACHE), 2.5 GiB of Go build cache (go env GOCACHE),
+# 200 MiB of binaries in $CACHE/bin.
 #
 # etcd: Debian 12's etcd-server is 3.4.23. It does start and serve kube-apiserver v1.34.4 (checked), but it
-# is below what v1.34 supports (kubeadm's MinExternalEtcdVersion is 3.5.24; the apiserver turns off watch
-# progress requests for etcd < 3.4.31, etcd-io/etcd#17507), so we build the etcd that k8s.io/kubernetes
-# itself requires instead.
+# is below what v1.34 supports (kubeadm v1.34's MinExternalEtcdVersion is 3.5.24; the apiserver turns off
+# watch progress requests for etcd < 3.4.31, etcd-io/etcd#17507), so we build the etcd that
+# k8s.io/kubernetes v1.34.4 itself requires instead.
 set -euo pipefail
-K8S_VERSION=v1.34.4          # k8s.io/kubernetes; staging modules are the matching v0.34.4
+K8S_VERSION=v1.34.4          # k8s.io/kubernetes; its staging modules (k8s.io/api, ...) at the matching v0.34.4
 ETCD_VERSION=v3.6.4          # the etcd client/server version k8s.io/kubernetes v1.34.4 itself requires
 CNI_VERSION=v1.3.0           # github.com/containernetworking/cni (cnitool)
 CACHE=${BPFLB_CACHE:-/var/cache/bpflb}
 export PATH=/usr/local/go/bin:$PATH CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 ldflags="-s -w"
+# What the release build stamps in (hack/lib/version.sh), so `kubectl version` and GET /version say v1.34.4.
+minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+k8s_ldflags="$ldflags"
+for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+  k8s_ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
 
 k8s_dir=$CACHE/bin/kubernetes-$K8S_VERSION
 etcd_dir=$CACHE/bin/etcd-$ETCD_VERSION
 cni_dir=$CACHE/bin/cnitool-$CNI_VERSION
 mkdir -p "$k8s_dir" "$etcd_dir" "$cni_dir" "$CACHE/src"
 command -v go > /dev/null || { echo "build-components: Go not found (expected /usr/local/go/bin/go)" >&2; exit 1; }
-# One builder at a time (two test runs starting together wait for the first to finish the build).
+# One builder at a time: a second run (two test runs starting together) waits, then finds the binaries.
 exec 9> "$CACHE/.build.lock"
 flock 9
 
-if [ ! -x "$k8s_dir/kube-apiserver" ] || [ ! -x "$k8s_dir/kubectl" ]; then
-  echo "build-components: kube-apiserver and kubectl $K8S_VERSION (one time, several minutes)"
+# A directory is complete when its .built stamp holds the recipe it was built with (version and flags,
+# written last); another recipe rebuilds. A newer Go toolchain alone does not.
+fresh() { [ -f "$1/.built" ] && [ "$(cat "$1/.built")" = "$2" ]; }
+step() { echo "build-components: $*"; t0=$SECONDS; }
+done_step() { echo "build-components: ... $(( SECONDS - t0 )) s"; }
+
+k8s_recipe="$K8S_VERSION $k8s_ldflags"
+if ! fresh "$k8s_dir" "$k8s_recipe"; then
+  step "kube-apiserver and kubectl $K8S_VERSION (one time, several minutes)"
   src=$CACHE/src/k8s-wrapper-$K8S_VERSION
   mkdir -p "$src"
-  staging_v="v0.${K8S_VERSION#v1.}"
   (
     cd "$src"
+    # k8s.io/kubernetes cannot be `go install`ed (its go.mod replaces each staging module with
+    # ./staging/src/...): a wrapper module that requires it and replaces each of those with its published v0.x.
     go mod download -json "k8s.io/kubernetes@$K8S_VERSION" > /dev/null
     gomod=$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod
     {
@@ -47,8 +64,7 @@ if [ ! -x "$k8s_dir/kube-apiserver" ] || [ ! -x "$k8s_dir/kubectl" ]; then
       echo "require k8s.io/kubernetes $K8S_VERSION"
       echo
       echo "replace ("
-      # k8s.io/kubernetes replaces each staging module with ./staging/...: use the published v0.x instead.
-      grep -E '=> ./staging/src/' "$gomod" | awk -v v="$staging_v" '{print "\t" $1 " => " $1 " " v}'
+      grep -E '=> ./staging/src/' "$gomod" | awk -v v="v0.${K8S_VERSION#v1.}" '{print "\t" $1 " => " $1 " " v}'
       echo ")"
     } > go.mod
     cat > tools.go <<'GO'
@@ -62,15 +78,18 @@ import (
 )
 GO
     go mod tidy > /dev/null 2>&1 || go mod tidy
-    go build -trimpath -ldflags "$ldflags" -o "$k8s_dir/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-    mv "$k8s_dir/kube-apiserver.tmp" "$k8s_dir/kube-apiserver"
-    go build -trimpath -ldflags "$ldflags" -o "$k8s_dir/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl
-    mv "$k8s_dir/kubectl.tmp" "$k8s_dir/kubectl"
+    for cmd in kube-apiserver kubectl; do
+      go build -trimpath -ldflags "$k8s_ldflags" -o "$k8s_dir/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
+      mv "$k8s_dir/$cmd.tmp" "$k8s_dir/$cmd"   # rename: a running old binary is not disturbed
+    done
   )
+  echo "$k8s_recipe" > "$k8s_dir/.built"
+  done_step
 fi
 
-if [ ! -x "$etcd_dir/etcd" ] || [ ! -x "$etcd_dir/etcdctl" ]; then
-  echo "build-components: etcd $ETCD_VERSION"
+etcd_recipe="$ETCD_VERSION $ldflags"
+if ! fresh "$etcd_dir" "$etcd_recipe"; then
+  step "etcd and etcdctl $ETCD_VERSION"
   # etcd's own go.mod has replace directives, so `go install pkg@version` refuses it: wrapper module.
   src=$CACHE/src/etcd-wrapper-$ETCD_VERSION
   mkdir -p "$src"
@@ -85,11 +104,16 @@ if [ ! -x "$etcd_dir/etcd" ] || [ ! -x "$etcd_dir/etcdctl" ]; then
     mv "$etcd_dir/etcd.tmp" "$etcd_dir/etcd"
     mv "$etcd_dir/etcdctl.tmp" "$etcd_dir/etcdctl"
   )
+  echo "$etcd_recipe" > "$etcd_dir/.built"
+  done_step
 fi
 
-if [ ! -x "$cni_dir/cnitool" ]; then
-  echo "build-components: cnitool $CNI_VERSION"
+cni_recipe="$CNI_VERSION $ldflags"
+if ! fresh "$cni_dir" "$cni_recipe"; then
+  step "cnitool $CNI_VERSION"
   GOBIN=$cni_dir go install -trimpath -ldflags "$ldflags" "github.com/containernetworking/cni/cnitool@$CNI_VERSION"
+  echo "$cni_recipe" > "$cni_dir/.built"
+  done_step
 fi
 
 cat > "$CACHE/components.env.tmp" <<ENV

@@ -12,12 +12,19 @@ scripts/build-components.sh), with their own certificates, a static token file, 
 Forcing "410 Gone" / "too old resource version": the API server runs with --watch-cache=false (the
 default here), so a watch or a list continued from a resourceVersion older than etcd's compaction point
 gets 410 from etcd itself, at once: write, `compact()`, then watch from the old resourceVersion. No restart
-or timing is involved. With the watch cache on (`watch_cache=True`), a compaction changes nothing the
-cache already holds; a restart of the API server is what empties the cache's window.
+or timing is involved (tests/test_apiserver_fixture.py checks it). With the watch cache on
+(`watch_cache=True`, as in real clusters) a compaction changes nothing the cache already holds; there
+`stop(); start()` is what does it: the new cache starts at the current revision, so a watch from any older
+one gets 410 "too old resource version" (checked by hand; timing-free too).
+
+RBAC: the admin token is in system:masters; extra_tokens' users start with no grant at all. Bind them to
+roles with explicit rules: the aggregated ClusterRoles (view, edit, admin) stay empty here, since filling
+them is kube-controller-manager's job.
 
 Everything it starts dies with it: close() (the with block's end, even on an exception) kills etcd and
 kube-apiserver and removes the temp dir; if the Python process itself is killed, the children get SIGKILL
-from the kernel (PR_SET_PDEATHSIG). Nothing here listens on anything but 127.0.0.1.
+from the kernel (PR_SET_PDEATHSIG) and the next ControlPlane removes the temp dir left behind. Nothing
+here listens on anything but 127.0.0.1.
 
 `python -m lb.testing.apiserver` starts one, prints the admin kubeconfig's path and waits for Ctrl-C.
 """
@@ -82,6 +89,21 @@ def _popen(argv: list[str], log: IO) -> subprocess.Popen:
     # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so only tie the child to the main thread.
     pre = _die_with_parent if threading.current_thread() is threading.main_thread() else None
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pre)
+
+
+DIR_PREFIX = "bpflb-cp-"
+
+
+def _sweep_stale_dirs() -> None:
+    """Remove the temp dirs of control planes whose Python process was SIGKILLed (the one thing close()
+    cannot clean up; their etcd and kube-apiserver died with it)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{DIR_PREFIX}*"):
+        try:
+            os.kill(int((d / "owner.pid").read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            pass  # no owner.pid (not ours, or being made): leave it
 
 
 def _tail(path: Path, n: int = 3000) -> str:
@@ -195,7 +217,9 @@ class ControlPlane:
         return f
 
     def _bring_up_etcd(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="bpflb-cp-"))
+        _sweep_stale_dirs()
+        self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+        (self.dir / "owner.pid").write_text(f"{os.getpid()}\n")
         self._certs()
         lines = [f'{ADMIN_TOKEN},admin,admin-uid,"system:masters"']
         for tok, (user, groups) in self._users.items():
