@@ -1,13 +1,19 @@
 """Build the launcher and install it, with the conflist, where the container runtime looks.
 
 k3s: bin /var/lib/rancher/k3s/data/current/bin, conf /var/lib/rancher/k3s/agent/etc/cni/net.d.
-Both writes are atomic (temp file, then rename): a runtime never executes or reads half a file.
+Both writes are atomic (temp file in the same directory, then rename): a runtime never executes or
+reads half a file, and a running launcher keeps its old inode.
+
+The conflist (template: conflist.json) holds one plugin. No `loopback` entry: the plugin brings `lo`
+up in the pod namespace itself. No `portmap`: hostPort is not offered, and a chained plugin missing
+from the node's bin directory would fail every ADD. `cniVersion` 1.0.0 with `cniVersions` [1.0.0,
+1.1.0]: libcni 1.2+ (containerd 2) picks 1.1.0 (STATUS, GC), older runtimes read 1.0.0 and still
+work; a bare "1.1.0" would make libcni 1.1 (containerd 1.7) reject every result.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,28 +30,50 @@ def build_launcher(out: str | None = None) -> str:
     if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out + ".tmp"
-    subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", tmp, str(src)], check=True)
-    os.replace(tmp, out)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    try:
+        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", tmp, str(src)], check=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out
 
 
-def conflist(pod_cidr: str | None = None, mtu: int = 1450, name: str = "bpflb") -> dict:
-    plugin = {"type": "bpflb-cni", "mtu": mtu}
-    if pod_cidr:
-        plugin["podCIDR"] = pod_cidr
-    return {"cniVersion": "1.1.0", "name": name, "plugins": [plugin]}
+def conflist(pod_cidr: str | None = None, mtu: int | None = None, name: str | None = None,
+             data_dir: str | None = None, socket: str | None = None) -> dict:
+    """The template with this node's settings; a setting left None keeps the template's (or is absent)."""
+    with open(HERE / "conflist.json") as f:
+        doc = json.load(f)
+    plugin = doc["plugins"][0]
+    for key, value in (("podCIDR", pod_cidr), ("mtu", mtu), ("dataDir", data_dir), ("agentSocket", socket)):
+        if value is not None:
+            plugin[key] = value
+    if name is not None:
+        doc["name"] = name
+    return doc
 
 
 def _atomic(path: str, data: bytes, mode: int) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".bpflb-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def install(bin_dir: str, conf_dir: str, launcher: str | None = None, **conf) -> tuple[str, str]:
+    """Copy the launcher to <bin_dir>/bpflb-cni and write <conf_dir>/05-bpflb.conflist; ``conf`` goes
+    to ``conflist()``. Returns both paths."""
     os.makedirs(bin_dir, exist_ok=True)
     os.makedirs(conf_dir, exist_ok=True)
     src = launcher or build_launcher()

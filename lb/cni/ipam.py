@@ -1,6 +1,12 @@
-"""host-local style IPAM: one file per reserved address under <dataDir>/ipam/<network>/, created with
-O_EXCL under an flock, so concurrent ADDs never hand out an address twice and a crash never leaves a
-half-written reservation; DEL and GC remove the files."""
+"""host-local style IPAM: one file per reserved address under <dataDir>/ipam/<network>/, named by the
+address and holding "<containerID>\\n<ifname>".
+
+Every change happens under an flock on <dir>/.lock, and a reservation is created with O_EXCL, so
+concurrent ADDs (threads of one agent, or separate `python -m lb.cni` processes) never hand out an
+address twice. DEL and GC remove the files; nothing else holds state, so a restarted agent needs no
+recovery. Addresses are handed out round robin from the last one given (<dir>/.last), so a freed
+address is not reused at once by the next pod.
+"""
 from __future__ import annotations
 
 import errno
@@ -16,6 +22,38 @@ class PoolExhausted(Exception):
 
 
 @dataclass(frozen=True)
+class Pool:
+    """The addresses pods get: every host address of ``subnet`` except ``gateway``."""
+    subnet: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+
+    @classmethod
+    def of(cls, cidr: str) -> "Pool":
+        """The pool of a pod CIDR; its first host address is the gateway."""
+        subnet = ipaddress.IPv4Network(cidr, strict=False)
+        return cls(subnet, subnet.network_address + 1)
+
+    @property
+    def first(self) -> int:
+        return int(self.subnet.network_address) + 1
+
+    @property
+    def last(self) -> int:
+        return int(self.subnet.broadcast_address) - 1
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1 - (1 if self.gateway in self.subnet else 0)
+
+    def __contains__(self, ip: object) -> bool:
+        try:
+            a = ipaddress.IPv4Address(ip)
+        except ValueError:
+            return False
+        return self.first <= int(a) <= self.last and a != self.gateway
+
+
+@dataclass(frozen=True)
 class Reservation:
     ip: str
     container_id: str
@@ -23,26 +61,20 @@ class Reservation:
 
 
 class IPAM:
-    def __init__(self, data_dir: str, network: str, subnet: str, gateway: str):
+    """The reservations of one network (the conflist's ``name``)."""
+
+    def __init__(self, data_dir: str, network: str):
         self.dir = os.path.join(data_dir, "ipam", network)
-        self.subnet = ipaddress.ip_network(subnet, strict=False)
-        self.gateway = ipaddress.ip_address(gateway)
         os.makedirs(self.dir, exist_ok=True)
 
     @contextmanager
-    def _locked(self):
+    def locked(self):
         fd = os.open(os.path.join(self.dir, ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    def _candidates(self):
-        for ip in self.subnet.hosts():
-            if ip != self.gateway:
-                yield ip
+            os.close(fd)  # closing the last descriptor drops the lock
 
     def reservations(self) -> list[Reservation]:
         out = []
@@ -52,53 +84,75 @@ class IPAM:
             try:
                 with open(os.path.join(self.dir, name)) as f:
                     cid, _, ifname = f.read().partition("\n")
-            except OSError:
+            except FileNotFoundError:  # released meanwhile
                 continue
             out.append(Reservation(name, cid, ifname.strip()))
         return out
 
-    def find(self, container_id: str, ifname: str) -> str | None:
-        for r in self.reservations():
-            if r.container_id == container_id and r.ifname == ifname:
-                return r.ip
-        return None
+    def owner(self, ip: str) -> tuple[str, str] | None:
+        """(containerID, ifname) holding ``ip``, or None. Call under ``locked()`` to act on the answer."""
+        try:
+            with open(os.path.join(self.dir, ip)) as f:
+                cid, _, ifname = f.read().partition("\n")
+        except FileNotFoundError:
+            return None
+        return cid, ifname.strip()
 
-    def allocate(self, container_id: str, ifname: str) -> str:
-        with self._locked():
+    def find(self, container_id: str, ifname: str) -> str | None:
+        return next((r.ip for r in self.reservations() if (r.container_id, r.ifname) == (container_id, ifname)), None)
+
+    def allocate(self, pool: Pool, container_id: str, ifname: str) -> str:
+        """The attachment's address: the one it already holds (a retried ADD), else the next free one."""
+        with self.locked():
             existing = self.find(container_id, ifname)
-            if existing:
-                return existing  # a retried ADD gets the same address
-            last_file = os.path.join(self.dir, ".last")
-            try:
-                last = ipaddress.ip_address(open(last_file).read().strip())
-            except (OSError, ValueError):
-                last = None
-            cands = list(self._candidates())
-            start = cands.index(last) + 1 if last in cands else 0
-            for ip in cands[start:] + cands[:start]:  # round robin: a freed address is not reused at once
+            if existing is not None and existing in pool:
+                return existing
+            if existing is not None:  # the pod CIDR changed under a retried ADD: give the old one back
+                self._unlink(existing)
+            start = self._last(pool) + 1
+            span = pool.last - pool.first + 1
+            for i in range(span):
+                ip = ipaddress.IPv4Address(pool.first + (start - pool.first + i) % span)
+                if ip == pool.gateway:
+                    continue
                 try:
                     fd = os.open(os.path.join(self.dir, str(ip)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-                except OSError as e:
-                    if e.errno == errno.EEXIST:
-                        continue
-                    raise
+                except FileExistsError:
+                    continue
                 with os.fdopen(fd, "w") as f:
                     f.write(f"{container_id}\n{ifname}")
-                with open(last_file + ".tmp", "w") as f:
-                    f.write(str(ip))
-                os.replace(last_file + ".tmp", last_file)
+                self._write(".last", str(ip))
                 return str(ip)
-            raise PoolExhausted(f"no free address in {self.subnet} ({len(cands)} in use)")
+            raise PoolExhausted(f"all {pool.size} addresses of {pool.subnet} are reserved")
 
     def release(self, container_id: str, ifname: str) -> str | None:
-        with self._locked():
+        """Give the attachment's address back; None if it held none (a repeated DEL)."""
+        with self.locked():
             ip = self.find(container_id, ifname)
-            if ip:
-                try:
-                    os.unlink(os.path.join(self.dir, ip))
-                except FileNotFoundError:
-                    pass
+            if ip is not None:
+                self._unlink(ip)
             return ip
 
-    def free(self) -> int:
-        return sum(1 for _ in self._candidates()) - len(self.reservations())
+    def free(self, pool: Pool) -> int:
+        return pool.size - sum(1 for r in self.reservations() if r.ip in pool)
+
+    def _last(self, pool: Pool) -> int:
+        try:
+            with open(os.path.join(self.dir, ".last")) as f:
+                last = int(ipaddress.IPv4Address(f.read().strip()))
+        except (OSError, ValueError):
+            return pool.first - 1
+        return last if pool.first <= last <= pool.last else pool.first - 1
+
+    def _write(self, name: str, text: str) -> None:
+        tmp = os.path.join(self.dir, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(self.dir, name))
+
+    def _unlink(self, ip: str) -> None:
+        try:
+            os.unlink(os.path.join(self.dir, ip))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise

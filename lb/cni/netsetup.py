@@ -1,82 +1,133 @@
 """The kernel side of a pod attachment (pyroute2): the node's host devices, the pod's veth pair, its
-address, routes and sysctls, and their removal. Runs in the caller's network namespace (the node's);
-the pod's namespace is entered by path. Never called with an event loop running in the thread
-(pyroute2 0.9 would drive its sockets with it): the CNI server calls it from worker threads."""
+address, routes and sysctls, and their removal.
+
+Runs in the caller's network namespace (the node's); the pod's namespace is entered by path. Never
+called with an event loop running in the thread (pyroute2 0.9 would drive its sockets with it): the
+CNI server calls it from worker threads.
+
+The pod's view: eth0 holds <pod ip>/32 and a default route via the pod CIDR's gateway, marked onlink.
+The node's view: the gateway address sits on bpflb_host; each pod has a host veth "lxc<hash>" with a
+/32 route to the pod through it and proxy ARP on, so the pod's ARP for the gateway is always answered
+by the node whatever the node's arp_ignore setting.
+"""
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
-import ipaddress
 import os
-from contextlib import contextmanager
+import threading
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
 
 HOST_DEV, NET_DEV = "bpflb_host", "bpflb_net"
+HOST_IF_PREFIX = "lxc"
 RTNH_F_ONLINK = 4
-
+RT_SCOPE_LINK = 253
+AF_INET = 2
+IFF_UP = 1
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
-@contextmanager
-def ipr_in(netns: str):
-    """An IPRoute bound to another network namespace, without pyroute2's netns helper (it forks, and
-    a fork of the multi-threaded agent inherits its sockets). A netlink socket belongs to the
-    namespace it was created in, so this thread enters the namespace just long enough to open it."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(netns, os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {netns}")
+class SetupError(Exception):
+    """A step of the attachment failed; the message names the step and the object."""
+
+
+def in_netns(netns: str, work: Callable[[IPRoute], T]) -> T:
+    """``work(ipr)`` with an IPRoute bound to another network namespace, on a thread of its own.
+
+    Not ``IPRoute(netns=...)``: pyroute2 0.9 makes that socket in a forked child, and a fork of the
+    multi-threaded agent inherits its locks and sockets. A netlink socket belongs to the namespace of
+    the thread that creates it (pyroute2 creates one per thread, on first use), so a short-lived thread
+    enters the pod's namespace, does the work there and ends: no thread ever has to find its way back.
+    """
+    out: dict = {}
+
+    def run() -> None:
         try:
-            ipr = IPRoute()
-        finally:
-            if _libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
-    try:
-        yield ipr
-    finally:
-        ipr.close()
+            fd = os.open(netns, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"entering {netns}")
+            finally:
+                os.close(fd)
+            with IPRoute() as ipr:
+                out["value"] = work(ipr)
+        except BaseException as e:  # handed to the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, name=f"netns:{os.path.basename(netns)}")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def host_ifname(container_id: str, ifname: str) -> str:
-    return "lxc" + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+    """The host end's name: stable for an attachment (DEL and GC find it without any record)."""
+    return HOST_IF_PREFIX + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
 def _sysctl(path: str, value: str) -> None:
     try:
+        with open(path) as f:
+            if f.read().strip() == value:
+                return
         with open(path, "w") as f:
             f.write(value)
-    except OSError:
-        pass
+    except OSError as e:
+        raise SetupError(f"sysctl {path[len('/proc/sys/'):].replace('/', '.')}={value}: {e.strerror}") from None
 
 
-def ensure_host_devices(gateway: str) -> None:
-    """bpflb_host/bpflb_net: the pair holding the pod CIDR's gateway address on the node. With a local
-    route to the gateway, proxy ARP on each pod's host veth answers the pods' ARP for it."""
-    with IPRoute() as ipr:
-        if not ipr.link_lookup(ifname=HOST_DEV):
-            try:
-                ipr.link("add", ifname=HOST_DEV, kind="veth", peer={"ifname": NET_DEV})
-            except NetlinkError as e:
-                if e.code != 17:  # EEXIST: a concurrent ADD made it
-                    raise
-        host = ipr.link_lookup(ifname=HOST_DEV)[0]
-        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=host)}
-        if gateway not in have:
-            try:
-                ipr.addr("add", index=host, address=gateway, prefixlen=32)
-            except NetlinkError as e:
-                if e.code != 17:
-                    raise
-        ipr.link("set", index=host, state="up")
-        ipr.link("set", index=ipr.link_lookup(ifname=NET_DEV)[0], state="up")
+def _link(ipr: IPRoute, ifname: str):
+    """The link's message (index, flags, IFLA_ADDRESS) in one request, or None."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
+
+
+def _up(ipr: IPRoute, link) -> None:
+    if not link["flags"] & IFF_UP:
+        ipr.link("set", index=link["index"], state="up")
+
+
+def host_devices(ipr: IPRoute) -> int | None:
+    """bpflb_host's index if it is there and up, else None."""
+    host = _link(ipr, HOST_DEV)
+    return host["index"] if host is not None and host["flags"] & IFF_UP else None
+
+
+def ensure_host_devices(ipr: IPRoute, gateway: str) -> None:
+    """bpflb_host/bpflb_net, the node's end of the pod network, with the gateway address on bpflb_host;
+    ip_forward on. Idempotent, and safe when concurrent ADDs race to create them."""
+    host = _link(ipr, HOST_DEV)
+    if host is None:
+        try:
+            ipr.link("add", ifname=HOST_DEV, kind="veth", peer={"ifname": NET_DEV})
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:  # EEXIST: a concurrent ADD made it
+                raise SetupError(f"creating {HOST_DEV}/{NET_DEV}: {e}") from None
+        host = _link(ipr, HOST_DEV)
+    have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=host["index"], family=AF_INET)}
+    if gateway not in have:
+        try:
+            ipr.addr("add", index=host["index"], address=gateway, prefixlen=32)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise SetupError(f"adding {gateway} to {HOST_DEV}: {e}") from None
+    _up(ipr, host)
+    net = _link(ipr, NET_DEV)
+    if net is not None:
+        _up(ipr, net)
     _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
 
 
@@ -84,46 +135,62 @@ def ensure_host_devices(gateway: str) -> None:
 class Attachment:
     host_if: str
     host_index: int
-    pod_mac: str
     host_mac: str
+    pod_mac: str
+    mtu: int
 
 
 def attach(netns: str, ifname: str, host_if: str, ip: str, gateway: str, mtu: int) -> Attachment:
+    """The node's devices, then the pair, created with its pod end directly in the pod's namespace;
+    then both ends configured."""
     fd = os.open(netns, os.O_RDONLY)
     try:
         with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=host_if):  # a retried ADD: start clean
-                ipr.link("del", index=ipr.link_lookup(ifname=host_if)[0])
-            ipr.link("add", ifname=host_if, kind="veth", mtu=mtu, peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})
-            host = ipr.link_lookup(ifname=host_if)[0]
-            ipr.link("set", index=host, state="up")
-            host_mac = ipr.get_links(host)[0].get_attr("IFLA_ADDRESS")
+            ensure_host_devices(ipr, gateway)
+            stale = _link(ipr, host_if)
+            if stale is not None:  # a retried ADD: its pair goes, the pod end with it
+                ipr.link("del", index=stale["index"])
+            try:
+                ipr.link("add", ifname=host_if, kind="veth", mtu=mtu,
+                         peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})
+            except NetlinkError as e:
+                if e.code == errno.EEXIST:
+                    raise SetupError(f"interface {ifname} already exists in {netns}") from None
+                raise SetupError(f"creating veth {host_if}/{ifname}: {e}") from None
+            host = _link(ipr, host_if)
             _sysctl(f"/proc/sys/net/ipv4/conf/{host_if}/proxy_arp", "1")
             _sysctl(f"/proc/sys/net/ipv4/conf/{host_if}/forwarding", "1")
-            ipr.route("replace", dst=f"{ip}/32", oif=host, scope=253)
+            _up(ipr, host)
+            ipr.route("replace", dst=f"{ip}/32", oif=host["index"], scope=RT_SCOPE_LINK)
     finally:
         os.close(fd)
-    with ipr_in(netns) as pod:
-        lo = pod.link_lookup(ifname="lo")[0]
-        pod.link("set", index=lo, state="up")
-        eth = pod.link_lookup(ifname=ifname)[0]
-        pod.addr("add", index=eth, address=ip, prefixlen=32)
-        pod.link("set", index=eth, state="up")
-        pod.route("add", dst="0.0.0.0/0", gateway=gateway, oif=eth, flags=RTNH_F_ONLINK)
-        pod_mac = pod.get_links(eth)[0].get_attr("IFLA_ADDRESS")
-    return Attachment(host_if, host, pod_mac, host_mac)
+
+    def pod_side(pod: IPRoute) -> str:
+        _up(pod, _link(pod, "lo"))  # no loopback plugin needed
+        eth = _link(pod, ifname)
+        pod.addr("add", index=eth["index"], address=ip, prefixlen=32)
+        pod.link("set", index=eth["index"], state="up")
+        pod.route("add", dst="0.0.0.0/0", gateway=gateway, oif=eth["index"], flags=RTNH_F_ONLINK)
+        return eth.get_attr("IFLA_ADDRESS")
+
+    try:
+        pod_mac = in_netns(netns, pod_side)
+    except NetlinkError as e:
+        raise SetupError(f"configuring {ifname} in {netns}: {e}") from None
+    return Attachment(host_if, host["index"], host.get_attr("IFLA_ADDRESS"), pod_mac, mtu)
 
 
 def detach(host_if: str) -> bool:
-    """Delete the pair by its host end (the pod end goes with it). Missing is success."""
+    """Delete the pair by its host end (the pod end goes with it; the kernel drops the /32 route).
+    Missing is success."""
     with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=host_if)
-        if not idx:
+        link = _link(ipr, host_if)
+        if link is None:
             return False
         try:
-            ipr.link("del", index=idx[0])
+            ipr.link("del", index=link["index"])
         except NetlinkError as e:
-            if e.code != 19:  # ENODEV
+            if e.code != errno.ENODEV:
                 raise
         return True
 
@@ -131,22 +198,29 @@ def detach(host_if: str) -> bool:
 def check(netns: str, ifname: str, host_if: str, ip: str, gateway: str) -> str | None:
     """None if the attachment is as recorded, else what is wrong."""
     with IPRoute() as ipr:
-        if not ipr.link_lookup(ifname=host_if):
+        host = _link(ipr, host_if)
+        if host is None:
             return f"host interface {host_if} is missing"
+        if not host["flags"] & IFF_UP:
+            return f"host interface {host_if} is down"
+        routes = ipr.get_routes(family=AF_INET, oif=host["index"])
+        if not [r for r in routes if r["dst_len"] == 32 and r.get_attr("RTA_DST") == ip]:
+            return f"no route to {ip} via {host_if} on the node"
     if not os.path.exists(netns):
         return f"network namespace {netns} is gone"
-    with ipr_in(netns) as pod:
-        idx = pod.link_lookup(ifname=ifname)
-        if not idx:
+
+    def pod_side(pod: IPRoute) -> str | None:
+        eth = _link(pod, ifname)
+        if eth is None:
             return f"interface {ifname} is missing in {netns}"
-        addrs = {a.get_attr("IFA_ADDRESS") for a in pod.get_addr(index=idx[0])}
+        if not eth["flags"] & IFF_UP:
+            return f"{ifname} is down in {netns}"
+        addrs = {a.get_attr("IFA_ADDRESS") for a in pod.get_addr(index=eth["index"], family=AF_INET)}
         if ip not in addrs:
             return f"{ifname} does not hold {ip}"
-        gws = {r.get_attr("RTA_GATEWAY") for r in pod.get_routes(family=2) if r["dst_len"] == 0}
+        gws = {r.get_attr("RTA_GATEWAY") for r in pod.get_routes(family=AF_INET, table=254) if r["dst_len"] == 0}
         if gateway not in gws:
             return f"no default route via {gateway} in {netns}"
-    return None
+        return None
 
-
-def gateway_of(subnet: str) -> str:
-    return str(next(ipaddress.ip_network(subnet, strict=False).hosts()))
+    return in_netns(netns, pod_side)

@@ -1,6 +1,10 @@
 """The agent's side of the launcher: a unix-socket server running each CNI request in a worker thread
 (plugin work is blocking netlink; pyroute2 must not see the agent's event loop).
 
+Wire format (lb/cni/launcher.c; all integers u32 little-endian), one request per connection:
+    request:  n_env, n_env x (len, "CNI_KEY=VALUE"), stdin_len, stdin bytes
+    response: exit_code, stdout_len, stdout bytes
+
 The agent fills in ``podCIDR`` from its Node's spec.podCIDR when the network configuration has none.
 """
 from __future__ import annotations
@@ -18,6 +22,33 @@ from .plugin import handle
 log = logging.getLogger("bpflb.cni")
 DEFAULT_SOCKET = "/run/bpflb/cni.sock"
 _U32 = struct.Struct("<I")
+MAX_ENV = 1024  # CNI_* variables in one request
+MAX_BYTES = 16 << 20  # one variable, or the configuration
+READ_TIMEOUT = 30.0  # seconds for the launcher to send its whole request
+
+
+class BadRequest(Exception):
+    pass
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[dict[str, str], bytes]:
+    async def u32(limit: int, what: str) -> int:
+        (n,) = _U32.unpack(await reader.readexactly(4))
+        if n > limit:
+            raise BadRequest(f"{what} of {n} is over the limit of {limit}")
+        return n
+
+    env = {}
+    for _ in range(await u32(MAX_ENV, "environment count")):
+        k, _, v = (await reader.readexactly(await u32(MAX_BYTES, "variable length"))).decode(errors="replace") \
+            .partition("=")
+        env[k] = v
+    stdin = await reader.readexactly(await u32(MAX_BYTES, "configuration length"))
+    return env, stdin
+
+
+def _answer(rc: int, out: bytes) -> bytes:
+    return _U32.pack(rc) + _U32.pack(len(out)) + out
 
 
 def with_defaults(stdin: bytes, defaults: dict) -> bytes:
@@ -44,26 +75,25 @@ async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = d
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            (n,) = _U32.unpack(await reader.readexactly(4))
-            env = {}
-            for _ in range(n):
-                (ln,) = _U32.unpack(await reader.readexactly(4))
-                k, _, v = (await reader.readexactly(ln)).decode().partition("=")
-                env[k] = v
-            (ln,) = _U32.unpack(await reader.readexactly(4))
-            stdin = with_defaults(await reader.readexactly(ln), defaults())
-            out, rc = await asyncio.to_thread(handle, env, stdin, sink)
-            if env.get("CNI_COMMAND") in ("ADD", "DEL", "GC"):
+            try:
+                env, stdin = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT)
+            except BadRequest as e:
+                log.warning("CNI request refused: %s", e)
+                writer.write(_answer(1, json.dumps({"cniVersion": "1.1.0", "code": 5, "msg": f"bpflb agent: {e}"})
+                                     .encode()))
+                await writer.drain()
+                return
+            out, rc = await asyncio.to_thread(handle, env, with_defaults(stdin, defaults()), sink)
+            if env.get("CNI_COMMAND") in ("ADD", "DEL", "GC") or rc != 0:
                 log.info("CNI %s %s/%s: %s", env.get("CNI_COMMAND"), env.get("CNI_CONTAINERID", "")[:12],
                          env.get("CNI_IFNAME", ""), "ok" if rc == 0 else out.decode(errors="replace"))
-            writer.write(_U32.pack(rc) + _U32.pack(len(out)) + out)
+            writer.write(_answer(rc, out))
             await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError) as e:
             log.warning("CNI request cut short: %r", e)
         except Exception as e:  # answer with a CNI error rather than a reset connection
             log.exception("CNI request failed")
-            out = json.dumps({"cniVersion": "1.1.0", "code": 5, "msg": f"bpflb agent: {e}"}).encode()
-            writer.write(_U32.pack(1) + _U32.pack(len(out)) + out)
+            writer.write(_answer(1, json.dumps({"cniVersion": "1.1.0", "code": 5, "msg": f"bpflb agent: {e}"}).encode()))
         finally:
             writer.close()
 

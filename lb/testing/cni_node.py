@@ -29,6 +29,14 @@ class Node:
         self.conf = str(tmp_path / "net.d")
         self.pods: list[str] = []
         subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        self.server = None
+        try:
+            self._start_server()
+        except BaseException:
+            self.close()  # the namespace and the server go even if the server never became ready
+            raise
+
+    def _start_server(self) -> None:
         self.server = subprocess.Popen([sys.executable, "-m", "lb.cni.server", self.sock], cwd=ROOT,
                                        preexec_fn=lambda: enter(self.ns, None), stdout=subprocess.PIPE, text=True)
         assert self.server.stdout.readline().strip() == "ready"
@@ -41,7 +49,8 @@ class Node:
         doc["plugins"][0]["dataDir"] = self.data
         with open(os.path.join(self.conf, "05-bpflb.conflist"), "w") as f:
             json.dump(doc, f)
-        self.plugin_conf = dict(doc["plugins"][0], cniVersion=doc["cniVersion"], name=doc["name"])
+        # Direct launcher calls speak the newest version (the conflist offers 1.0.0 and 1.1.0).
+        self.plugin_conf = dict(doc["plugins"][0], cniVersion="1.1.0", name=doc["name"])
 
     def pod(self) -> str:
         name = f"blc{self.tag}p{len(self.pods)}"
@@ -70,8 +79,9 @@ class Node:
         return [l.split(":")[1].strip().split("@")[0] for l in self.in_ns(["ip", "-o", "link"]).stdout.splitlines()]
 
     def close(self) -> None:
-        self.server.kill()
-        self.server.wait()
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait()
         for p in self.pods:
             subprocess.run(["ip", "netns", "del", p], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
