@@ -13,6 +13,7 @@ from conftest import ROOT
 from lb import datapath
 from lb.datapath import DatapathError, Hook
 from lb.settings import MapSizes, Paths
+from lb.testing.bed import CGROUP2
 
 
 def bpflb(*args, check=False):
@@ -27,7 +28,7 @@ def test_probe_loads_and_attaches_every_hook():
         assert results[f"cgroup {h.what}"]["ok"] and results[f"cgroup {h.what}"]["required"] == h.required
     assert results["map type lru_hash"]["ok"]
     assert not [d for d in os.listdir("/sys/fs/bpf") if d.startswith("bpflb-probe")]  # cleaned up
-    assert not [d for d in os.listdir("/sys/fs/cgroup/unified") if d.startswith("bpflb-probe")]
+    assert not [d for d in os.listdir(CGROUP2) if d.startswith("bpflb-probe")]
 
 
 def test_strict_mode_refuses_a_missing_hook_and_attaches_nothing(bed, monkeypatch):

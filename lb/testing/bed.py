@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute, netns
 
-CGROUP2 = "/sys/fs/cgroup/unified"
+from ..settings import default_cgroup_root
+
+CGROUP2 = default_cgroup_root()  # the cgroup2 mount (/sys/fs/cgroup/unified on hybrid hosts)
 CLIENT_V4, BACKEND_GW_V4 = "10.200.0.1", "10.200.0.2"
 CLIENT_V6, BACKEND_GW_V6 = "fd00:200::1", "fd00:200::2"
 BACKEND_NET_V4, BACKEND_NET_V6 = "10.200.1.0/24", "fd00:201::/64"
