@@ -87,6 +87,21 @@ static __always_inline __u32 affinity_lookup(struct lb_affinity_key *ak, struct 
 	return av->backend_id;
 }
 
+/* Draw a slot in 1..count and return its backend (0 if the slot or the backend is gone). */
+static __always_inline struct lb_backend *pick_backend(struct lb_svc_key *key, __u16 count, __u32 *backend_id,
+							__u16 *slot_nr)
+{
+	struct lb_svc_val *slot;
+
+	key->slot = (bpf_get_prandom_u32() % count) + 1;
+	*slot_nr = key->slot;
+	slot = lb_services_v1.lookup(key);
+	if (!slot)
+		return 0;
+	*backend_id = slot->backend_id;
+	return lb_backends_v1.lookup(backend_id);
+}
+
 /*
  * Translate the frontend in *la to a backend, in place. Returns 0 if translated or not a
  * service, a negative errno if the connection must fail.
@@ -94,7 +109,7 @@ static __always_inline __u32 affinity_lookup(struct lb_affinity_key *ak, struct 
 static __always_inline int sock_xlate_fwd(void *ctx, struct lb_addr *la, __u8 proto, int is_v6)
 {
 	struct lb_svc_key key = {};
-	struct lb_svc_val *svc, *slot;
+	struct lb_svc_val *svc;
 	struct lb_backend *be;
 	__u32 backend_id = 0;
 	__u16 slot_nr = 0;
@@ -132,18 +147,25 @@ static __always_inline int sock_xlate_fwd(void *ctx, struct lb_addr *la, __u8 pr
 		slot_nr = key.slot;
 	}
 
-	if (!backend_id) {
-		key.slot = (bpf_get_prandom_u32() % count) + 1;
-		slot_nr = key.slot;
-		slot = lb_services_v1.lookup(&key);
-		if (!slot)
-			return -EHOSTUNREACH; /* cannot happen with the agent's write order */
-		backend_id = slot->backend_id;
+	be = 0;
+	if (backend_id)
+		be = lb_backends_v1.lookup(&backend_id);
+	if (!be) {
+		be = pick_backend(&key, count, &backend_id, &slot_nr);
+		if (!be) {
+			/* We read the master just before the agent shrank this frontend and trimmed the
+			 * slot we drew (or freed its backend): read the master again and draw again. */
+			key.slot = 0;
+			svc = lb_services_v1.lookup(&key);
+			if (!svc)
+				return 0; /* the frontend itself is gone: not a service any more */
+			if (svc->count == 0)
+				return (svc->flags & LB_SVC_F_DROP_EMPTY) ? -EHOSTUNREACH : -ECONNREFUSED;
+			be = pick_backend(&key, svc->count, &backend_id, &slot_nr);
+			if (!be)
+				return -EHOSTUNREACH;
+		}
 	}
-
-	be = lb_backends_v1.lookup(&backend_id);
-	if (!be)
-		return -EHOSTUNREACH;
 	/* A v4 socket can only reach a v4 backend; families are filtered by the agent. */
 	if (!is_v6 && !is_v4_mapped(be->addr))
 		return -EHOSTUNREACH;
