@@ -85,3 +85,19 @@ def test_node_being_deleted_fails_healthz_but_not_livez():
                   "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}}])
     assert a.health.body(True) [0] == 503 and a.health.body(True)[1]["nodeEligible"] is False
     assert a.health.body(False)[0] == 200
+
+
+def test_every_node_from_the_api_feeds_the_pod_network_plan():
+    from lb.testing.cluster import node_object
+
+    a = Agent(Settings(node_name="node1", healthz_bind="", metrics_bind="", network_mode="direct"))
+    a.api_nodes([node_object(1, "node1"), node_object(2, "node2")])
+    a.api_node_event("ADDED", node_object(3, "node3"))
+    a.reconciler = Reconciler(FakeServiceMaps())
+    a.listed = True
+    a.sync_once(full=True)
+    assert sorted((r.dst, r.gateway) for r in a.net_plan.routes) == [
+        ("10.244.2.0/24", "192.168.50.2"), ("10.244.3.0/24", "192.168.50.3")]
+    a.api_node_event("DELETED", node_object(3, "node3"))
+    a.sync_once()
+    assert [(r.dst, r.gateway) for r in a.net_plan.routes] == [("10.244.2.0/24", "192.168.50.2")]
