@@ -92,6 +92,12 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
         time.sleep(0.02)
 
 
+def stop_client(proc: subprocess.Popen) -> dict:
+    """Stop a `--count 0` client loop (SIGTERM) and return its report."""
+    proc.send_signal(signal.SIGTERM)
+    return json.loads(proc.communicate(timeout=10)[0])
+
+
 # ---- kernel fixtures ----------------------------------------------------------------------------
 @pytest.fixture
 def bed():

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import BE4, NODE, PORT, ROOT, AgentProc, backends_of, programmed, wait_for
+from conftest import BE4, NODE, PORT, ROOT, AgentProc, backends_of, programmed, stop_client, wait_for
 from lb.testing.apiserver import ControlPlane
 
 AGENT_TOKEN = "bpflb-agent-token"
@@ -97,8 +97,7 @@ def test_apiserver_restart_and_410_gone_relist_keeps_state(bed, cp, ns, kube_age
     a.wait_log("is gone (410); relisting", timeout=60)
     apply(cp, eslice(ns, "web-1", "web", BE4[1:3]))
     wait_for(lambda: backends_of(bed, "10.96.5.11:80/TCP") == ids(BE4[1:3]), timeout=30, what="followed after relist")
-    loop.send_signal(signal.SIGTERM)
-    r = json.loads(loop.communicate(timeout=10)[0])
+    r = stop_client(loop)
     assert r["attempts"] > 100 and r["errors"] == {}, r
 
 
@@ -113,8 +112,7 @@ def test_api_server_cut_off_for_30_seconds_while_a_client_connects(bed, cp, ns, 
     cp.start_apiserver()
     apply(cp, eslice(ns, "web-1", "web", BE4[:1]))
     wait_for(lambda: backends_of(bed, "10.96.5.12:80/TCP") == ids(BE4[:1]), timeout=60, what="recovered")
-    loop.send_signal(signal.SIGTERM)
-    r = json.loads(loop.communicate(timeout=10)[0])
+    r = stop_client(loop)
     assert r["attempts"] > 1000 and r["errors"] == {}, r
     assert any("watch failing, backing off" in l for l in a.lines)
 

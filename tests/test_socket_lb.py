@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import (BE4, BE6, NODE, PORT, VIP4, VIP6, ROOT, backends_of, make_service, make_slice, programmed,
-                      wait_for, write_manifests)
+                      stop_client, wait_for, write_manifests)
 
 
 def dual_stack(mutate=None):
@@ -116,9 +116,7 @@ def test_backend_changes_under_a_connect_loop_never_fail_a_connect(bed, agent, s
         write_manifests(agent.folder, "web.json", web(ips))
         wait_for(lambda: backends_of(bed, f"{VIP4}:80/TCP") == ids(ips), what=f"backends {ips}")
         subprocess.run(["sleep", "0.3"])  # let the loop run against each state
-    loop.send_signal(signal.SIGTERM)
-    out, err = loop.communicate(timeout=10)
-    r = json.loads(out)
+    r = stop_client(loop)
     assert r["attempts"] > 200
     assert r["errors"] == {}, r
     assert set(r["answered"]) == {f"{a}:{PORT}" for a in BE4}  # every state was exercised
@@ -140,8 +138,7 @@ def test_agent_killed_and_restarted_under_a_connect_loop(bed, agent, servers):
     write_manifests(agent.folder, "web.json", web(BE4[1:4], BE6[:3]))
     wait_for(lambda: backends_of(bed, f"{VIP4}:80/TCP") == ids(BE4[1:4]))
     second.stop(signal.SIGTERM)
-    loop.send_signal(signal.SIGTERM)
-    r = json.loads(loop.communicate(timeout=10)[0])
+    r = stop_client(loop)
     assert r["attempts"] > 200
     assert r["errors"] == {}, r
     assert programmed(bed)[f"{VIP4}:80/TCP"]["id"] == before[f"{VIP4}:80/TCP"]["id"]

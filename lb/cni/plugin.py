@@ -207,13 +207,15 @@ def _write_json(path: str, doc: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+NO_POD_CIDR = "no pod CIDR yet: the configuration has no podCIDR and the agent has not seen its Node's spec.podCIDR"
+
+
 def cmd_add(req: Request, sink: EndpointSink | None = None) -> dict:
     if not os.path.exists(req.netns):
         raise CNIError(E_INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
     pool = req.pool
     if pool is None:
-        raise CNIError(E_TRY_AGAIN, "no pod CIDR yet: the configuration has no podCIDR and the agent has not seen "
-                                    "its Node's spec.podCIDR")
+        raise CNIError(E_TRY_AGAIN, NO_POD_CIDR)
     try:
         ipam = IPAM(req.data_dir, req.name)
         ip = ipam.allocate(pool, req.container_id, req.ifname)
@@ -329,8 +331,7 @@ def cmd_check(req: Request, sink: EndpointSink | None = None) -> None:
 def cmd_status(req: Request, sink: EndpointSink | None = None) -> None:
     pool = req.pool
     if pool is None:
-        raise CNIError(E_NOT_AVAILABLE, "no pod CIDR yet: the configuration has no podCIDR and the agent has not "
-                                        "seen its Node's spec.podCIDR")
+        raise CNIError(E_NOT_AVAILABLE, NO_POD_CIDR)
     try:
         ipam = IPAM(req.data_dir, req.name)
         probe = os.path.join(ipam.dir, f".status-{os.getpid()}")
