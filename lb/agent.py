@@ -102,6 +102,8 @@ class Agent:
         self.health = HealthState(settings.health_timeout, wall)
         self.metrics = AgentMetrics()
         self.informers: list = []
+        self.attaching = None  # the child loading the datapath (start_datapath)
+        self.datapath_task: asyncio.Task | None = None
         self.net_problems: tuple[str, ...] = ()
         self.net_plan: nodenet.Plan | None = None  # planned by sync_once, applied by apply_nodes
 
@@ -328,6 +330,7 @@ class Agent:
                 log.info("pod network: %s", change)
 
     async def sync_loop(self) -> None:
+        await self.datapath_ready()  # sources already run meanwhile: their changes wait in the tracker
         s = self.settings.sync
         last = -1e9
         last_full = self.clock()  # the first sync is full anyway (pending_full)
@@ -395,10 +398,21 @@ class Agent:
             log.warning("kube-proxy leftover (not strict): %s", item)
 
     def start_datapath(self) -> None:
+        """Refuse (strict) beside kube-proxy, then start loading the datapath in a child process."""
         self.check_kube_proxy()
-        datapath.attach_in_child(self.settings.paths, self.settings.maps, strict=self.settings.strict)
+        self.attaching = datapath.start_attach_child(self.settings.paths, self.settings.maps, strict=self.settings.strict)
+
+    async def finish_datapath(self) -> None:
+        """The datapath is attached and its maps pinned: reconcile can adopt them."""
+        await asyncio.to_thread(datapath.finish_attach_child, self.attaching)
         self.reconciler = Reconciler(PinnedServiceMaps(self.settings.paths.bpf_root),
                                      revnat_limit=self.settings.maps.revnat)
+        log.info("datapath attached to %s, maps pinned under %s", self.settings.paths.cgroup_root,
+                 self.settings.paths.bpf_root)
+
+    async def datapath_ready(self) -> None:
+        if self.reconciler is None:
+            await self.datapath_task
 
     async def serve_cni(self) -> None:
         """The bundled CNI plugin's server; the launcher and conflist are installed first if asked."""
@@ -419,6 +433,7 @@ class Agent:
 
         from .maps.endpoints import PinnedEndpointMap
 
+        await self.datapath_ready()
         endpoints = PinnedEndpointMap(s.paths.bpf_root)
         try:
             await server.serve(s.cni_socket, self.stop, defaults, endpoints)
@@ -439,7 +454,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         if self.reconciler is None:
-            self.start_datapath()
+            if self.attaching is None:
+                self.start_datapath()
+            self.datapath_task = asyncio.create_task(self.finish_datapath(), name="datapath")
         http = HttpServer(self.health, self.render_metrics)
         for what, addr in (("healthz", self.settings.healthz_bind), ("metrics", self.settings.metrics_bind)):
             if addr:
@@ -457,8 +474,9 @@ class Agent:
             tasks += self.kube_tasks()
         stop_wait = asyncio.create_task(self.stop.wait(), name="stop")
         done, _ = await asyncio.wait(tasks + [stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        failed = self.datapath_task.exception() if self.datapath_task and self.datapath_task.done() else None
         for t in done:
-            if t is stop_wait:
+            if t is stop_wait or (failed and not t.cancelled() and t.exception() is failed):
                 continue
             if not t.cancelled() and t.exception():
                 log.error("task %s ended unexpectedly", t.get_name(), exc_info=t.exception())
@@ -471,6 +489,8 @@ class Agent:
         _, pending = await asyncio.wait(tasks + [stop_wait], timeout=5)
         for t in pending:
             log.error("task %s did not stop", t.get_name())
+        if failed:
+            raise failed  # the CLI reports it (e.g. strict mode: a hook the kernel refused)
         log.info("agent stopped; the datapath stays programmed")
 
 
@@ -480,7 +500,6 @@ def run(settings: Settings) -> None:
     gc.set_threshold(50_000, 20, 20)
     agent = Agent(settings)
     agent.start_datapath()
-    log.info("datapath attached to %s, maps pinned under %s", settings.paths.cgroup_root, settings.paths.bpf_root)
     try:
         import uvloop
         uvloop.run(agent.run())
