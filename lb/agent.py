@@ -149,8 +149,7 @@ class Agent:
 
     def api_service_event(self, kind: str, obj: dict) -> None:
         if kind == "DELETED":
-            meta = obj.get("metadata") or {}
-            self.tracker.set_service(ObjKey(meta.get("namespace", ""), meta.get("name", "")), None)
+            self.tracker.set_service(self._key(obj), None)
         else:
             svc = self._parse(parse_service, obj)
             if svc is None:
@@ -174,20 +173,14 @@ class Agent:
 
     def api_slice_event(self, kind: str, obj: dict) -> None:
         if kind == "DELETED":
-            meta = obj.get("metadata") or {}
-            self.tracker.set_slice(ObjKey(meta.get("namespace", ""), meta.get("name", "")), None)
+            self.tracker.set_slice(self._key(obj), None)
         else:
-            es = self._parse(parse_endpoint_slice, obj)
+            _, es, trigger = self.slice_entry(obj)
             if es is None:
                 return
-            if self.tracker.set_slice(es.key, es):
-                self._note_trigger(es.service, obj)
+            if self.tracker.set_slice(es.key, es) and es.service is not None and trigger is not None:
+                self.tracker.note_trigger(es.service, trigger)
         self.changed()
-
-    def _note_trigger(self, service: ObjKey | None, obj: dict) -> None:
-        t = _trigger_time(obj)
-        if service is not None and t is not None:
-            self.tracker.note_trigger(service, t)
 
     def api_nodes(self, items: list[dict]) -> None:
         nodes = {n.name: n for n in (self._parse(parse_node, o) for o in items) if n is not None}

@@ -17,9 +17,9 @@ import logging
 import os
 import socket
 import struct
-import threading
 from typing import Iterable
 
+from . import netns
 from .maps import bpfsys
 from .maps.services import pack_ip
 from .maps.structs import SOCK_REVNAT_MAP, SockKey, SockVal, packer
@@ -38,8 +38,6 @@ _SOCKID = struct.Struct("=2s2s16s16sIQ")  # sport, dport (network order), src, d
 _SK = packer(SockKey)
 _SV = packer(SockVal)
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-CLONE_NEWNET = 0x40000000
 
 
 def namespaces_below(cgroup_root: str) -> dict[tuple[int, int], int]:
@@ -64,30 +62,8 @@ def namespaces_below(cgroup_root: str) -> dict[tuple[int, int], int]:
 
 def _netlink_in(pid: int) -> socket.socket:
     """A NETLINK_SOCK_DIAG socket inside the network namespace of ``pid``."""
-    result: list = []
-
-    def work() -> None:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-            try:
-                result.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG))
-            finally:
-                _libc.setns(own, CLONE_NEWNET)
-        except OSError as e:
-            result.append(e)
-        finally:
-            os.close(own)
-            os.close(target)
-
-    t = threading.Thread(target=work, name="setns")
-    t.start()
-    t.join()
-    if isinstance(result[0], OSError):
-        raise result[0]
-    return result[0]
+    return netns.run_in(f"/proc/{pid}/ns/net",
+                        lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG))
 
 
 def _request(nl: socket.socket, msg_type: int, flags: int, family: int, sockid: bytes, states: int = 0xFFFFFFFF) -> list[bytes]:

@@ -12,15 +12,15 @@ by the node whatever the node's arp_ignore setting.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import os
-import threading
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
+
+from .. import netns as netns_
 
 HOST_DEV, NET_DEV = "bpflb_host", "bpflb_net"
 HOST_IF_PREFIX = "lxc"
@@ -29,8 +29,6 @@ RT_SCOPE_LINK = 253
 AF_INET = 2
 IFF_UP = 1
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
@@ -39,34 +37,12 @@ class SetupError(Exception):
 
 
 def in_netns(netns: str, work: Callable[[IPRoute], T]) -> T:
-    """``work(ipr)`` with an IPRoute bound to another network namespace, on a thread of its own.
-
-    Not ``IPRoute(netns=...)``: pyroute2 0.9 makes that socket in a forked child, and a fork of the
-    multi-threaded agent inherits its locks and sockets. A netlink socket belongs to the namespace of
-    the thread that creates it (pyroute2 creates one per thread, on first use), so a short-lived thread
-    enters the pod's namespace, does the work there and ends: no thread ever has to find its way back.
-    """
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            fd = os.open(netns, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"entering {netns}")
-            finally:
-                os.close(fd)
-            with IPRoute() as ipr:
-                out["value"] = work(ipr)
-        except BaseException as e:  # handed to the caller's thread
-            out["error"] = e
-
-    t = threading.Thread(target=run, name=f"netns:{os.path.basename(netns)}")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    """``work(ipr)`` with an IPRoute bound to another network namespace (lb/netns.py says why not
+    ``IPRoute(netns=...)``)."""
+    def run() -> T:
+        with IPRoute() as ipr:
+            return work(ipr)
+    return netns_.run_in(netns, run)
 
 
 def host_ifname(container_id: str, ifname: str) -> str:

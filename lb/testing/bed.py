@@ -10,7 +10,6 @@ Address plan (one place; tests/conftest.py re-exports it):
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute, netns
 
+from .. import netns as netns_
 from ..settings import default_cgroup_root
 
 CGROUP2 = default_cgroup_root()  # the cgroup2 mount (/sys/fs/cgroup/unified on hybrid hosts)
@@ -38,8 +38,6 @@ def backend_v6(n: int) -> str:
     return f"fd00:201::{n:x}"
 
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-CLONE_NEWNET = 0x40000000
 
 
 def enter(netns_name: str | None, cgroup: str | None) -> None:
@@ -49,10 +47,7 @@ def enter(netns_name: str | None, cgroup: str | None) -> None:
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
             f.write("0")
     if netns_name:
-        fd = os.open(f"/run/netns/{netns_name}", os.O_RDONLY)
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        os.close(fd)
+        netns_.enter(f"/run/netns/{netns_name}")
 
 
 @dataclass
