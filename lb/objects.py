@@ -6,8 +6,11 @@ field; the caller reports it and keeps everything else.
 """
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
+import json
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from .model import (IPV4, IPV6, SCTP, TCP, UDP, Endpoint, EndpointSlice, Node, ObjKey, Service,
@@ -273,3 +276,121 @@ def kind_of(obj: Any) -> tuple[str, str] | None:
 
 
 PARSERS = {SERVICE: parse_service, ENDPOINT_SLICE: parse_endpoint_slice, NODE: parse_node}
+
+
+# ---- the source layer's entry points: one object (or one API page) in, Parsed values out ---------
+# Both sources (manifest folder, API watch) hand their objects to these; lb/source/handler.py keeps
+# the last good version of an object that fails. Decoding bytes lives here so a faster decoder can
+# replace the json.loads + dict walk without the sources noticing.
+
+TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+KIND_PARSERS = {"Service": parse_service, "EndpointSlice": parse_endpoint_slice, "Node": parse_node}
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """One object as a source saw it: its key, and either its model value or why it is malformed."""
+    kind: str  # "Service" | "EndpointSlice" | "Node"
+    key: ObjKey  # a Node's key has an empty namespace
+    value: Any = None  # Service | EndpointSlice | Node; None when malformed
+    error: ObjectError | None = None
+    trigger: float | None = None  # EndpointSlice: endpoints.kubernetes.io/last-change-trigger-time (Unix s)
+
+
+def trigger_time(obj: dict) -> float | None:
+    meta = obj.get("metadata")
+    ann = meta.get("annotations") if isinstance(meta, dict) else None
+    text = ann.get(TRIGGER_ANNOTATION) if isinstance(ann, dict) else None
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def key_of(kind: str, obj: Any) -> ObjKey:
+    """The object's key, as well as it can be read from a possibly malformed object."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return ObjKey("", "")
+    name = meta.get("name") if isinstance(meta.get("name"), str) else ""
+    if kind == "Node":
+        return ObjKey("", name)
+    ns = meta.get("namespace")
+    return ObjKey(ns if isinstance(ns, str) and ns else "default", name)
+
+
+def parse(kind: str, obj: Any) -> Parsed:
+    """One plain object (from YAML, JSON or the API) of a known kind. Never raises."""
+    key = key_of(kind, obj)
+    if not isinstance(obj, dict):
+        return Parsed(kind, key, error=ObjectError("", "not an object"))
+    try:
+        value = KIND_PARSERS[kind](obj)
+    except ObjectError as e:
+        return Parsed(kind, key, error=e)
+    if kind == "Node":
+        key = ObjKey("", value.name)
+    else:
+        key = value.key
+    return Parsed(kind, key, value, trigger=trigger_time(obj) if kind == "EndpointSlice" else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of an API list: the parsed items, the continue token and the list's resourceVersion."""
+    items: list[Parsed]
+    cont: str
+    resource_version: str
+
+
+class DecodeError(ValueError):
+    """The bytes are not the JSON the API server sends (truncated stream, wrong shape)."""
+
+
+def decode_page(kind: str, raw: bytes) -> Page:
+    """One page of ``GET <collection>?limit=..`` (a v1 List-shaped JSON body)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise DecodeError(f"list of {kind}: not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DecodeError(f"list of {kind}: expected an object")
+    meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    items = data.get("items") or []
+    if not isinstance(items, list):
+        raise DecodeError(f"list of {kind}: items is not a list")
+    return Page([parse(kind, o) for o in items], str(meta.get("continue") or ""),
+                str(meta.get("resourceVersion") or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One line of a watch stream."""
+    type: str  # ADDED | MODIFIED | DELETED | BOOKMARK | ERROR
+    item: Parsed | None  # None for BOOKMARK and ERROR
+    resource_version: str = ""
+    status_code: int = 0  # ERROR: the Status object's code
+    message: str = ""  # ERROR: the Status object's message
+
+
+def decode_event(kind: str, raw: bytes) -> Event:
+    try:
+        ev = json.loads(raw)
+    except ValueError as e:
+        raise DecodeError(f"watch of {kind}: not JSON: {e}") from None
+    if not isinstance(ev, dict) or not isinstance(ev.get("type"), str):
+        raise DecodeError(f"watch of {kind}: not a watch event")
+    obj = ev.get("object") if isinstance(ev.get("object"), dict) else {}
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    rv = str(meta.get("resourceVersion") or "")
+    typ = ev["type"]
+    if typ == "ERROR":
+        code = obj.get("code")
+        return Event(typ, None, rv, code if isinstance(code, int) else 0, str(obj.get("message") or "watch error"))
+    if typ == "BOOKMARK":
+        return Event(typ, None, rv)
+    if typ == "DELETED":  # only the key matters
+        return Event(typ, Parsed(kind, key_of(kind, obj)), rv)
+    return Event(typ, parse(kind, obj), rv)
