@@ -2,23 +2,57 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import socket
 import sys
+import typing
 
-from .settings import BPF_ROOT_DEFAULT, MAP_SIZE_FLAGS, MapSizes, Paths, Settings, default_cgroup_root
-
-
-def _paths_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cgroup-root", default=None, help="cgroup2 directory the socket programs attach to "
-                   "(default: the cgroup2 mount)")
-    p.add_argument("--bpf-root", default=BPF_ROOT_DEFAULT, help=f"bpffs directory for pins (default {BPF_ROOT_DEFAULT})")
+from .settings import Paths, Settings, field_docs, flag_of
 
 
-def _paths(a: argparse.Namespace) -> Paths:
-    return Paths(cgroup_root=a.cgroup_root or default_cgroup_root(), bpf_root=a.bpf_root)
+# ---- flags built from the settings' fields and docstrings (lb/settings.py) -----------------------
+def add_settings_flags(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """A flag for each field of ``cls`` (and of its nested settings groups) whose docstring names one.
+    Defaults stay in the dataclasses: an absent flag is None here and the dataclass default applies."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            add_settings_flags(p, hint, f"{prefix}{f.name}.")
+            continue
+        flag = flag_of(cls, f.name)
+        if flag is None:
+            continue
+        help_text = field_docs(cls)[f.name].split(":", 1)[1].strip().replace("%", "%%")
+        has_default = f.default is not dataclasses.MISSING
+        if has_default and f.default not in (None, "", False) and "(default" not in help_text:
+            help_text = help_text.rstrip(".") + f" (default {f.default})"
+        kw: dict = {"dest": prefix + f.name, "default": None, "help": help_text}
+        if hint is not bool:
+            kw["metavar"] = flag[2:].upper().replace("-", "_")
+        args = typing.get_args(hint)
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is typing.Literal:
+            kw["choices"] = args
+        else:
+            kw["type"] = next((a for a in args if a is not type(None)), hint) if args else hint
+        p.add_argument(flag, **kw)
+
+
+def settings_from_flags(cls: type, a: argparse.Namespace, prefix: str = ""):
+    """An instance of ``cls`` with the flags given on the command line; defaults for the rest."""
+    hints = typing.get_type_hints(cls)
+    given = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            given[f.name] = settings_from_flags(hints[f.name], a, f"{prefix}{f.name}.")
+        elif getattr(a, prefix + f.name, None) is not None:
+            given[f.name] = getattr(a, prefix + f.name)
+    return cls(**given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,46 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    ag = sub.add_parser("agent", help="program the datapath from a manifest folder")
-    ag.add_argument("--manifests", metavar="DIR", help="follow a folder of Service/EndpointSlice/Node YAML or JSON "
-                    "instead of the API server")
-    ag.add_argument("--kubeconfig", help="API server credentials (default: in-cluster configuration)")
-    ag.add_argument("--healthz-bind-address", default=Settings.__dataclass_fields__["healthz_bind"].default,
-                    help="/healthz and /livez address:port (default %(default)s; empty disables)")
-    ag.add_argument("--metrics-bind-address", default=Settings.__dataclass_fields__["metrics_bind"].default,
-                    help="/metrics address:port (default %(default)s; empty disables)")
-    ag.add_argument("--network-mode", choices=["overlay", "direct", "none"], default="overlay",
-                    help="pod traffic between nodes: VXLAN overlay (default), direct routes via node IPs, or none "
-                         "(a routing daemon announces pod CIDRs)")
-    ag.add_argument("--cni-socket", default="", help="serve the bundled CNI plugin on this unix socket "
-                    "(the DaemonSet uses /run/bpflb/cni.sock)")
-    ag.add_argument("--cni-bin-dir", default="", help="install the CNI launcher (bpflb-cni) here at start")
-    ag.add_argument("--cni-conf-dir", default="", help="install the CNI conflist here at start")
-    ag.add_argument("--remove-kube-proxy-rules", action="store_true",
-                    default=os.environ.get("BPFLB_REMOVE_KUBE_PROXY_RULES", "").lower() == "true",
-                    help="delete kube-proxy's iptables/nftables rules on this node instead of refusing to start "
-                         "(default: $BPFLB_REMOVE_KUBE_PROXY_RULES == true)")
-    ag.add_argument("--node-name", default=None, help="this node's name (default: hostname)")
-    ag.add_argument("--strict", dest="strict", action="store_true", default=True,
-                    help="refuse to start when a needed kernel hook is missing (default)")
-    ag.add_argument("--no-strict", dest="strict", action="store_false")
-    for f, flag in MAP_SIZE_FLAGS.items():
-        ag.add_argument(flag, dest=f"map_{f}", type=int, default=getattr(MapSizes(), f),
-                        help=f"entries in the {f.replace('_', ' ')} map (default %(default)s)")
-    _paths_args(ag)
+    ag = sub.add_parser("agent", help="program the datapath from the Kubernetes API server (in-cluster or "
+                        "--kubeconfig) or from a folder of manifests (--manifests)")
+    add_settings_flags(ag, Settings)
 
     pr = sub.add_parser("probe", help="report, hook by hook, what this kernel supports")
-    pr.add_argument("--cgroup-root", default=None)
+    pr.add_argument("--cgroup-root", default=None, help=field_docs(Paths)["cgroup_root"].split(":", 1)[1].strip())
     pr.add_argument("-o", "--output", choices=["text", "json"], default="text")
 
     cl = sub.add_parser("cleanup", help="remove every program, attachment and pin bpflb made")
-    _paths_args(cl)
+    add_settings_flags(cl, Paths)
 
     sv = sub.add_parser("service", help="inspect programmed services")
     svsub = sv.add_subparsers(dest="svc_cmd", required=True)
     ls = svsub.add_parser("list", help="frontends and backends as the datapath sees them (pinned maps)")
     ls.add_argument("-o", "--output", choices=["text", "json"], default="text")
-    ls.add_argument("--bpf-root", default=BPF_ROOT_DEFAULT)
+    ls.add_argument("--bpf-root", default=Paths.bpf_root, help=field_docs(Paths)["bpf_root"].split(":", 1)[1].strip())
 
     ex = sub.add_parser("explain", help="why each endpoint of a Service is or is not used on this node")
     ex.add_argument("service", metavar="NAMESPACE/NAME[:PORT]")
@@ -88,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("agent: no source: pass --manifests DIR or --kubeconfig FILE (or run in a cluster)")
         if a.kubeconfig and not os.path.isfile(a.kubeconfig):
             ap.error(f"agent: --kubeconfig {a.kubeconfig}: no such file")
-        sizes = MapSizes(**{f: getattr(a, f"map_{f}") for f in MapSizes.__dataclass_fields__})
-        settings = Settings(node_name=a.node_name or socket.gethostname(), manifests=a.manifests,
-                            kubeconfig=a.kubeconfig, healthz_bind=a.healthz_bind_address,
-                            metrics_bind=a.metrics_bind_address, network_mode=a.network_mode, cni_socket=a.cni_socket,
-                            cni_bin_dir=a.cni_bin_dir, cni_conf_dir=a.cni_conf_dir, remove_kube_proxy_rules=a.remove_kube_proxy_rules,
-                            strict=a.strict, paths=_paths(a), maps=sizes)
+        settings = settings_from_flags(Settings, a)
         try:
             agent.run(settings)
         except DatapathError as e:
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "probe":
         from .probe import missing_required, probe
 
-        results = probe(a.cgroup_root or default_cgroup_root())
+        results = probe(a.cgroup_root or Paths().cgroup_root)
         if a.output == "json":
             print(json.dumps([r.__dict__ for r in results], indent=2))
         else:
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "cleanup":
         from .datapath import cleanup
 
-        for item in cleanup(_paths(a)):
+        for item in cleanup(settings_from_flags(Paths, a)):
             print(f"removed {item}")
         return 0
 

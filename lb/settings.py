@@ -1,11 +1,19 @@
-"""Every setting and its default, in one place. Grouped dataclasses; a docstring per field."""
+"""Every setting and its default, in one place. Grouped dataclasses; a docstring per field.
+
+A docstring that starts with ``--flag:`` makes the field a command-line flag of ``bpflb agent`` (the
+rest of the docstring is its help; lb/cli.py builds the parser from these fields, their types and
+defaults). A ``Literal`` type gives the flag its choices.
+"""
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
+from typing import Literal
 
 CGROUP2_DEFAULT = "/sys/fs/cgroup/unified"
 BPF_ROOT_DEFAULT = "/sys/fs/bpf/bpflb"
+CNI_SOCKET_DEFAULT = "/run/bpflb/cni.sock"  # also compiled into the CNI launcher (lb/cni/install.py)
 
 
 def default_cgroup_root() -> str:
@@ -37,10 +45,6 @@ class MapSizes:
     """--endpoint-map-size: local pod endpoints (written by the CNI plugin)."""
 
 
-# MapSizes field -> its command-line flag (named in "map is full" errors too).
-MAP_SIZE_FLAGS = {"services": "--svc-map-size", "backends": "--backend-map-size", "revnat": "--revnat-map-size",
-                  "sock_revnat": "--sock-revnat-map-size", "affinity": "--affinity-map-size",
-                  "endpoints": "--endpoint-map-size"}
 
 
 @dataclass(frozen=True)
@@ -54,43 +58,101 @@ class Paths:
 @dataclass(frozen=True)
 class SyncSettings:
     min_interval: float = 0.01
-    """Seconds between two syncs at least: changes arriving inside it are coalesced."""
+    """--min-sync-period: seconds between two syncs at least; changes arriving inside it are coalesced."""
     full_resync: float = 3600.0
-    """Seconds between full resyncs that re-read the kernel's maps and rewrite what drifted."""
+    """--sync-period: seconds between full resyncs that re-read the kernel's maps and rewrite what drifted."""
     retry_initial: float = 0.5
     """First retry delay after a failed sync; doubles up to retry_max."""
     retry_max: float = 30.0
     """Longest delay between retries of a failed sync."""
+    socket_destroy_timeout: float = 10.0
+    """Seconds the UDP socket destroy of removed backends may take before the sync stops waiting."""
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The API server source (lb/source/kube.py)."""
+    page_size: int = 500
+    """Items per page of an initial list (the list is parsed page by page)."""
+    watch_timeout: int = 300
+    """Seconds a watch asks the server to keep it open (timeoutSeconds) before it is renewed."""
+    request_timeout: float = 30.0
+    """Seconds a list request may take to answer."""
+    backoff_initial: float = 0.5
+    """First delay after a connection error, timeout, 5xx or 429; doubles up to backoff_max."""
+    backoff_max: float = 30.0
+    """Longest delay between retries of a failing watch."""
+    refused_retry: float = 60.0
+    """Delay after another 4xx (401, 403, 404: the ClusterRole or the credentials are wrong)."""
 
 
 @dataclass(frozen=True)
 class Settings:
     node_name: str = field(default_factory=socket.gethostname)
-    """--node-name: this node's name, as in Node objects and endpoints' nodeName."""
+    """--node-name: this node's name, as in Node objects and endpoints' nodeName (default: the hostname)."""
     manifests: str | None = None
-    """--manifests: follow a folder of YAML/JSON instead of a Kubernetes API server."""
+    """--manifests: follow a folder of Service/EndpointSlice/Node YAML or JSON instead of the API server."""
     kubeconfig: str | None = None
-    """--kubeconfig: API server credentials; without it (and without --manifests) in-cluster config."""
+    """--kubeconfig: API server credentials (default: the in-cluster configuration)."""
     healthz_bind: str = "0.0.0.0:10256"
-    """--healthz-bind-address: /healthz and /livez (kube-proxy's default port); empty to disable."""
+    """--healthz-bind-address: /healthz and /livez address:port (kube-proxy's default port); empty disables."""
     metrics_bind: str = "127.0.0.1:10249"
-    """--metrics-bind-address: Prometheus /metrics (kube-proxy's default port); empty to disable."""
+    """--metrics-bind-address: Prometheus /metrics address:port (kube-proxy's default port); empty disables."""
     health_timeout: float = 60.0
-    """Seconds a change may stay unprogrammed before /healthz fails (kube-proxy: 2 x syncPeriod)."""
-    network_mode: str = "overlay"
-    """--network-mode: pod traffic between nodes: overlay (VXLAN), direct (routes via node IPs) or none."""
+    """--health-timeout: seconds a change may stay unprogrammed before /healthz fails (kube-proxy: 2 x
+    syncPeriod)."""
+    network_mode: Literal["overlay", "direct", "none"] = "overlay"
+    """--network-mode: pod traffic between nodes: overlay (VXLAN), direct (routes via node IPs) or none (a
+    routing daemon announces pod CIDRs)."""
     cni_socket: str = ""
-    """--cni-socket: serve the CNI launcher's requests on this unix socket (empty: no CNI plugin)."""
+    """--cni-socket: serve the bundled CNI plugin on this unix socket (the DaemonSet uses
+    /run/bpflb/cni.sock, the launcher's default); empty: no CNI plugin."""
     cni_bin_dir: str = ""
-    """--cni-bin-dir: install the launcher here at start (k3s: /var/lib/rancher/k3s/data/current/bin)."""
+    """--cni-bin-dir: install the CNI launcher here at start (k3s: /var/lib/rancher/k3s/data/cni)."""
     cni_conf_dir: str = ""
-    """--cni-conf-dir: install the conflist here at start (k3s: /var/lib/rancher/k3s/agent/etc/cni/net.d)."""
-    remove_kube_proxy_rules: bool = False
-    """--remove-kube-proxy-rules: delete kube-proxy's iptables/nftables rules instead of refusing to start."""
+    """--cni-conf-dir: install the CNI conflist here at start (k3s: /var/lib/rancher/k3s/agent/etc/cni/net.d)."""
+    remove_kube_proxy_rules: bool = field(
+        default_factory=lambda: os.environ.get("BPFLB_REMOVE_KUBE_PROXY_RULES", "").lower() == "true")
+    """--remove-kube-proxy-rules: delete kube-proxy's iptables/nftables rules instead of refusing to start
+    (default: $BPFLB_REMOVE_KUBE_PROXY_RULES == true)."""
     strict: bool = True
-    """--strict (default) / --no-strict: refuse to start when a needed kernel hook is missing."""
+    """--strict: refuse to start when a needed kernel hook is missing or kube-proxy's rules are present
+    (--no-strict runs without them)."""
     poll_interval: float = 0.2
-    """Seconds between scans of the manifest folder for changes."""
+    """--poll-interval: seconds between scans of the manifest folder for changes."""
     paths: Paths = field(default_factory=Paths)
     maps: MapSizes = field(default_factory=MapSizes)
     sync: SyncSettings = field(default_factory=SyncSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+
+
+def flag_of(cls: type, name: str) -> str | None:
+    """The command-line flag of a settings field (its docstring's ``--flag:`` prefix), or None."""
+    doc = field_docs(cls).get(name, "")
+    return doc.split(":", 1)[0] if doc.startswith("--") else None
+
+
+_DOCS: dict[type, dict[str, str]] = {}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its docstring (the string literal right after the field), read from this module's
+    source once per class."""
+    if cls not in _DOCS:
+        import ast
+        import inspect
+        import textwrap
+
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body
+        docs = {}
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+                docs[a.target.id] = " ".join(b.value.value.split())
+        _DOCS[cls] = docs
+    return _DOCS[cls]
+
+
+# MapSizes field -> its command-line flag (named in "map is full" errors too).
+MAP_SIZE_FLAGS = {f: flag_of(MapSizes, f) for f in MapSizes.__dataclass_fields__}

@@ -1,10 +1,13 @@
 """Tracker: the current object per key; drops no-op changes; says which Services need a sync.
 
-Sources only record changes here. The sync loop (agent.py) asks for the dirty Services and acts.
+The tracker is the sources' Handler (lb/source/handler.py): sources only record changes here, and
+``notify`` is called after each one that matters. The sync loop (lb/syncer.py) asks for the dirty
+Services and acts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .model import EndpointSlice, Node, ObjKey, Service
 
@@ -21,6 +24,65 @@ class Tracker:
     all_dirty: bool = False
     slices_of: dict[ObjKey, set[ObjKey]] = field(default_factory=dict)  # service -> its slice keys
     triggers: dict[ObjKey, float] = field(default_factory=dict)  # service -> earliest pending trigger time
+    listed: bool = False  # every source delivered its initial list: pruning is allowed
+    notify: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
+
+    @property
+    def node_eligible(self) -> bool:
+        """kube-proxy's nodeEligible: false while this node is being deleted (or tainted for it)."""
+        return not (self.node and self.node.deleting)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.dirty or self.all_dirty or self.nodes_dirty)
+
+    # ---- the Handler protocol ----------------------------------------------------------------
+    def services_listed(self, services: dict[ObjKey, Service]) -> None:
+        self.replace_services(services)
+        self.notify()
+
+    def service_changed(self, svc: Service) -> None:
+        if self.set_service(svc.key, svc):
+            self.notify()
+
+    def service_deleted(self, key: ObjKey) -> None:
+        if self.set_service(key, None):
+            self.notify()
+
+    def slices_listed(self, slices: dict[ObjKey, EndpointSlice], triggers: dict[ObjKey, float]) -> None:
+        self.replace_slices(slices)
+        for svc, when in triggers.items():
+            self.note_trigger(svc, when)
+        self.notify()
+
+    def slice_changed(self, es: EndpointSlice, trigger: float | None) -> None:
+        if self.set_slice(es.key, es):
+            if es.service is not None and trigger is not None:
+                self.note_trigger(es.service, trigger)
+            self.notify()
+
+    def slice_deleted(self, key: ObjKey) -> None:
+        if self.set_slice(key, None):
+            self.notify()
+
+    def nodes_listed(self, nodes: dict[str, Node]) -> None:
+        self.replace_nodes(nodes)
+        self.notify()
+
+    def node_changed(self, node: Node) -> None:
+        if self.set_any_node(node.name, node):
+            self.notify()
+
+    def node_deleted(self, name: str) -> None:
+        if self.set_any_node(name, None):
+            self.notify()
+
+    def synced(self) -> None:
+        self.listed = True
+        self.all_dirty = True  # the first sync after the lists is full (with prune)
+        self.notify()
+
+    # ---- recording -----------------------------------------------------------------------------
 
     def set_service(self, key: ObjKey, svc: Service | None) -> bool:
         old = self.services.get(key)
@@ -50,6 +112,7 @@ class Tracker:
         return True
 
     def set_node(self, node: Node | None) -> bool:
+        """This node (its labels: topology zone). Only set_any_node calls it."""
         if node is not None and node.name != self.node_name:
             return False
         if node == self.node:
@@ -61,16 +124,19 @@ class Tracker:
             self.all_dirty = True
         return relevant
 
-    def set_any_node(self, name: str, node: Node | None) -> None:
-        """Every Node matters to pod networking (its IP, its pod CIDR); this node's also to services."""
-        if self.nodes.get(name) != node:
-            if node is None:
-                self.nodes.pop(name, None)
-            else:
-                self.nodes[name] = node
-            self.nodes_dirty = True
+    def set_any_node(self, name: str, node: Node | None) -> bool:
+        """Every Node matters to pod networking (its IP, its pod CIDR); this node's also to services
+        (and to health: nodeEligible)."""
+        if self.nodes.get(name) == node:
+            return False
+        if node is None:
+            self.nodes.pop(name, None)
+        else:
+            self.nodes[name] = node
+        self.nodes_dirty = True
         if name == self.node_name:
             self.set_node(node)
+        return True
 
     def replace_nodes(self, nodes: dict[str, Node]) -> None:
         for name in set(self.nodes) - set(nodes):
@@ -93,12 +159,6 @@ class Tracker:
             self.set_slice(key, None)
         for key, es in slices.items():
             self.set_slice(key, es)
-
-    def replace_all(self, services: dict[ObjKey, Service], slices: dict[ObjKey, EndpointSlice],
-                    node: Node | None) -> None:
-        self.replace_services(services)
-        self.replace_slices(slices)
-        self.set_node(node)
 
     def note_trigger(self, service: ObjKey, when: float) -> None:
         """The earliest last-change-trigger-time of a Service's pending EndpointSlice changes."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
+from lb.objects import decode_event, parse
+from lb.source.handler import Intake
 from lb.source.kube import SERVICES, ApiError, Informer
 
 
@@ -16,7 +19,7 @@ class ScriptedClient:
         self.calls: list[str] = []
         self.lock = threading.Lock()
 
-    def list(self, res, limit=500, convert=None):
+    def list(self, res, limit=500):
         with self.lock:
             self.calls.append("list")
             item = self.lists.pop(0)
@@ -33,11 +36,32 @@ class ScriptedClient:
         if isinstance(item, Exception):
             raise item
         for ev in item:
-            emit(ev)
+            emit(decode_event(res.kind, json.dumps(ev).encode()))
 
 
 def svc(name, rv):
-    return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv}}
+    return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}}
+
+
+def listed(items, rv):
+    return [parse("Service", o) for o in items], rv
+
+
+class Recorder:
+    """The handler end of an Intake: what reached the tracker."""
+
+    def __init__(self, replaced, events):
+        self.replaced, self.events = replaced, events
+
+    def services_listed(self, services):
+        self.replaced.append(services)
+
+    def service_changed(self, svc):
+        self.events.append(("ADDED", svc.key.name))
+
+    def service_deleted(self, key):
+        self.events.append(("DELETED", key.name))
 
 
 def run(client, stop_after):
@@ -45,8 +69,7 @@ def run(client, stop_after):
 
     async def main():
         stop = asyncio.Event()
-        inf = Informer(client, SERVICES, replaced.append, lambda k, o: events.append((k, o["metadata"]["name"])),
-                       errors.append)
+        inf = Informer(client, SERVICES, Intake(Recorder(replaced, events)), errors.append)
 
         async def stopper():
             while len(client.calls) < stop_after:
@@ -59,7 +82,7 @@ def run(client, stop_after):
 
 
 def test_list_then_watch_from_the_list_version_and_follow_bookmarks():
-    c = ScriptedClient([([svc("a", "5")], "10")],
+    c = ScriptedClient([listed([svc("a", "5")], "10")],
                        [[{"type": "ADDED", "object": svc("b", "11")}, {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "15"}}}],
                         [{"type": "DELETED", "object": svc("a", "16")}]])
     inf, replaced, events, _ = run(c, stop_after=4)
@@ -69,7 +92,8 @@ def test_list_then_watch_from_the_list_version_and_follow_bookmarks():
 
 
 def test_410_gone_relists_without_dropping_anything():
-    c = ScriptedClient([([svc("a", "5")], "10"), ([svc("a", "5"), svc("c", "30")], "30"), ([svc("c", "30")], "40")],
+    c = ScriptedClient([listed([svc("a", "5")], "10"), listed([svc("a", "5"), svc("c", "30")], "30"),
+                        listed([svc("c", "30")], "40")],
                        [[{"type": "ERROR", "object": {"code": 410, "message": "too old resource version"}}],
                         ApiError(410, "Gone")])
     inf, replaced, _, errors = run(c, stop_after=5)
@@ -79,7 +103,7 @@ def test_410_gone_relists_without_dropping_anything():
 
 
 def test_server_errors_back_off_and_keep_the_resource_version():
-    c = ScriptedClient([([svc("a", "5")], "10")],
+    c = ScriptedClient([listed([svc("a", "5")], "10")],
                        [ApiError(503, "unavailable"), ApiError(0, "connection refused"),
                         [{"type": "ADDED", "object": svc("b", "12")}]])
     inf, replaced, events, errors = run(c, stop_after=4)

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..settings import CNI_SOCKET_DEFAULT
+
 HERE = Path(__file__).resolve().parent
 CONFLIST_NAME = "05-bpflb.conflist"
 
@@ -32,7 +34,8 @@ def build_launcher(out: str | None = None) -> str:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.{os.getpid()}.tmp"
     try:
-        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", tmp, str(src)], check=True)
+        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", f'-DDEFAULT_SOCKET="{CNI_SOCKET_DEFAULT}"',
+                        "-o", tmp, str(src)], check=True)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

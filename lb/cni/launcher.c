@@ -22,7 +22,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#ifndef DEFAULT_SOCKET /* lb/cni/install.py passes settings.CNI_SOCKET_DEFAULT */
 #define DEFAULT_SOCKET "/run/bpflb/cni.sock"
+#endif
 #define E_TRY_AGAIN 11
 #define E_NOT_AVAILABLE 50
 

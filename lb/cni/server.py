@@ -15,12 +15,12 @@ import logging
 import os
 import struct
 import sys
-from typing import Callable
+from typing import Awaitable, Callable
 
+from ..settings import CNI_SOCKET_DEFAULT
 from .plugin import handle
 
 log = logging.getLogger("bpflb.cni")
-DEFAULT_SOCKET = "/run/bpflb/cni.sock"
 _U32 = struct.Struct("<I")
 MAX_ENV = 1024  # CNI_* variables in one request
 MAX_BYTES = 16 << 20  # one variable, or the configuration
@@ -107,10 +107,40 @@ async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = d
         pass
 
 
+async def serve_for_agent(settings, tracker, stop: asyncio.Event, datapath_ready: Callable[[], Awaitable[None]]) -> None:
+    """The agent's CNI plugin: the launcher and conflist installed first (if asked), then requests
+    served once the datapath's maps exist (each pod is registered in lb_endpoints)."""
+    from .. import nodenet
+    from ..maps.endpoints import PinnedEndpointMap
+    from . import install
+
+    s = settings
+    if s.cni_bin_dir and s.cni_conf_dir:
+        launcher = os.environ.get("BPFLB_CNI_LAUNCHER") or await asyncio.to_thread(install.build_launcher)
+        node = tracker.node
+        mtu = await asyncio.to_thread(nodenet.pod_mtu, s.network_mode, nodenet.node_ip(node) if node else None)
+        binary, conf = install.install(s.cni_bin_dir, s.cni_conf_dir, launcher=launcher, mtu=mtu,
+                                       socket=s.cni_socket)
+        log.info("installed CNI plugin %s and %s (pod MTU %d)", binary, conf, mtu)
+
+    def defaults() -> dict:
+        """The pod CIDR comes from this node's Node object unless the conflist names one."""
+        node = tracker.node
+        v4 = [c for c in (node.pod_cidrs if node else ()) if ":" not in c]
+        return {"podCIDR": v4[0]} if v4 else {}
+
+    await datapath_ready()
+    endpoints = PinnedEndpointMap(s.paths.bpf_root)
+    try:
+        await serve(s.cni_socket, stop, defaults, endpoints)
+    finally:
+        endpoints.close()
+
+
 def main() -> int:
     """`python -m lb.cni.server SOCKET [BPF_ROOT]`: the server alone (tests, and nodes without the agent)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    path = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_SOCKET
+    path = sys.argv[1] if len(sys.argv) > 1 else CNI_SOCKET_DEFAULT
     sink = None
     if len(sys.argv) > 2:  # a bpf-root: register endpoints in its lb_endpoints map
         from ..maps.endpoints import PinnedEndpointMap

@@ -1,15 +1,15 @@
 """API server source: list, then watch from the list's resourceVersion, per resource, like an informer.
 
-Raw JSON instead of the client's typed models: decoding 10 000 Services into generated model classes
-costs seconds and hundreds of MB, while lb.objects parses the plain dicts that json.loads gives
-(the typed models are also what kube-proxy replacements in Python usually drown in). The kubernetes
-package is used for what it does well: kubeconfig / in-cluster configuration, TLS and auth headers.
+The response bytes go straight to lb/objects.py (``decode_page`` per list page, ``decode_event`` per
+watch line, both in the I/O thread), and the parsed items to the handler through an ``Intake``
+(lb/source/handler.py: the last-good rule). The kubernetes package is used for what it does well:
+kubeconfig / in-cluster configuration, TLS and auth headers.
 
-Each watch's blocking HTTP stream runs in a daemon thread that hands events to the asyncio loop; the
-loop applies them to the tracker. Error handling (STYLE: watch loop):
+Each watch's blocking HTTP stream runs in a daemon thread that hands events to the asyncio loop.
+Error handling (STYLE: watch loop; delays from ApiSettings):
   410 Gone / "too old resource version"  -> relist (state is replaced by diff, nothing dropped)
-  connection errors, timeouts, 5xx, 429  -> back off (0.5 s doubling to 30 s) and watch/relist again
-  other 4xx (401, 403, 404, ...)         -> log loudly, retry slowly (60 s)
+  connection errors, timeouts, 5xx, 429  -> back off (backoff_initial doubling to backoff_max), retry
+  other 4xx (401, 403, 404, ...)         -> log loudly, retry slowly (refused_retry)
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlencode
 
-from ..objects import LABEL_HEADLESS, LABEL_PROXY_NAME, ObjectError
+from ..objects import LABEL_HEADLESS, LABEL_PROXY_NAME, DecodeError, Event, Parsed, decode_event, decode_page
+from ..settings import ApiSettings
+from .handler import Handler, Intake
 
 log = logging.getLogger("bpflb.source.kube")
 
@@ -67,7 +69,7 @@ class ApiError(Exception):
 class KubeClient:
     """Just enough HTTP: GET a list, stream a watch. Configuration from the kubernetes package."""
 
-    def __init__(self, kubeconfig: str | None = None, timeout: float = 30.0):
+    def __init__(self, kubeconfig: str | None = None, timeout: float = ApiSettings.request_timeout):
         from kubernetes import client, config
 
         cfg = client.Configuration()
@@ -101,30 +103,29 @@ class KubeClient:
             raise ApiError(resp.status, reason)
         return resp
 
-    def list(self, res: Resource, limit: int = 500, convert: Callable[[dict], Any] | None = None) -> tuple[list, str]:
-        """All items (paginated), each passed through ``convert`` as its page arrives, and the list's
-        resourceVersion."""
-        items: list = []
+    def list(self, res: Resource, limit: int = ApiSettings.page_size) -> tuple[list[Parsed], str]:
+        """All items (paginated, each page parsed as it arrives so a 10 000-item list never sits in
+        memory as raw JSON) and the list's resourceVersion."""
+        items: list[Parsed] = []
         cont = ""
         while True:
             resp = self._open(res.path, {"labelSelector": res.label_selector, "fieldSelector": res.field_selector,
                                          "limit": limit, "continue": cont}, self.timeout)
             try:
-                data = json.loads(resp.read())
-            except Exception as e:
+                page = decode_page(res.kind, resp.read())
+            except DecodeError as e:
                 raise ApiError(0, f"reading list: {e}") from None
+            except Exception as e:
+                raise ApiError(0, f"reading list: {type(e).__name__}: {e}") from None
             finally:
                 resp.release_conn()
-            page = data.get("items") or []
-            items.extend(map(convert, page) if convert else page)
-            meta = data.get("metadata") or {}
-            del data, page
-            cont = meta.get("continue") or ""
+            items.extend(page.items)
+            cont = page.cont
             if not cont:
-                return items, meta.get("resourceVersion", "")
+                return items, page.resource_version
 
-    def watch(self, res: Resource, rv: str, timeout_seconds: int, emit: Callable[[dict], None]) -> None:
-        """Stream watch events to ``emit`` until the server ends the watch. Blocking: thread only."""
+    def watch(self, res: Resource, rv: str, timeout_seconds: int, emit: Callable[[Event], None]) -> None:
+        """Stream watch events (decoded) to ``emit`` until the server ends the watch. Blocking: thread only."""
         resp = self._open(res.path, {"labelSelector": res.label_selector, "fieldSelector": res.field_selector,
                                      "watch": "true", "resourceVersion": rv, "allowWatchBookmarks": "true",
                                      "timeoutSeconds": timeout_seconds}, timeout_seconds + 15)
@@ -135,7 +136,7 @@ class KubeClient:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     if line.strip():
-                        emit(json.loads(line))
+                        emit(decode_event(res.kind, line))
         except Exception as e:
             raise ApiError(0, f"watch stream: {type(e).__name__}: {e}") from None
         finally:
@@ -143,21 +144,18 @@ class KubeClient:
 
 
 class Informer:
-    """List + watch one resource forever, applying changes through callbacks (in the event loop)."""
+    """List + watch one resource forever, handing parsed items to an Intake (in the event loop)."""
 
-    def __init__(self, client: KubeClient, res: Resource, on_replace: Callable[[list[dict]], None],
-                 on_event: Callable[[str, dict], None], on_error: Callable[[ApiError], None] | None = None,
-                 watch_timeout: int = 300, clock: Callable[[], float] = time.monotonic,
-                 convert: Callable[[dict], Any] | None = None):
-        self.client, self.res = client, res
-        self.on_replace, self.on_event = on_replace, on_event
+    def __init__(self, client: KubeClient, res: Resource, intake: Intake,
+                 on_error: Callable[[ApiError], None] | None = None, settings: ApiSettings = ApiSettings(),
+                 clock: Callable[[], float] = time.monotonic):
+        self.client, self.res, self.intake = client, res, intake
         self.on_error = on_error or (lambda e: None)
-        self.watch_timeout = watch_timeout
+        self.s = settings
         self.listed = asyncio.Event()
         self.rv = ""
         self.relists = 0
         self.clock = clock
-        self.convert = convert  # applied to listed items page by page (see KubeClient.list)
 
     async def _in_thread(self, fn: Callable[[], Any]) -> Any:
         """Run blocking I/O in a daemon thread (an executor's threads would block interpreter exit
@@ -177,21 +175,22 @@ class Informer:
         return await fut
 
     async def run(self, stop: asyncio.Event, max_iterations: int | None = None) -> None:
-        delay = 0.5
+        delay = self.s.backoff_initial
         degraded = False
         n = 0
         while not stop.is_set() and (max_iterations is None or n < max_iterations):
             n += 1
             try:
                 if not self.rv:
-                    items, self.rv = await self._in_thread(lambda: self.client.list(self.res, convert=self.convert))
-                    self.on_replace(items)
+                    items, self.rv = await self._in_thread(lambda: self.client.list(self.res, self.s.page_size))
+                    self.intake.listed(self.res.kind, items)
+                    del items
                     self.relists += 1
                     self.listed.set()
                 await self._watch_once()
                 if degraded:
                     log.warning("%s watch recovered", self.res.kind)
-                degraded, delay = False, 0.5
+                degraded, delay = False, self.s.backoff_initial
             except ApiError as e:
                 self.on_error(e)
                 if e.gone:
@@ -202,12 +201,12 @@ class Informer:
                     if not degraded:
                         log.warning("%s watch failing, backing off: %s", self.res.kind, e)
                     degraded = True
-                    wait, delay = delay, min(delay * 2, 30.0)
+                    wait, delay = delay, min(delay * 2, self.s.backoff_max)
                 else:
-                    log.error("%s: API server refused us (%s); check the ClusterRole. Retrying in 60 s",
-                              self.res.kind, e)
+                    log.error("%s: API server refused us (%s); check the ClusterRole. Retrying in %.0f s",
+                              self.res.kind, e, self.s.refused_retry)
                     degraded = True
-                    wait = 60.0
+                    wait = self.s.refused_retry
                 try:
                     await asyncio.wait_for(stop.wait(), wait)
                 except asyncio.TimeoutError:
@@ -220,18 +219,18 @@ class Informer:
                     await asyncio.wait_for(stop.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, self.s.backoff_max)
 
     async def _watch_once(self) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def emit(ev: dict) -> None:
+        def emit(ev: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
         def stream() -> None:
             try:
-                self.client.watch(self.res, self.rv, self.watch_timeout, emit)
+                self.client.watch(self.res, self.rv, self.s.watch_timeout, emit)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
@@ -242,15 +241,42 @@ class Informer:
             ev = await queue.get()
             if ev is None:
                 break
-            kind = ev.get("type")
-            obj = ev.get("object") or {}
-            if kind == "ERROR":
+            if ev.type == "ERROR":
                 done.add_done_callback(lambda f: f.exception())  # retrieved: no "never retrieved" warning
-                code = obj.get("code", 0)
-                raise ApiError(code or 500, obj.get("message", "watch error"))
-            rv = (obj.get("metadata") or {}).get("resourceVersion")
-            if kind != "BOOKMARK":
-                self.on_event(kind, obj)
-            if rv:
-                self.rv = rv
+                raise ApiError(ev.status_code or 500, ev.message)
+            if ev.type == "DELETED":
+                self.intake.deleted(self.res.kind, ev.item.key)
+            elif ev.type in ("ADDED", "MODIFIED"):
+                self.intake.changed(ev.item)
+            if ev.resource_version:
+                self.rv = ev.resource_version
         await done  # a stream that failed raises its ApiError here
+
+
+def kube_source(settings, handler: Handler, stop: asyncio.Event,
+                on_error: Callable[[ApiError], None] = lambda e: None) -> tuple[list[Informer], Callable]:
+    """The three informers of an agent and the coroutine that runs them: it tells the handler
+    ``synced`` once all of them have listed, and only returns when stopping (or raises)."""
+    client = KubeClient(settings.kubeconfig, settings.api.request_timeout)
+    intake = Intake(handler)
+    nodes = NODES if settings.network_mode != "none" else node_resource(settings.node_name)
+    informers = [Informer(client, res, intake, on_error, settings.api) for res in (SERVICES, ENDPOINT_SLICES, nodes)]
+
+    async def run() -> None:
+        runs = [asyncio.create_task(i.run(stop), name=f"watch:{i.res.kind}") for i in informers]
+        listed = asyncio.ensure_future(asyncio.gather(*(i.listed.wait() for i in informers)))
+        try:
+            done, _ = await asyncio.wait([listed, *runs], return_when=asyncio.FIRST_COMPLETED)
+            if listed in done:
+                log.info("Services, EndpointSlices and Nodes listed")
+                intake.synced()
+                done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:  # an informer only returns when stopping; anything else is a bug
+                t.result()
+        finally:
+            for t in runs:
+                t.cancel()
+            listed.cancel()
+            await asyncio.gather(*runs, listed, return_exceptions=True)
+
+    return informers, run

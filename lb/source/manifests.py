@@ -5,10 +5,12 @@ The folder is polled (stat of each file, every ``poll_interval``): cheap, works 
 and in containers where inotify on a bind mount misses edits made from the host.
 
 Bad input never loses what is programmed: a file that fails to parse keeps its last good objects,
-and a malformed object keeps its last good version; both are reported with file, object and field.
+and a malformed object keeps its last good version (lb/source/handler.py's LastGood, the rule both
+sources share); both are reported with file, object and field.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -18,7 +20,8 @@ from typing import Any, Callable
 import yaml
 
 from ..model import EndpointSlice, Node, ObjKey, Service
-from ..objects import ENDPOINT_SLICE, NODE, PARSERS, SERVICE, ObjectError, kind_of
+from ..objects import ENDPOINT_SLICE, KIND_PARSERS, NODE, PARSERS, SERVICE, Parsed, kind_of, parse
+from .handler import Handler, LastGood
 
 log = logging.getLogger("bpflb.source.manifests")
 
@@ -41,7 +44,7 @@ class Problem:
 @dataclass
 class _File:
     stamp: tuple
-    objects: dict[tuple, Any] = field(default_factory=dict)  # (kind, ObjKey) -> model value
+    items: list[Parsed] = field(default_factory=list)  # every object of a kind we read, good or not
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -72,18 +75,19 @@ def _describe(obj: Any, index: int) -> tuple[str, tuple | None]:
     return f"document {index + 1}" + (f" ({kind[1]})" if kind and kind[1] else ""), None
 
 
-def parse_file(path: str, text: str, previous: dict[tuple, Any]) -> tuple[dict[tuple, Any], list[Problem]]:
-    """Objects in one file. ``previous`` (the last good objects of this file) fills in for a file
-    that does not parse and for objects that are malformed."""
+def parse_file(path: str, text: str) -> tuple[list[Parsed] | None, list[Problem]]:
+    """The objects of one file, malformed ones included (as Parsed with an error: the folder's
+    LastGood gives them their last good version); None if the file itself does not parse."""
     name = os.path.basename(path)
     try:
         docs = _documents(path, text)
     except (yaml.YAMLError, ValueError) as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        return dict(previous), [Problem(name, "file", "", f"not valid {'JSON' if path.endswith('.json') else 'YAML'}{at}: "
-                                        f"{getattr(e, 'problem', None) or e}")]
-    objects: dict[tuple, Any] = {}
+        return None, [Problem(name, "file", "", f"not valid {'JSON' if path.endswith('.json') else 'YAML'}{at}: "
+                              f"{getattr(e, 'problem', None) or e}")]
+    items: list[Parsed] = []
+    seen: set[tuple] = set()
     problems: list[Problem] = []
     for i, obj in enumerate(o for d in docs for o in _flatten(d)):
         desc, key = _describe(obj, i)
@@ -91,26 +95,22 @@ def parse_file(path: str, text: str, previous: dict[tuple, Any]) -> tuple[dict[t
         if kind is None:
             problems.append(Problem(name, desc, "", "not an object"))
             continue
-        parser = PARSERS.get(kind)
-        if parser is None:
-            if kind[1] in ("Service", "EndpointSlice", "Node"):
+        if kind not in PARSERS:
+            if kind[1] in KIND_PARSERS:
                 problems.append(Problem(name, desc, "apiVersion", f"unsupported apiVersion {kind[0]!r} for {kind[1]}"))
             continue  # other kinds (Deployments, ...) are not ours to read
         if key is None:
             problems.append(Problem(name, desc, "metadata.name", "missing"))
             continue
-        try:
-            value = parser(obj)
-        except ObjectError as e:
-            problems.append(Problem(name, desc, e.field, e.reason))
-            if key in previous:
-                objects[key] = previous[key]
-            continue
-        if key in objects:
+        if key in seen:
             problems.append(Problem(name, desc, "metadata.name", "defined twice in this file; the first one is used"))
             continue
-        objects[key] = value
-    return objects, problems
+        seen.add(key)
+        p = parse(kind[1], obj)
+        if p.error is not None:
+            problems.append(Problem(name, desc, p.error.field, p.error.reason))
+        items.append(p)
+    return items, problems
 
 
 class ManifestFolder:
@@ -118,6 +118,7 @@ class ManifestFolder:
         self.path = path
         self.files: dict[str, _File] = {}
         self.report = report or (lambda p: log.error("bad manifest: %s", p))
+        self.last = LastGood()
 
     def scan(self) -> bool:
         """Re-read files that changed; True if anything was added, changed or removed."""
@@ -145,10 +146,11 @@ class ManifestFolder:
             except (OSError, UnicodeDecodeError) as e:
                 self.report(Problem(n, "file", "", f"unreadable: {e}"))
                 continue
-            objects, problems = parse_file(p, text, old.objects if old else {})
+            items, problems = parse_file(p, text)
             for prob in problems:
                 self.report(prob)
-            self.files[p] = _File(stamp, objects, problems)
+            # A file that does not parse keeps its last good objects (a file-level LastGood).
+            self.files[p] = _File(stamp, old.items if items is None and old else items or [], problems)
             changed = True
         for p in set(self.files) - seen:
             del self.files[p]
@@ -158,19 +160,53 @@ class ManifestFolder:
     def problems(self) -> list[Problem]:
         return [p for f in self.files.values() for p in f.problems]
 
-    def snapshot(self) -> tuple[dict[ObjKey, Service], dict[ObjKey, EndpointSlice], dict[str, Node]]:
-        services: dict[ObjKey, Service] = {}
-        slices: dict[ObjKey, EndpointSlice] = {}
-        nodes: dict[str, Node] = {}
+    def _collect(self) -> dict[str, tuple[dict[ObjKey, Any], dict[ObjKey, float]]]:
+        """Per kind: (values by key, trigger times by Service), the first file (by name) winning."""
+        by_kind: dict[str, list[Parsed]] = {SERVICE[1]: [], ENDPOINT_SLICE[1]: [], NODE[1]: []}
+        seen: set[tuple[str, ObjKey]] = set()
         for p in sorted(self.files):
-            for (kind, key), value in self.files[p].objects.items():
-                if kind == SERVICE:
-                    if key in services:
-                        self.report(Problem(os.path.basename(p), f"Service {key}", "metadata.name", "also defined in an earlier file; that one is used"))
-                        continue
-                    services[key] = value
-                elif kind == ENDPOINT_SLICE:
-                    slices.setdefault(key, value)
-                elif kind == NODE:
-                    nodes.setdefault(key.name, value)
-        return services, slices, nodes
+            for item in self.files[p].items:
+                if (item.kind, item.key) in seen:
+                    if item.kind == SERVICE[1]:
+                        self.report(Problem(os.path.basename(p), f"Service {item.key}", "metadata.name",
+                                            "also defined in an earlier file; that one is used"))
+                    continue
+                seen.add((item.kind, item.key))
+                by_kind[item.kind].append(item)
+        out = {}
+        for kind, items in by_kind.items():
+            values, triggers, _bad = self.last.listed(kind, items)  # reported by parse_file, with the file
+            out[kind] = values, triggers
+        return out
+
+    def snapshot(self) -> tuple[dict[ObjKey, Service], dict[ObjKey, EndpointSlice], dict[str, Node]]:
+        c = self._collect()
+        return c[SERVICE[1]][0], c[ENDPOINT_SLICE[1]][0], {k.name: v for k, v in c[NODE[1]][0].items()}
+
+    def deliver(self, handler: Handler) -> None:
+        """The whole folder, as complete lists, to the handler."""
+        c = self._collect()
+        handler.services_listed(c[SERVICE[1]][0])
+        handler.slices_listed(*c[ENDPOINT_SLICE[1]])
+        handler.nodes_listed({k.name: v for k, v in c[NODE[1]][0].items()})
+
+
+async def follow(folder: ManifestFolder, handler: Handler, stop: asyncio.Event, poll_interval: float,
+                 max_iterations: int | None = None) -> None:
+    """The manifest source: the folder, read whole at start (then the handler is told it is synced)
+    and again whenever a file changes."""
+    n = 0
+    first = True
+    while not stop.is_set():
+        if folder.scan() or first:
+            folder.deliver(handler)
+            if first:
+                handler.synced()  # a folder is "listed" once it has been read whole
+                first = False
+        n += 1
+        if max_iterations is not None and n >= max_iterations:
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), poll_interval)
+        except asyncio.TimeoutError:
+            pass
