@@ -205,6 +205,8 @@ def _endpoint_ip(addr: Any, address_type: str, field: str) -> str:
 def _pod_cidrs(cidrs: list) -> tuple:
     for i, c in enumerate(cidrs):
         try:
+            if not isinstance(c, str):  # ip_network takes an int (or true) as an address
+                raise ValueError
             ipaddress.ip_network(c, strict=False)
         except ValueError:
             raise ObjectError(f"spec.podCIDRs[{i}]", f"not a CIDR: {c!r}") from None
