@@ -17,7 +17,8 @@ measured:
      - VmHWM (peak RSS) and VmRSS from /proc/<pid>/status just before SIGTERM, and both as they
        were when "datapath attached" was logged (what imports and bcc/LLVM compiling account for).
 2. The same pipeline in this process, --reps times on maps emptied in between: parse (the manifest
-   folder source), translate (lb.translate, pure), reconcile (lb.reconcile.Reconciler.sync against
+   folder source; next to it, "decode": lb.objects.decode_documents on the file's bytes alone, the
+   msgspec path the source calls for .json files), translate (lb.translate, pure), reconcile (lb.reconcile.Reconciler.sync against
    the pinned maps), with the time spent inside the map methods (packing and syscalls) separated
    from Python planning.
    Each rep starts cold (lb's memoising caches cleared, garbage collected), as a new agent would.
@@ -53,6 +54,7 @@ from lb.maps import bpfsys
 from lb.maps.services import PinnedServiceMaps, map_fill, pack_frontend
 from lb.maps.structs import BACKENDS_MAP, REVNAT_MAP, SERVICES_MAP, SvcVal
 from lb.model import TCP, Frontend
+from lb.objects import decode_documents
 from lb.reconcile import Reconciler
 from lb.settings import MapSizes
 from lb.source.manifests import ManifestFolder
@@ -249,6 +251,7 @@ class TimedMaps:
 
 @dataclass
 class Rep:
+    decode_s: float  # lb.objects.decode_documents on the file's bytes (read beforehand), alone
     parse_s: float
     translate_s: float
     reconcile_s: float  # Reconciler.sync, map writes included
@@ -268,7 +271,16 @@ def cold_start() -> None:
     gc.collect()
 
 
+def decode_once(folder: Path) -> float:
+    raw = (folder / "services.json").read_bytes()
+    cold_start()
+    t = time.perf_counter()
+    decode_documents(raw)
+    return time.perf_counter() - t
+
+
 def pipeline_once(folder: Path, maps: PinnedServiceMaps, sizes: MapSizes) -> Rep:
+    decode_s = decode_once(folder)
     cold_start()
     t0 = time.perf_counter()
     source = ManifestFolder(str(folder))
@@ -287,7 +299,7 @@ def pipeline_once(folder: Path, maps: PinnedServiceMaps, sizes: MapSizes) -> Rep
     maps_s = sum(timed.seconds.values())
     reconciler.sync({}, prune=True)
     t5 = time.perf_counter()
-    return Rep(t1 - t0, t2 - t1, t4 - t3, maps_s, t5 - t4, len(want))
+    return Rep(decode_s, t1 - t0, t2 - t1, t4 - t3, maps_s, t5 - t4, len(want))
 
 
 def profile_once(folder: Path, maps: PinnedServiceMaps, sizes: MapSizes, top: int) -> str:
@@ -381,21 +393,22 @@ def main() -> int:
         datapath.attach(paths_of(bed), sizes)
         maps = PinnedServiceMaps(bed.bpf_root)
         try:
-            print(f"{'rep':>3}  {'parse':>7}  {'translate':>9}  {'reconcile':>9}  {'(in maps)':>9}  {'total':>7}  "
-                  f"{'remove all':>10}")
+            print(f"{'rep':>3}  {'(decode)':>8}  {'parse':>7}  {'translate':>9}  {'reconcile':>9}  {'(in maps)':>9}  "
+                  f"{'total':>7}  {'remove all':>10}")
             rs = []
             for r in range(reps):
                 rep = pipeline_once(folder, maps, sizes)
                 rs.append(rep)
                 total = rep.parse_s + rep.translate_s + rep.reconcile_s
-                print(f"{r + 1:>3}  {rep.parse_s:>6.2f}s  {rep.translate_s:>8.2f}s  {rep.reconcile_s:>8.2f}s  "
+                print(f"{r + 1:>3}  {rep.decode_s:>7.2f}s  {rep.parse_s:>6.2f}s  {rep.translate_s:>8.2f}s  {rep.reconcile_s:>8.2f}s  "
                       f"{rep.maps_s:>8.2f}s  {total:>6.2f}s  {rep.clear_s:>9.2f}s", flush=True)
             med = {k: median([getattr(x, k) for x in rs])
-                   for k in ("parse_s", "translate_s", "reconcile_s", "maps_s", "clear_s")}
+                   for k in ("decode_s", "parse_s", "translate_s", "reconcile_s", "maps_s", "clear_s")}
             total = med["parse_s"] + med["translate_s"] + med["reconcile_s"]
             print(f"median: parse {med['parse_s']:.2f} s + translate {med['translate_s']:.2f} s + reconcile "
                   f"{med['reconcile_s']:.2f} s (of which {med['maps_s']:.2f} s in map packing and syscalls) = "
-                  f"{total:.2f} s for {rs[0].frontends} frontends; removing all {med['clear_s']:.2f} s")
+                  f"{total:.2f} s for {rs[0].frontends} frontends; removing all {med['clear_s']:.2f} s; "
+                  f"decode_documents alone {med['decode_s']:.2f} s")
             if a.profile or total > TARGET_S or med_sync > TARGET_S:
                 print("\n## cProfile of one in-process rep (parse + translate + reconcile)")
                 print(profile_once(folder, maps, sizes, 30))

@@ -1,11 +1,16 @@
 """Model values shared by the pipeline stages: parsed Kubernetes objects in, frontends out.
 
-Everything here is a frozen dataclass: the translate stage is a pure function of these values.
+Everything here is a frozen ``msgspec.Struct``: immutable and hashable like a frozen dataclass, and
+built in C (a frozen dataclass's ``__init__`` costs a Python-level ``object.__setattr__`` per field,
+which for 100 000 endpoints and backends was a fifth of the sync). ``gc=False``: these values hold
+only strings, numbers and tuples of each other, so they can never be part of a reference cycle and
+the collector need not track them. The translate stage is a pure function of these values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NewType
+
+from msgspec import Struct
 
 ServiceID = NewType("ServiceID", int)  # the frontend's reverse-NAT ID
 BackendID = NewType("BackendID", int)
@@ -14,8 +19,7 @@ TCP, UDP, SCTP = "TCP", "UDP", "SCTP"
 IPV4, IPV6 = "IPv4", "IPv6"
 
 
-@dataclass(frozen=True, order=True)
-class ObjKey:
+class ObjKey(Struct, frozen=True, order=True, gc=False):
     namespace: str
     name: str
 
@@ -23,16 +27,14 @@ class ObjKey:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True)
-class ServicePort:
+class ServicePort(Struct, frozen=True, gc=False):
     name: str
     port: int
     protocol: str
     node_port: int = 0
 
 
-@dataclass(frozen=True)
-class Service:
+class Service(Struct, frozen=True, gc=False):
     key: ObjKey
     type: str = "ClusterIP"
     cluster_ips: tuple[str, ...] = ()
@@ -45,8 +47,7 @@ class Service:
     skip: str = ""  # why the proxy ignores this Service ("" = it does not)
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(Struct, frozen=True, gc=False):
     ip: str  # first address, normalised
     ready: bool = True
     serving: bool = True
@@ -57,15 +58,13 @@ class Endpoint:
     hint_nodes: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class SlicePort:
+class SlicePort(Struct, frozen=True, gc=False):
     name: str
     port: int
     protocol: str
 
 
-@dataclass(frozen=True)
-class EndpointSlice:
+class EndpointSlice(Struct, frozen=True, gc=False):
     key: ObjKey
     service: ObjKey | None  # from the kubernetes.io/service-name label
     address_type: str
@@ -74,8 +73,7 @@ class EndpointSlice:
     skip: str = ""
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(Struct, frozen=True, gc=False):
     name: str
     labels: tuple[tuple[str, str], ...] = ()
     pod_cidrs: tuple[str, ...] = ()
@@ -91,8 +89,7 @@ class Node:
 
 # ---- translate output ---------------------------------------------------------------------------
 
-@dataclass(frozen=True, order=True, slots=True)
-class Frontend:
+class Frontend(Struct, frozen=True, order=True, gc=False):
     ip: str
     port: int
     protocol: str
@@ -103,8 +100,7 @@ class Frontend:
         return f"{host}:{self.port}/{self.protocol}"
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Backend:
+class Backend(Struct, frozen=True, order=True, gc=False):
     ip: str
     port: int
     protocol: str
@@ -114,10 +110,9 @@ class Backend:
         return f"{host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class FrontendState:
+class FrontendState(Struct, frozen=True, gc=False):
     """What the datapath must do for one frontend."""
     backends: tuple[Backend, ...]
     drop_empty: bool = False  # no backends: drop (True) or reject with ECONNREFUSED (False)
     affinity_timeout: int = 0
-    service: str = field(default="", compare=True)  # "ns/name:port" for display
+    service: str = ""  # "ns/name:port" for display

@@ -81,6 +81,8 @@ def topology_mode(endpoints: Iterable[Endpoint], node: NodeView) -> tuple[str, s
             for_node = True
         if not ep.hint_zones:
             all_zone = False
+            if not all_node:
+                break  # neither kind of hint can apply any more
         elif node.zone in ep.hint_zones:
             for_zone = True
     if all_node and for_node:
@@ -121,8 +123,11 @@ def select_endpoints(endpoints: tuple[Endpoint, ...], svc: Service, node: NodeVi
     mode, note = "", ""
     if uses_cluster_endpoints(svc):
         mode, note = topology_mode(endpoints, node)
-        cluster = tuple(ep for ep in endpoints if ep.ready and available_for_topology(ep, mode, node))
-        for ep in endpoints:
+        if mode:
+            cluster = tuple([ep for ep in endpoints if ep.ready and available_for_topology(ep, mode, node)])
+        else:
+            cluster = tuple([ep for ep in endpoints if ep.ready])
+        for ep in endpoints if len(cluster) != len(endpoints) else ():  # else: none excluded
             if not ep.ready:
                 excl_c[ep.ip] = _why_not_ready(ep)
             elif not available_for_topology(ep, mode, node):
@@ -167,34 +172,39 @@ def slices_by_service(slices: Iterable[EndpointSlice]) -> dict[ObjKey, list[Endp
     return index
 
 
+def _slice_name(s: EndpointSlice) -> str:
+    return s.key.name
+
+
 def port_endpoints(svc: Service, port: ServicePort, family: str,
                    slices: Iterable[EndpointSlice]) -> PortEndpoints:
     """endpointslicecache.go endpointInfoByServicePort/addEndpoints: slices of this family whose
     port has the Service port's name and protocol (targetPort is not consulted); one entry per
-    IP:port, a non-terminating copy replacing a terminating one."""
-    merged: dict[tuple[str, int], tuple[Endpoint, int]] = {}
-    for s in sorted(slices, key=lambda s: s.key.name):
+    IP:port, a non-terminating copy replacing a terminating one. Sorted by IP, then port."""
+    slices = slices if isinstance(slices, (list, tuple)) else list(slices)
+    merged: dict[tuple[str, int], Endpoint] = {}
+    for s in slices if len(slices) < 2 else sorted(slices, key=_slice_name):
         if s.address_type != family:
             continue
         for sp in s.ports:
             if sp.name != port.name or sp.protocol != port.protocol:
                 continue
+            target = sp.port
             for ep in s.endpoints:
-                k = (ep.ip, sp.port)
-                if k not in merged or not ep.terminating:
-                    merged[k] = (ep, sp.port)
-    return PortEndpoints(port, family, tuple(merged[k] for k in sorted(merged)))
+                k = (ep.ip, target)
+                if not ep.terminating or k not in merged:
+                    merged[k] = ep
+    return PortEndpoints(port, family, tuple([(ep, k[1]) for k, ep in sorted(merged.items())]))
 
 
-def _state(svc: Service, port: ServicePort, pe: PortEndpoints, chosen: tuple[Endpoint, ...],
-           has_any: bool) -> FrontendState:
-    ports = {}
-    for ep, target in pe.endpoints:
-        ports.setdefault(ep.ip, []).append(target)
-    backends = tuple(sorted({Backend(ep.ip, t, port.protocol) for ep in chosen for t in ports[ep.ip]}))
-    return FrontendState(backends=backends, drop_empty=has_any and not backends,
-                         affinity_timeout=svc.affinity_timeout,
-                         service=f"{svc.key}:{port.name}" if port.name else str(svc.key))
+def _backends(pe: PortEndpoints, chosen: tuple[Endpoint, ...]) -> tuple[Backend, ...]:
+    """Every target port of every chosen endpoint. ``chosen`` is a subsequence of pe's endpoints, and
+    pe's (IP, port) pairs are sorted and distinct, so the backends come out sorted and distinct."""
+    protocol = pe.port.protocol
+    if len(chosen) == len(pe.endpoints):  # all of them
+        return tuple([Backend(ep.ip, target, protocol) for ep, target in pe.endpoints])
+    ips = {ep.ip for ep in chosen}
+    return tuple([Backend(ep.ip, target, protocol) for ep, target in pe.endpoints if ep.ip in ips])
 
 
 def translate_service(svc: Service, slices: Iterable[EndpointSlice], node: NodeView) -> dict[Frontend, FrontendState]:
@@ -203,27 +213,31 @@ def translate_service(svc: Service, slices: Iterable[EndpointSlice], node: NodeV
     if svc.skip:
         return out
     slices = list(slices)
-    families = []
+    by_family: dict[str, list[str]] = {}  # cluster IPs by family, in the Service's order
     for ip in svc.cluster_ips:
-        if family_of(ip) not in families:
-            families.append(family_of(ip))
+        by_family.setdefault(family_of(ip), []).append(ip)
+    outside = svc.external_ips + svc.lb_ingress_ips
     for port in svc.ports:
         if port.protocol == SCTP:
             continue  # cgroup sock_addr hooks see TCP and UDP only
-        for family in families:
+        name = f"{svc.key}:{port.name}" if port.name else str(svc.key)
+        for family, cluster_ips in by_family.items():
             pe = port_endpoints(svc, port, family, slices)
-            sel = select_endpoints(tuple(ep for ep, _ in pe.endpoints), svc, node)
+            sel = select_endpoints(tuple([ep for ep, _ in pe.endpoints]), svc, node)
             # ClusterIP: internalTrafficPolicy picks the set (nftables proxier: internal chain).
-            internal = sel.local if svc.internal_local else sel.cluster
-            state = _state(svc, port, pe, internal, sel.has_any)
-            for ip in svc.cluster_ips:
-                if family_of(ip) == family:
-                    out[Frontend(ip, port.port, port.protocol)] = state
+            backends = _backends(pe, sel.local if svc.internal_local else sel.cluster)
+            state = FrontendState(backends, sel.has_any and not backends, svc.affinity_timeout, name)
+            for ip in cluster_ips:
+                out[Frontend(ip, port.port, port.protocol)] = state
             # externalIPs and load-balancer IPs dialled from this node are in-cluster clients:
             # kube-proxy short-circuits them to the cluster set whatever the external policy.
-            external = _state(svc, port, pe, sel.cluster, sel.has_any)
-            for ip in svc.external_ips + svc.lb_ingress_ips:
+            external = state
+            for ip in outside:
                 if family_of(ip) == family:
+                    if external is state and svc.internal_local:
+                        backends = _backends(pe, sel.cluster)
+                        external = FrontendState(backends, sel.has_any and not backends, svc.affinity_timeout,
+                                                 name)
                     out.setdefault(Frontend(ip, port.port, port.protocol), external)
     return out
 

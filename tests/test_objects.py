@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_service, make_slice
-from lb.objects import ObjectError, parse_endpoint_slice, parse_ip_sloppy, parse_service
+from lb.objects import KIND_PARSERS, ObjectError, parse_endpoint_slice, parse_ip_sloppy, parse_service
 
 
 @pytest.mark.parametrize("text,want", [
@@ -95,3 +95,224 @@ def test_lb_ingress_ip_mode_proxy_gets_no_rule():
         {"ip": "192.168.9.1", "ipMode": "Proxy"}, {"ip": "192.168.9.2", "ipMode": "VIP"}, {"ip": "192.168.9.3"},
         {"hostname": "lb.example"}]}})))
     assert svc.lb_ingress_ips == ("192.168.9.2", "192.168.9.3")
+
+
+# ---- the bytes decoders (msgspec typed path, dict parsers as the reference) ------------------------------
+
+import copy  # noqa: E402
+import json  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from conftest import make_endpoint  # noqa: E402
+from lb.objects import (DecodeError, Event, Other, Page, Parsed, decode_documents, decode_event,  # noqa: E402
+                        decode_page, parse)
+
+
+def view(p):
+    """A Parsed / Other as comparable data (ObjectError compares by identity)."""
+    if isinstance(p, Other):
+        return ("other", p.api_version, p.kind, p.error and (p.error.field, p.error.reason))
+    assert isinstance(p, Parsed)
+    assert (p.value is None) != (p.error is None) or (p.value is None and p.error is None)
+    return (p.kind, p.key, p.value, p.trigger, p.error and (p.error.field, p.error.reason))
+
+
+def page_bytes(objs: list, cont: str = "", rv: str = "7") -> bytes:
+    return json.dumps({"apiVersion": "v1", "kind": "List", "metadata": {"continue": cont, "resourceVersion": rv},
+                       "items": objs}).encode()
+
+
+def test_page_with_one_bad_object_keeps_the_others_and_names_the_field():
+    good = make_service("ns", "a")
+    bad = make_service("ns", "b", lambda s: s["spec"]["ports"].append({"name": "x", "port": 70000}))
+    page = decode_page("Service", page_bytes([good, bad], cont="next", rv="42"))
+    assert (page.cont, page.resource_version) == ("next", "42")
+    assert page.items[0].value == parse_service(good)
+    assert page.items[1].value is None and page.items[1].key.name == "b"
+    assert (page.items[1].error.field, "between 1 and 65535" in page.items[1].error.reason) == ("spec.ports[1].port", True)
+
+
+@pytest.mark.parametrize("line,want", [
+    ({"type": "ADDED", "object": make_slice("ns", "s", "svc", ["10.1.1.1"])}, ("ADDED", "ns/s", True)),
+    ({"type": "DELETED", "object": {"metadata": {"name": "s", "namespace": "ns", "resourceVersion": "9"}}},
+     ("DELETED", "ns/s", False)),
+    ({"type": "BOOKMARK", "object": {"kind": "EndpointSlice", "metadata": {"resourceVersion": "9"}}},
+     ("BOOKMARK", None, False)),
+    ({"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old"}}, ("ERROR", None, False)),
+], ids=["added", "deleted", "bookmark", "error"])
+def test_watch_lines(line, want):
+    ev = decode_event("EndpointSlice", json.dumps(line).encode())
+    assert (ev.type, ev.item and str(ev.item.key), bool(ev.item and ev.item.value)) == want
+    if ev.type == "ERROR":
+        assert (ev.status_code, ev.message) == (410, "too old")
+    if ev.type in ("DELETED", "BOOKMARK"):
+        assert ev.resource_version == "9"
+
+
+def test_manifest_documents_in_file_order():
+    svc = make_service("ns", "a")
+    doc = [{"apiVersion": "v1", "kind": "List", "items": [svc, {"apiVersion": "apps/v1", "kind": "Deployment"}]},
+           {"apiVersion": "v2", "kind": "Service", "metadata": {"name": "b"}}, 5,
+           make_slice("ns", "s", "a", ["10.1.1.1"])]
+    got = [view(p) for p in decode_documents(json.dumps(doc).encode())]
+    assert got == [view(parse("Service", svc)), ("other", "apps/v1", "Deployment", None),
+                   ("other", "v2", "Service", ("apiVersion", "unsupported apiVersion 'v2' for Service")),
+                   ("other", "", "", ("", "not an object")),
+                   view(parse("EndpointSlice", doc[3]))]
+    with pytest.raises(DecodeError):
+        decode_documents(b'{"kind": "List", "items": [')
+
+
+# Rich objects with every field the parsers read, mutated at random paths to random JSON values: the
+# typed path must give exactly what the dict parsers give (value, or the error's field and reason).
+
+def rich_service() -> dict:
+    def mutate(s):
+        s["metadata"]["labels"] = {"app": "x"}
+        s["spec"].update(type="LoadBalancer", clusterIPs=["10.96.0.10", "fd00:96::10"], externalIPs=["192.0.2.1"],
+                         sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+                         internalTrafficPolicy="Local", externalTrafficPolicy="Cluster")
+        s["spec"]["ports"].append({"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053})
+        s["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.9", "ipMode": "VIP"}, {"hostname": "h"}]}}
+    return make_service("ns", "svc", mutate)
+
+
+def rich_slice() -> dict:
+    def mutate(e):
+        e["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": "2024-05-01T10:00:00Z"}
+        e["ports"].append({"name": "dns", "port": 53, "protocol": "UDP"})
+        e["endpoints"] = [make_endpoint("10.1.1.1", zones=["a"], nodes=["node-a"]),
+                          make_endpoint("10.1.1.2", ready=False, serving=True, terminating=True),
+                          {"addresses": ["10.1.1.3"], "zone": "b"}]
+    return make_slice("ns", "s", "svc", ["10.1.1.1"], mutate)
+
+
+def rich_node() -> dict:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "a"}},
+            "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24", "fd00:244::/64"],
+                     "taints": [{"key": "k", "effect": "NoSchedule"}]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.5"}]}}
+
+
+BASES = {"Service": rich_service, "EndpointSlice": rich_slice, "Node": rich_node}
+PLAUSIBLE = st.sampled_from([
+    "", "TCP", "UDP", "SCTP", "ICMP", "None", "ClientIP", "Cluster", "Local", "IPv4", "IPv6", "FQDN", "ClusterIP",
+    "NodePort", "LoadBalancer", "ExternalName", "Proxy", "VIP", "10.1.1.1", "010.001.1.1", "fd00::1", "FD00::A",
+    "1.2.3.4\n5.6.7.8", " 10.1.1.1", "2024-01-01T00:00:00Z", "10.0.0.0/24", "kubernetes.io/service-name",
+    "service.kubernetes.io/headless", "ToBeDeletedByClusterAutoscaler", 0, 1, 80, 65535, 65536, -1, 86400,
+    86401, 2 ** 63, 2 ** 64 + 1, 80.0, True, False, None])
+SCALARS = PLAUSIBLE | st.text(max_size=8) | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=6) | st.sampled_from(["name", "port", "ip", "ready"]),
+                                      inner, max_size=3), max_leaves=6)
+
+
+def paths(obj, prefix=()):
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield prefix + (k,)
+        yield from paths(v, prefix + (k,))
+
+
+@st.composite
+def mutated(draw, kind: str):
+    obj = BASES[kind]()
+    for _ in range(draw(st.integers(1, 3))):
+        where = sorted(paths(obj), key=repr)
+        path = draw(st.sampled_from(where))
+        parent = obj
+        for k in path[:-1]:
+            parent = parent[k]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(JSON)
+    return obj
+
+
+def both_ways(kind: str, obj: dict) -> None:
+    want = view(parse(kind, obj))
+    assert [view(p) for p in decode_page(kind, page_bytes([obj])).items] == [want]
+    assert view(decode_event(kind, json.dumps({"type": "MODIFIED", "object": obj}).encode()).item) == want
+    listed = copy.deepcopy(obj)
+    if isinstance(listed, dict) and kind_ok(listed, kind):
+        assert [view(p) for p in decode_documents(json.dumps(listed).encode())] == [want]
+
+
+def kind_ok(obj: dict, kind: str) -> bool:
+    return obj.get("kind") == kind and obj.get("apiVersion") == BASES[kind]()["apiVersion"]
+
+
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_rich_objects_parse_the_same_both_ways(kind):
+    obj = BASES[kind]()
+    assert parse(kind, obj).value is not None
+    both_ways(kind, obj)
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@FUZZ
+@given(data=st.data())
+def test_mutated_objects_parse_or_name_a_field_the_same_both_ways(kind, data):
+    obj = data.draw(mutated(kind))
+    p = parse(kind, obj)  # never raises
+    assert (p.value is None) == (p.error is not None)
+    if p.error is not None:
+        assert isinstance(p.error.field, str) and p.error.reason
+    try:
+        KIND_PARSERS[kind](obj)
+    except ObjectError:
+        pass  # the only exception the dict parsers may raise
+    both_ways(kind, obj)
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@FUZZ
+@given(obj=JSON)
+def test_any_json_parses_or_names_a_field(kind, obj):
+    p = parse(kind, obj)
+    assert (p.value is None) == (p.error is not None)
+    if isinstance(obj, dict):
+        both_ways(kind, obj)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=64) | JSON.map(lambda v: json.dumps(v).encode())
+       | st.builds(lambda objs, cut: page_bytes(objs)[:cut], st.lists(JSON, max_size=2), st.integers(0, 200)))
+def test_any_bytes_decode_or_raise_decode_error(raw):
+    for kind in BASES:
+        for decode, result in ((decode_page, Page), (decode_event, Event)):
+            try:
+                assert isinstance(decode(kind, raw), result)
+            except DecodeError:
+                pass
+    try:
+        assert all(isinstance(p, (Parsed, Other)) for p in decode_documents(raw))
+    except DecodeError:
+        pass
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_every_field_set_to_every_plausible_value_parses_the_same_both_ways(kind):
+    """The exhaustive complement of the random walk above: one field changed (or removed) at a time."""
+    values = PLAUSIBLE.wrapped_strategy.elements if hasattr(PLAUSIBLE, "wrapped_strategy") else PLAUSIBLE.elements
+    base = BASES[kind]()
+    for path in list(paths(base)):
+        for value in [*values, {}, [], [{}], "REMOVE"]:
+            obj = copy.deepcopy(base)
+            parent = obj
+            for k in path[:-1]:
+                parent = parent[k]
+            if value == "REMOVE":
+                if not isinstance(parent, dict):
+                    continue
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = copy.deepcopy(value)
+            both_ways(kind, obj)
