@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import bpfsys
-from .services import pack_ip, unpack_ip
+from .addr import pack_ip, unpack_ip
 from .structs import ENDPOINTS_MAP, Endpoint, EndpointKey, packer
 
 _KEY = packer(EndpointKey)
