@@ -7,7 +7,7 @@ series, and nothing from the library's default registry (process and GC collecto
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 
 # kube-proxy serves no <name>_created series; this process serves only bpflb's registries.
 disable_created_metrics()
@@ -24,7 +24,7 @@ PROGRAMMING_BUCKETS = exponential(0.001, 2, 18)  # 1 ms .. 131 s: bpflb programs
 class AgentMetrics:
     """Every family the agent serves on /metrics; ``render()`` is the body, ``content_type`` its type."""
 
-    content_type = CONTENT_TYPE_PLAIN_0_0_4
+    content_type = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
