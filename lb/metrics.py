@@ -28,40 +28,44 @@ class AgentMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+
+        def histogram(name: str, doc: str, buckets=SYNC_BUCKETS) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=r)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, registry=r)  # served as <name>_total
+
         # ---- kube-proxy's families (pkg/proxy/metrics/metrics.go) ----
-        self.sync_duration = Histogram(
-            "bpflb_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds (full and partial syncs)",
-            buckets=SYNC_BUCKETS, registry=r)
-        self.sync_full_duration = Histogram(
+        self.sync_duration = histogram("bpflb_sync_proxy_rules_duration_seconds",
+                                       "SyncProxyRules latency in seconds (full and partial syncs)")
+        self.sync_full_duration = histogram(
             "bpflb_sync_full_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for full resyncs (every Service, kernel maps re-read, stale pruned)",
-            buckets=SYNC_BUCKETS, registry=r)
-        self.sync_partial_duration = Histogram(
-            "bpflb_sync_partial_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for partial syncs (only the changed Services)",
-            buckets=SYNC_BUCKETS, registry=r)
-        self.last_sync = Gauge("bpflb_sync_proxy_rules_last_timestamp_seconds",
-                               "The last time proxy rules were successfully synced", registry=r)
-        self.last_queued = Gauge("bpflb_sync_proxy_rules_last_queued_timestamp_seconds",
-                                 "The last time a sync of proxy rules was queued", registry=r)
-        self.programming_latency = Histogram(
+            "SyncProxyRules latency in seconds for full resyncs (every Service, kernel maps re-read, stale pruned)")
+        self.sync_partial_duration = histogram("bpflb_sync_partial_proxy_rules_duration_seconds",
+                                               "SyncProxyRules latency in seconds for partial syncs (changed Services only)")
+        self.last_sync = gauge("bpflb_sync_proxy_rules_last_timestamp_seconds",
+                               "The last time proxy rules were successfully synced")
+        self.last_queued = gauge("bpflb_sync_proxy_rules_last_queued_timestamp_seconds",
+                                 "The last time a sync of proxy rules was queued")
+        self.programming_latency = histogram(
             "bpflb_network_programming_duration_seconds",
             "From an EndpointSlice change (endpoints.kubernetes.io/last-change-trigger-time) to the maps being programmed",
-            buckets=PROGRAMMING_BUCKETS, registry=r)
-        self.service_changes = Counter("bpflb_sync_proxy_rules_service_changes",
-                                       "Cumulative proxy rules Service changes", registry=r)
-        self.endpoint_changes = Counter("bpflb_sync_proxy_rules_endpoint_changes",
-                                        "Cumulative proxy rules Endpoint (EndpointSlice) changes", registry=r)
-        self.healthz = Counter("bpflb_proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=r)
-        self.livez = Counter("bpflb_proxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=r)
+            PROGRAMMING_BUCKETS)
+        self.service_changes = counter("bpflb_sync_proxy_rules_service_changes", "Cumulative proxy rules Service changes")
+        self.endpoint_changes = counter("bpflb_sync_proxy_rules_endpoint_changes",
+                                        "Cumulative proxy rules Endpoint (EndpointSlice) changes")
+        self.healthz = counter("bpflb_proxy_healthz", "Cumulative proxy healthz HTTP status", "code")
+        self.livez = counter("bpflb_proxy_livez", "Cumulative proxy livez HTTP status", "code")
         # ---- bpflb's own ----
-        self.pending = Gauge("bpflb_sync_proxy_rules_pending_changes",
-                             "Services changed but not yet programmed", registry=r)
-        self.services = Gauge("bpflb_services_programmed", "Frontends programmed in the datapath", registry=r)
-        self.backends = Gauge("bpflb_backends_programmed", "Distinct backends programmed in the datapath", registry=r)
-        self.map_fill = Gauge("bpflb_map_fill_ratio", "Entries / capacity of each BPF map", ["map"], registry=r)
-        self.api_errors = Counter("bpflb_api_errors", "Errors talking to the API server", ["code"], registry=r)
-        self.sync_errors = Counter("bpflb_sync_errors", "Syncs that failed and will be retried", registry=r)
+        self.pending = gauge("bpflb_sync_proxy_rules_pending_changes", "Services changed but not yet programmed")
+        self.services = gauge("bpflb_services_programmed", "Frontends programmed in the datapath")
+        self.backends = gauge("bpflb_backends_programmed", "Distinct backends programmed in the datapath")
+        self.map_fill = gauge("bpflb_map_fill_ratio", "Entries / capacity of each BPF map", "map")
+        self.api_errors = counter("bpflb_api_errors", "Errors talking to the API server", "code")
+        self.sync_errors = counter("bpflb_sync_errors", "Syncs that failed and will be retried")
 
     def observe_sync(self, seconds: float, full: bool) -> None:
         """One successful sync took ``seconds``: counted in the overall and in the full or partial histogram."""

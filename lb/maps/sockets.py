@@ -4,32 +4,18 @@ getpeername) and the release hook forgets it; the agent reads it only to find th
 removed backend strands (lb/sockets.py), and forgets the ones it destroyed."""
 from __future__ import annotations
 
-import os
-
 from . import bpfsys
 from .addr import net_port, pack_ip
+from .pinned import PinnedMap
 from .structs import SOCK_REVNAT_MAP, SockKey, SockVal, packer
 
 _KEY = packer(SockKey)
 _VAL = packer(SockVal)
 
 
-class SocketRevNatMap:
-    """The pinned map, opened by its pin under ``bpf_root``; a context manager closes it."""
-
-    def __init__(self, bpf_root: str):
-        self.fd = bpfsys.obj_get(os.path.join(bpf_root, SOCK_REVNAT_MAP))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> "SocketRevNatMap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+class SocketRevNatMap(PinnedMap):
+    """Read and forget entries by (socket cookie, backend ip, backend port)."""
+    name = SOCK_REVNAT_MAP
 
     @staticmethod
     def _key(cookie: int, ip: str, port: int) -> bytes:
