@@ -87,10 +87,9 @@ def ensure_bpffs(root: str) -> None:
 
 
 def cflags(paths: Paths, sizes: MapSizes) -> list[str]:
+    """Include path, pin root, and each map's size macro (lb/maps/structs.py MAPS says which field)."""
     return [f"-I{BPF_DIR}", f'-DPIN_ROOT="{paths.bpf_root}"',
-            f"-DSVC_MAP_SIZE={sizes.services}", f"-DBACKEND_MAP_SIZE={sizes.backends}",
-            f"-DREVNAT_MAP_SIZE={sizes.revnat}", f"-DSOCK_REVNAT_SIZE={sizes.sock_revnat}",
-            f"-DAFFINITY_MAP_SIZE={sizes.affinity}", f"-DENDPOINT_MAP_SIZE={sizes.endpoints}"]
+            *(f"-D{spec.macro}={getattr(sizes, spec.size)}" for spec in MAPS.values())]
 
 
 def compile_sock_lb(paths: Paths, sizes: MapSizes):

@@ -4,6 +4,8 @@ Health rule (ProxierHealthServer.isHealthy): healthy while starting, when nothin
 the oldest change still pending was queued less than ``health_timeout`` ago. /healthz also reports
 503 when the node is being deleted or tainted for deletion (nodeEligible false); /livez does not.
 Body: {"lastUpdated": ..., "currentTime": ..., "nodeEligible": ...} with Go's RFC 3339 times.
+Each answer is counted by status code (bpflb_proxy_healthz_total / bpflb_proxy_livez_total, as kube-proxy's
+ProxyHealthzTotal / ProxyLivezTotal).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+from .metrics import AgentMetrics
 
 log = logging.getLogger("bpflb.health")
 
@@ -57,8 +61,10 @@ class HealthState:
 
 @dataclass
 class HttpServer:
+    """/healthz, /livez and /metrics on every address given to ``listen``. Gauges that are computed at
+    scrape time are the agent's to keep current (``Gauge.set_function``), not this server's."""
     health: HealthState
-    metrics: Callable[[], str]
+    metrics: AgentMetrics
     servers: list = field(default_factory=list)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,8 +77,9 @@ class HttpServer:
             if path in ("/healthz", "/livez"):
                 status, doc = self.health.body(with_node=path == "/healthz")
                 body, ctype = json.dumps(doc).encode(), "application/json"
+                (self.metrics.healthz if path == "/healthz" else self.metrics.livez).labels(code=str(status)).inc()
             elif path == "/metrics":
-                status, body, ctype = 200, self.metrics().encode(), "text/plain; version=0.0.4"
+                status, body, ctype = 200, self.metrics.render(), self.metrics.content_type
             else:
                 status, body, ctype = 404, b"404 page not found\n", "text/plain"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]

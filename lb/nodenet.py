@@ -21,6 +21,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from . import sysctl
 from .model import Node
 
 log = logging.getLogger("bpflb.nodenet")
@@ -103,12 +104,12 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str = "eth0"
     return Plan(mode, my_ip, vtep, frozenset(routes), frozenset(neigh), frozenset(fdb), tuple(problems))
 
 
-def _sysctl(path: str, value: str) -> None:
+def _sysctl(key: str, value: str) -> None:
+    """Best effort: a node the agent may not configure still gets its routes."""
     try:
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError as e:
-        log.warning("cannot set %s: %s", path, e.strerror)
+        sysctl.write(key, value)
+    except sysctl.SysctlError as e:
+        log.warning("cannot set %s", e)
 
 
 def mtu_for(mode: str, uplink_mtu: int) -> int:
@@ -165,7 +166,7 @@ def apply(p: Plan, ipr=None) -> list[str]:
     try:
         if p.mode == "none" or p.node_ip is None:
             return changes  # nothing known about this node yet: touch nothing
-        _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        _sysctl("net/ipv4/ip_forward", "1")
         dev = None
         if p.mode == "overlay" and p.node_ip:
             found = ipr.link_lookup(ifname=VXLAN_DEV)
@@ -183,7 +184,7 @@ def apply(p: Plan, ipr=None) -> list[str]:
                     ipr.link("set", index=dev, mtu=mtu)
                     changes.append(f"{VXLAN_DEV} mtu {mtu}")
             ipr.link("set", index=dev, state="up")
-            _sysctl(f"/proc/sys/net/ipv4/conf/{VXLAN_DEV}/rp_filter", "0")
+            _sysctl(f"net/ipv4/conf/{VXLAN_DEV}/rp_filter", "0")
             if p.vtep_addr:
                 have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=dev)}
                 if p.vtep_addr not in have:

@@ -11,8 +11,8 @@ visited (a thread joins it with setns just long enough to open a netlink socket 
 """
 from __future__ import annotations
 
-import ctypes
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -20,9 +20,7 @@ import struct
 from typing import Iterable
 
 from . import netns
-from .maps import bpfsys
-from .maps.services import pack_ip
-from .maps.structs import SOCK_REVNAT_MAP, SockKey, SockVal, packer
+from .maps.sockets import SocketRevNatMap
 from .model import Backend
 
 log = logging.getLogger("bpflb.sockets")
@@ -35,9 +33,6 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 _NLH = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2 head; then inet_diag_sockid (48 bytes)
 _SOCKID = struct.Struct("=2s2s16s16sIQ")  # sport, dport (network order), src, dst, if, cookie
-_SK = packer(SockKey)
-_SV = packer(SockVal)
-
 
 
 def namespaces_below(cgroup_root: str) -> dict[tuple[int, int], int]:
@@ -87,18 +82,31 @@ def _request(nl: socket.socket, msg_type: int, flags: int, family: int, sockid: 
             msgs.append(payload)
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _plain(a: Address) -> Address:
+    """An IPv4-mapped IPv6 address as the IPv4 address it maps (a dual-stack socket's peer)."""
+    return (a.ipv4_mapped or a) if a.version == 6 else a
+
+
+def _peer(family: int, dst: bytes, dport: bytes) -> tuple[Address, int]:
+    """A socket's peer from inet_diag_sockid's fields (network byte order)."""
+    ip = ipaddress.IPv4Address(dst[:4]) if family == socket.AF_INET else _plain(ipaddress.IPv6Address(dst))
+    return ip, int.from_bytes(dport, "big")
+
+
 def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Backend]]) -> int:
     """Destroy UDP sockets that frontend ``id`` translated to ``backend``, for each (id, backend) in
     ``removed`` (a socket of another frontend still using that backend is left alone); returns how many."""
-    targets: dict[tuple[bytes, int], set[int]] = {}
+    targets: dict[tuple[Address, int], set[int]] = {}  # compared as addresses, not as text
     for rid, b in removed:
         if b.protocol == "UDP":
-            targets.setdefault((pack_ip(b.ip), socket.htons(b.port)), set()).add(rid)
+            targets.setdefault((_plain(ipaddress.ip_address(b.ip)), b.port), set()).add(rid)
     if not targets:
         return 0
-    fd = bpfsys.obj_get(os.path.join(bpf_root, SOCK_REVNAT_MAP))
     destroyed = 0
-    try:
+    with SocketRevNatMap(bpf_root) as revnat:
         for pid in namespaces_below(cgroup_root).values():
             try:
                 nl = _netlink_in(pid)
@@ -112,25 +120,21 @@ def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Ba
                         continue
                     for m in msgs:
                         sockid = m[4:52]
-                        sport, dport, src, dst, _ifx, cookie = _SOCKID.unpack(sockid)
-                        addr = (b"\0" * 10 + b"\xff\xff" + dst[:4]) if family == socket.AF_INET else dst
-                        dport16 = struct.unpack("=H", dport)[0]
-                        if (addr, dport16) not in targets:
+                        _sport, dport, _src, dst, _ifx, cookie = _SOCKID.unpack(sockid)
+                        peer = _peer(family, dst, dport)
+                        if peer not in targets:
                             continue
-                        key = _SK.pack(cookie, addr, dport16, 0, 0, 0)
-                        val = bpfsys.lookup(fd, key, ctypes.sizeof(SockVal))
-                        if val is None or _SV.unpack(val)[3] not in targets[(addr, dport16)]:
+                        ip, port = str(peer[0]), peer[1]
+                        if revnat.frontend_of(cookie, ip, port) not in targets[peer]:
                             continue  # not translated by that frontend (or a direct connection): leave it
                         try:
                             _request(nl, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, family, sockid)
                             destroyed += 1
-                            bpfsys.delete(fd, key)
+                            revnat.forget(cookie, ip, port)
                         except OSError as e:
                             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                                 log.warning("cannot destroy UDP sockets (kernel without INET_DIAG_DESTROY): %s", e)
                                 return destroyed
                             if e.errno != errno.ENOENT:
                                 raise
-    finally:
-        os.close(fd)
     return destroyed

@@ -115,10 +115,13 @@ def test_affinity_never_picks_an_endpoint_the_policy_dropped(bed, setup):
     assert r["errors"] == {} and len(r["answered"]) == 1 and set(r["answered"]) <= addrs(others)
 
 
-def test_connected_udp_socket_leaves_a_removed_backend(bed, setup):
+@pytest.mark.parametrize("target", [f"{VIP4}:80", f"[::ffff:{VIP4}]:80"], ids=["ipv4", "dual-stack-socket"])
+def test_connected_udp_socket_leaves_a_removed_backend(bed, setup, target):
+    """The dual-stack case: an AF_INET6 socket dialling the IPv4-mapped VIP is found by the AF_INET6
+    sock_diag dump (its peer is the mapped backend) and destroyed all the same."""
     program(setup.folder, [endpoint(BE4[0])], protocol="UDP")
     setup()
-    client = bed.client(f"{VIP4}:80", "--mode", "udp-persistent", "--count", "0", "--interval", "0.01", "--timeout", "0.5")
+    client = bed.client(target, "--mode", "udp-persistent", "--count", "0", "--interval", "0.01", "--timeout", "0.5")
     events: list[dict] = []
     threading.Thread(target=lambda: [events.append(json.loads(l)) for l in client.stdout], daemon=True).start()
     wait_for(lambda: sum(1 for e in events if e.get("answer") == f"{BE4[0]}:{PORT}") >= 10, what="replies from the first backend")

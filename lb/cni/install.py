@@ -1,8 +1,8 @@
 """Build the launcher and install it, with the conflist, where the container runtime looks.
 
 k3s: bin /var/lib/rancher/k3s/data/current/bin, conf /var/lib/rancher/k3s/agent/etc/cni/net.d.
-Both writes are atomic (temp file in the same directory, then rename): a runtime never executes or
-reads half a file, and a running launcher keeps its old inode.
+Both writes are atomic (lb/atomicfile.py): a runtime never executes or reads half a file, and a
+running launcher keeps its old inode.
 
 The conflist (template: conflist.json) holds one plugin. No `loopback` entry: the plugin brings `lo`
 up in the pod namespace itself. No `portmap`: hostPort is not offered, and a chained plugin missing
@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..atomicfile import write_atomic
 from ..settings import CNI_SOCKET_DEFAULT
 
 HERE = Path(__file__).resolve().parent
@@ -32,14 +33,12 @@ def build_launcher(out: str | None = None) -> str:
     if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(src):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.{os.getpid()}.tmp"
-    try:
+    with tempfile.TemporaryDirectory() as build:
+        binary = os.path.join(build, "bpflb-cni")
         subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", f'-DDEFAULT_SOCKET="{CNI_SOCKET_DEFAULT}"',
-                        "-o", tmp, str(src)], check=True)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                        "-o", binary, str(src)], check=True)
+        with open(binary, "rb") as f:
+            write_atomic(out, f.read(), 0o755)
     return out
 
 
@@ -57,23 +56,6 @@ def conflist(pod_cidr: str | None = None, mtu: int | None = None, name: str | No
     return doc
 
 
-def _atomic(path: str, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".bpflb-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def install(bin_dir: str, conf_dir: str, launcher: str | None = None, **conf) -> tuple[str, str]:
     """Copy the launcher to <bin_dir>/bpflb-cni and write <conf_dir>/05-bpflb.conflist; ``conf`` goes
     to ``conflist()``. Returns both paths."""
@@ -82,9 +64,9 @@ def install(bin_dir: str, conf_dir: str, launcher: str | None = None, **conf) ->
     src = launcher or build_launcher()
     binary = os.path.join(bin_dir, "bpflb-cni")
     with open(src, "rb") as f:
-        _atomic(binary, f.read(), 0o755)
+        write_atomic(binary, f.read(), 0o755)
     conf_path = os.path.join(conf_dir, CONFLIST_NAME)
-    _atomic(conf_path, json.dumps(conflist(**conf), indent=2).encode(), 0o644)
+    write_atomic(conf_path, json.dumps(conflist(**conf), indent=2), 0o644)
     return binary, conf_path
 
 

@@ -16,6 +16,8 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..atomicfile import write_atomic
+
 
 class PoolExhausted(Exception):
     pass
@@ -121,7 +123,8 @@ class IPAM:
                     continue
                 with os.fdopen(fd, "w") as f:
                     f.write(f"{container_id}\n{ifname}")
-                self._write(".last", str(ip))
+                # A hint (a lost one restarts the round robin): not worth an fsync per ADD.
+                write_atomic(os.path.join(self.dir, ".last"), str(ip), 0o644, durable=False)
                 return str(ip)
             raise PoolExhausted(f"all {pool.size} addresses of {pool.subnet} are reserved")
 
@@ -143,12 +146,6 @@ class IPAM:
         except (OSError, ValueError):
             return pool.first - 1
         return last if pool.first <= last <= pool.last else pool.first - 1
-
-    def _write(self, name: str, text: str) -> None:
-        tmp = os.path.join(self.dir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(self.dir, name))
 
     def _unlink(self, ip: str) -> None:
         try:

@@ -21,6 +21,7 @@ from typing import Callable, TypeVar
 from pyroute2 import IPRoute, NetlinkError
 
 from .. import netns as netns_
+from .. import sysctl
 
 HOST_DEV, NET_DEV = "bpflb_host", "bpflb_net"
 HOST_IF_PREFIX = "lxc"
@@ -50,15 +51,11 @@ def host_ifname(container_id: str, ifname: str) -> str:
     return HOST_IF_PREFIX + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
-def _sysctl(path: str, value: str) -> None:
+def _sysctl(key: str, value: str) -> None:
     try:
-        with open(path) as f:
-            if f.read().strip() == value:
-                return
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError as e:
-        raise SetupError(f"sysctl {path[len('/proc/sys/'):].replace('/', '.')}={value}: {e.strerror}") from None
+        sysctl.write(key, value)
+    except sysctl.SysctlError as e:
+        raise SetupError(str(e)) from None
 
 
 def _link(ipr: IPRoute, ifname: str):
@@ -104,7 +101,7 @@ def ensure_host_devices(ipr: IPRoute, gateway: str) -> None:
     net = _link(ipr, NET_DEV)
     if net is not None:
         _up(ipr, net)
-    _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+    _sysctl("net/ipv4/ip_forward", "1")
 
 
 @dataclass(frozen=True)
@@ -134,8 +131,8 @@ def attach(netns: str, ifname: str, host_if: str, ip: str, gateway: str, mtu: in
                     raise SetupError(f"interface {ifname} already exists in {netns}") from None
                 raise SetupError(f"creating veth {host_if}/{ifname}: {e}") from None
             host = _link(ipr, host_if)
-            _sysctl(f"/proc/sys/net/ipv4/conf/{host_if}/proxy_arp", "1")
-            _sysctl(f"/proc/sys/net/ipv4/conf/{host_if}/forwarding", "1")
+            _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", "1")
+            _sysctl(f"net/ipv4/conf/{host_if}/forwarding", "1")
             _up(ipr, host)
             ipr.route("replace", dst=f"{ip}/32", oif=host["index"], scope=RT_SCOPE_LINK)
     finally:

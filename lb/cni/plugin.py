@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 from pyroute2 import NetlinkError
 
+from .. import sysctl
+from ..atomicfile import write_atomic
 from . import netsetup
 from .ipam import IPAM, Pool, PoolExhausted
 
@@ -202,9 +204,7 @@ def _result(req: Request, pool: Pool, ip: str, att: netsetup.Attachment) -> dict
 
 def _write_json(path: str, doc: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(doc), 0o644)
 
 
 NO_POD_CIDR = "no pod CIDR yet: the configuration has no podCIDR and the agent has not seen its Node's spec.podCIDR"
@@ -353,9 +353,8 @@ def _node_forwards(gateway: str) -> bool:
     from pyroute2 import IPRoute
 
     try:
-        with open("/proc/sys/net/ipv4/ip_forward") as f:
-            if f.read().strip() != "1":
-                return False
+        if sysctl.read("net/ipv4/ip_forward") != "1":
+            return False
         with IPRoute() as ipr:
             host = netsetup.host_devices(ipr)
             return host is not None and gateway in {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=host)}

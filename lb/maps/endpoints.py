@@ -2,22 +2,17 @@
 the agent, which owns the maps) on ADD, removed on DEL and GC; read by the node datapath."""
 from __future__ import annotations
 
-import os
-
 from . import bpfsys
-from .services import pack_ip, unpack_ip
+from .addr import pack_ip, unpack_ip
+from .pinned import PinnedMap
 from .structs import ENDPOINTS_MAP, Endpoint, EndpointKey, packer
 
 _KEY = packer(EndpointKey)
 _VAL = packer(Endpoint)
 
 
-class PinnedEndpointMap:
-    def __init__(self, bpf_root: str):
-        self.fd = bpfsys.obj_get(os.path.join(bpf_root, ENDPOINTS_MAP))
-
-    def close(self) -> None:
-        os.close(self.fd)
+class PinnedEndpointMap(PinnedMap):
+    name = ENDPOINTS_MAP
 
     def added(self, ip: str, ifindex: int, mac: str) -> None:
         raw = bytes(int(x, 16) for x in mac.split(":"))

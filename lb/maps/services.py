@@ -2,14 +2,13 @@
 
 ServiceMaps is the interface reconcile programs against (a fake with the same methods stands in
 tests); PinnedServiceMaps is the real one, opening the maps by their pins. Model values go in and
-come out; packing and byte order live here and nowhere else.
+come out; packing and byte order live here (addresses, ports, protocols: addr.py) and nowhere else.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Protocol
@@ -17,11 +16,8 @@ from typing import Iterable, Protocol
 from ..model import Backend, Frontend
 from ..settings import MAP_SIZE_FLAGS
 from . import bpfsys
-from .structs import (AFFINITY_MAP, BACKENDS_MAP, ENDPOINTS_MAP, MAPS, REVNAT_MAP, SERVICES_MAP, SOCK_REVNAT_MAP,
-                      Backend as CBackend, RevNat, SvcKey, SvcVal, packer)
-
-PROTO_NUM = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
-PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
+from .addr import PROTO_NUM, host_port, net_port, pack_ip, proto_name, unpack_ip
+from .structs import BACKENDS_MAP, MAPS, REVNAT_MAP, SERVICES_MAP, Backend as CBackend, RevNat, SvcKey, SvcVal, packer
 
 _KEY = packer(SvcKey)
 _VAL = packer(SvcVal)
@@ -29,8 +25,8 @@ _BACKEND = packer(CBackend)
 _REVNAT = packer(RevNat)
 _U32 = struct.Struct("=I")
 
-SIZE_SETTING = dict(zip((SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP, ENDPOINTS_MAP),
-                        MAP_SIZE_FLAGS.values()))
+# Map name -> the flag that sizes it (named in "map is full" errors).
+SIZE_SETTING = {name: MAP_SIZE_FLAGS[spec.size] for name, spec in MAPS.items()}
 
 
 class MapFullError(RuntimeError):
@@ -40,24 +36,8 @@ class MapFullError(RuntimeError):
         self.map = name
 
 
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
-
-
-def pack_ip(ip: str) -> bytes:
-    """16 bytes, IPv4 as ::ffff:a.b.c.d. inet_pton: 10x faster than ipaddress, and no cache to fill."""
-    if ":" in ip:
-        return socket.inet_pton(socket.AF_INET6, ip)
-    return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)
-
-
-def unpack_ip(raw: bytes) -> str:
-    if raw[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, raw[12:])
-    return socket.inet_ntop(socket.AF_INET6, raw)
-
-
 def pack_frontend(fe: Frontend, slot: int) -> bytes:
-    return _KEY.pack(pack_ip(fe.ip), socket.htons(fe.port), PROTO_NUM[fe.protocol], fe.scope, slot, 0)
+    return _KEY.pack(pack_ip(fe.ip), net_port(fe.port), PROTO_NUM[fe.protocol], fe.scope, slot, 0)
 
 
 @dataclass(frozen=True)
@@ -114,7 +94,7 @@ class PinnedServiceMaps:
         for k, v in bpfsys.dump(self.fd[SERVICES_MAP], _KEY.size, _VAL.size):
             addr, dport, proto, scope, slot, _ = _KEY.unpack(k)
             backend_id, rev_nat_id, count, flags, timeout = _VAL.unpack(v)
-            fe = Frontend(unpack_ip(addr), socket.ntohs(dport), PROTO_NAME.get(proto, str(proto)), scope)
+            fe = Frontend(unpack_ip(addr), host_port(dport), proto_name(proto), scope)
             master, slots = out.get(fe, (None, {}))
             if slot == 0:
                 master = Master(rev_nat_id, count, flags, timeout)
@@ -127,20 +107,20 @@ class PinnedServiceMaps:
         out = {}
         for k, v in bpfsys.dump(self.fd[BACKENDS_MAP], 4, _BACKEND.size):
             addr, port, proto, _flags = _BACKEND.unpack(v)
-            out[_U32.unpack(k)[0]] = Backend(unpack_ip(addr), socket.ntohs(port), PROTO_NAME.get(proto, str(proto)))
+            out[_U32.unpack(k)[0]] = Backend(unpack_ip(addr), host_port(port), proto_name(proto))
         return out
 
     def dump_revnat(self) -> dict[int, tuple[str, int]]:
         out = {}
         for k, v in bpfsys.dump(self.fd[REVNAT_MAP], 4, _REVNAT.size):
             addr, port, _ = _REVNAT.unpack(v)
-            out[_U32.unpack(k)[0]] = (unpack_ip(addr), socket.ntohs(port))
+            out[_U32.unpack(k)[0]] = (unpack_ip(addr), host_port(port))
         return out
 
     # ---- writes (reconcile decides the order; see reconcile.py) ----
     def write_backends(self, items: list[tuple[int, Backend]]) -> None:
         self._batch(BACKENDS_MAP, [_U32.pack(i) for i, _ in items],
-                    [_BACKEND.pack(pack_ip(b.ip), socket.htons(b.port), PROTO_NUM[b.protocol], 0) for _, b in items])
+                    [_BACKEND.pack(pack_ip(b.ip), net_port(b.port), PROTO_NUM[b.protocol], 0) for _, b in items])
 
     def write_slots(self, items: list[tuple[Frontend, int, int, int]]) -> None:
         self._batch(SERVICES_MAP, [pack_frontend(fe, slot) for fe, slot, _, _ in items],
@@ -148,7 +128,7 @@ class PinnedServiceMaps:
 
     def write_revnat(self, items: list[tuple[int, Frontend]]) -> None:
         self._batch(REVNAT_MAP, [_U32.pack(i) for i, _ in items],
-                    [_REVNAT.pack(pack_ip(fe.ip), socket.htons(fe.port), 0) for _, fe in items])
+                    [_REVNAT.pack(pack_ip(fe.ip), net_port(fe.port), 0) for _, fe in items])
 
     def write_masters(self, items: list[tuple[Frontend, Master]]) -> None:
         self._batch(SERVICES_MAP, [pack_frontend(fe, 0) for fe, _ in items],
@@ -168,13 +148,13 @@ class PinnedServiceMaps:
 def map_fill(bpf_root: str) -> dict[str, int]:
     """Entries per pinned map (for inspection and metrics)."""
     out = {}
-    for name, (k, v) in MAPS.items():
+    for name, spec in MAPS.items():
         try:
             fd = bpfsys.obj_get(os.path.join(bpf_root, name))
         except OSError:
             continue
         try:
-            out[name] = len(bpfsys.dump(fd, ctypes.sizeof(k), ctypes.sizeof(v)))
+            out[name] = len(bpfsys.dump(fd, ctypes.sizeof(spec.key), ctypes.sizeof(spec.value)))
         finally:
             os.close(fd)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from dataclasses import dataclass
 
 MAP_VERSION = "v1"
 
@@ -90,13 +91,24 @@ def packer(cls: type[ctypes.Structure]) -> struct.Struct:
     return packed
 
 
-# Map name -> (key struct, value struct). Names carry the layout version.
+@dataclass(frozen=True)
+class MapSpec:
+    """One pinned map: its key and value layouts, and what sizes it."""
+    key: type
+    value: type
+    size: str
+    """The MapSizes field giving max_entries (settings.MAP_SIZE_FLAGS[size] is its flag)."""
+    macro: str
+    """The C macro bpf/sock_lb.c sizes the map with (lb/datapath.py passes it as -D<macro>=N)."""
+
+
+# Map name -> spec. Names carry the layout version.
 MAPS = {
-    f"lb_services_{MAP_VERSION}": (SvcKey, SvcVal),
-    f"lb_backends_{MAP_VERSION}": (ctypes.c_uint32, Backend),
-    f"lb_revnat_{MAP_VERSION}": (ctypes.c_uint32, RevNat),
-    f"lb_sock_revnat_{MAP_VERSION}": (SockKey, SockVal),
-    f"lb_affinity_{MAP_VERSION}": (AffinityKey, AffinityVal),
-    f"lb_endpoints_{MAP_VERSION}": (EndpointKey, Endpoint),
+    f"lb_services_{MAP_VERSION}": MapSpec(SvcKey, SvcVal, "services", "SVC_MAP_SIZE"),
+    f"lb_backends_{MAP_VERSION}": MapSpec(ctypes.c_uint32, Backend, "backends", "BACKEND_MAP_SIZE"),
+    f"lb_revnat_{MAP_VERSION}": MapSpec(ctypes.c_uint32, RevNat, "revnat", "REVNAT_MAP_SIZE"),
+    f"lb_sock_revnat_{MAP_VERSION}": MapSpec(SockKey, SockVal, "sock_revnat", "SOCK_REVNAT_SIZE"),
+    f"lb_affinity_{MAP_VERSION}": MapSpec(AffinityKey, AffinityVal, "affinity", "AFFINITY_MAP_SIZE"),
+    f"lb_endpoints_{MAP_VERSION}": MapSpec(EndpointKey, Endpoint, "endpoints", "ENDPOINT_MAP_SIZE"),
 }
 SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP, ENDPOINTS_MAP = MAPS
