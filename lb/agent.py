@@ -41,6 +41,8 @@ class Agent:
         self.stop = asyncio.Event()
         self.health = HealthState(settings.health_timeout, wall)
         self.metrics = AgentMetrics()
+        self.counted = (0, 0)  # the tracker's change counters already added to the metrics
+        self.watch_map_fill()
         self.tracker = Tracker(settings.node_name, notify=self.changed)
         self.syncer: Syncer | None = None
         self.runner = BoundedFrequencyRunner("sync", self.sync, settings.sync, clock,
@@ -51,9 +53,15 @@ class Agent:
 
     def changed(self) -> None:
         """The tracker recorded a change: health counts it as pending, the runner is woken."""
+        t = self.tracker
         self.health.queued()
-        self.health.node_eligible = self.tracker.node_eligible
-        self.metrics.pending.set(len(self.tracker.dirty))
+        self.health.node_eligible = t.node_eligible
+        m = self.metrics
+        m.pending.set(len(t.dirty))
+        m.last_queued.set(self.wall())
+        m.service_changes.inc(t.service_changes - self.counted[0])
+        m.endpoint_changes.inc(t.endpoint_changes - self.counted[1])
+        self.counted = (t.service_changes, t.endpoint_changes)
         self.runner.run()
 
     # ---- the datapath ------------------------------------------------------------------------
@@ -110,17 +118,17 @@ class Agent:
         from .source.kube import kube_source
 
         self.informers, run = kube_source(self.settings, self.tracker, self.stop,
-                                          on_error=lambda e: self.metrics.api_errors.inc(code=str(e.status)))
+                                          on_error=lambda e: self.metrics.api_errors.labels(code=str(e.status)).inc())
         return asyncio.create_task(run(), name="source:kube")
 
-    def render_metrics(self) -> str:
+    def watch_map_fill(self) -> None:
+        """Map fill from what reconcile holds, read at each scrape: no map walk."""
         sizes = self.settings.maps
-        if self.syncer is not None:  # from what reconcile holds: no map walk per scrape
-            r = self.syncer.reconciler
-            self.metrics.map_fill.set(sum(len(p.slots) + 1 for p in r.have.values()) / sizes.services, map=SERVICES_MAP)
-            self.metrics.map_fill.set(len(r.backend_of) / sizes.backends, map=BACKENDS_MAP)
-            self.metrics.map_fill.set(len(r.have) / sizes.revnat, map=REVNAT_MAP)
-        return self.metrics.registry.render()
+        for name, fill in ((SERVICES_MAP, lambda r: sum(len(p.slots) + 1 for p in r.have.values()) / sizes.services),
+                           (BACKENDS_MAP, lambda r: len(r.backend_of) / sizes.backends),
+                           (REVNAT_MAP, lambda r: len(r.have) / sizes.revnat)):
+            self.metrics.map_fill.labels(map=name).set_function(
+                lambda fill=fill: fill(self.syncer.reconciler) if self.syncer is not None else 0.0)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -130,7 +138,7 @@ class Agent:
             if self.attaching is None:
                 self.start_datapath()
             self.datapath_task = asyncio.create_task(self.finish_datapath(), name="datapath")
-        http = HttpServer(self.health, self.render_metrics)
+        http = HttpServer(self.health, self.metrics)
         for what, addr in (("healthz", self.settings.healthz_bind), ("metrics", self.settings.metrics_bind)):
             if addr:
                 try:

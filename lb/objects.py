@@ -769,6 +769,7 @@ class Other:
     api_version: str
     kind: str
     error: ObjectError | None = None
+    key: ObjKey | None = None  # our kind at an unknown apiVersion: its key, if it has a name
 
 
 class _DocList(Struct, frozen=True, gc=False, tag="List", tag_field="kind"):
@@ -789,13 +790,22 @@ def _other(obj: Any) -> Other | None:
         return None
     api_version, name = (k if isinstance(k, str) else "" for k in kind)
     if name in KIND_PARSERS:
-        return Other(api_version, name, ObjectError("apiVersion", f"unsupported apiVersion {kind[0]!r} for {name}"))
+        key = key_of(name, obj)
+        return Other(api_version, name, ObjectError("apiVersion", f"unsupported apiVersion {kind[0]!r} for {name}"),
+                     key if key.name else None)
     return Other(api_version, name)
 
 
-def _flatten(doc: Any) -> list[Any]:
+def parse_document(obj: Any) -> Parsed | Other:
+    """One plain document of a manifest file (YAML): what ``decode_documents`` gives per object."""
+    other = _other(obj)
+    return other if other is not None else parse(obj["kind"], obj)
+
+
+def flatten(doc: Any) -> list[Any]:
+    """A document, or the items of a ``kind: List`` (nested Lists flattened)."""
     if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-        return [o for item in doc["items"] for o in _flatten(item)]
+        return [o for item in doc["items"] for o in flatten(item)]
     return [doc]
 
 
@@ -812,9 +822,7 @@ def _typed_documents(raw: bytes) -> list[Parsed | Other] | None:
     for obj in (o for d in (docs if isinstance(docs, list) else [docs]) for o in _flatten_typed(d)):
         kind = type(obj).__struct_config__.tag
         if obj.apiVersion != _API_VERSIONS[kind]:
-            out.append(Other(obj.apiVersion, kind, ObjectError(
-                "apiVersion", f"unsupported apiVersion {obj.apiVersion!r} for {kind}")))
-            continue
+            return None  # rare: the plain way names the object in the error
         parsed = _typed_parsed(kind, obj)
         if parsed is None:
             return None
@@ -832,7 +840,7 @@ def decode_documents(raw: bytes) -> list[Parsed | Other]:
         return out
     data = _json(raw, "manifest")
     out = []
-    for obj in (o for d in (data if isinstance(data, list) else [data]) for o in _flatten(d)):
+    for obj in (o for d in (data if isinstance(data, list) else [data]) for o in flatten(d)):
         other = _other(obj)
         out.append(other if other is not None else parse(obj["kind"], obj))
     return out

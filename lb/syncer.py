@@ -118,7 +118,7 @@ class Syncer:
         now = self.wall()
         for t in tracker.take_triggers(synced):
             self.metrics.programming_latency.observe(max(0.0, now - t))
-        self.metrics.sync_duration.observe(self.clock() - t0)
+        self.metrics.observe_sync(self.clock() - t0, full=full or all_dirty)
         self.metrics.services.set(len(self.reconciler.have))
         self.metrics.backends.set(len(self.reconciler.backend_of))
         self.metrics.last_sync.set(now)

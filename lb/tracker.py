@@ -25,6 +25,8 @@ class Tracker:
     slices_of: dict[ObjKey, set[ObjKey]] = field(default_factory=dict)  # service -> its slice keys
     triggers: dict[ObjKey, float] = field(default_factory=dict)  # service -> earliest pending trigger time
     listed: bool = False  # every source delivered its initial list: pruning is allowed
+    service_changes: int = 0  # cumulative, for kube-proxy's sync_proxy_rules_service_changes_total
+    endpoint_changes: int = 0  # cumulative EndpointSlice changes
     notify: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
 
     @property
@@ -93,6 +95,7 @@ class Tracker:
         else:
             self.services[key] = svc
         self.dirty.add(key)
+        self.service_changes += 1
         return True
 
     def set_slice(self, key: ObjKey, es: EndpointSlice | None) -> bool:
@@ -109,6 +112,7 @@ class Tracker:
             if es.service is not None:
                 self.dirty.add(es.service)
                 self.slices_of.setdefault(es.service, set()).add(key)
+        self.endpoint_changes += 1
         return True
 
     def set_node(self, node: Node | None) -> bool:

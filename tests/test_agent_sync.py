@@ -92,7 +92,7 @@ def test_a_failed_sync_keeps_its_services_and_the_retry_needs_no_restore():
     asyncio.run(a.syncer(False))
     assert maps.resolve(Frontend("10.96.2.1", 80, "TCP")) == [Backend("10.0.3.1", 8080, "TCP"),
                                                               Backend("10.0.3.2", 8080, "TCP")]
-    assert restores == [] and a.metrics.sync_errors.values
+    assert restores == [] and a.metrics.sync_errors._value.get() == 1
 
 
 def test_health_fails_when_a_change_stays_unprogrammed_too_long():

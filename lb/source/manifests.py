@@ -11,7 +11,6 @@ sources share); both are reported with file, object and field.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from ..model import EndpointSlice, Node, ObjKey, Service
-from ..objects import ENDPOINT_SLICE, KIND_PARSERS, NODE, PARSERS, SERVICE, Parsed, kind_of, parse
+from ..objects import ENDPOINT_SLICE, NODE, SERVICE, Other, Parsed, decode_documents, flatten, parse_document
 from .handler import Handler, LastGood
 
 log = logging.getLogger("bpflb.source.manifests")
@@ -48,40 +47,22 @@ class _File:
     problems: list[Problem] = field(default_factory=list)
 
 
-def _documents(path: str, text: str) -> list[Any]:
+def _entries(path: str, raw: bytes) -> list[Parsed | Other]:
+    """Every object of a file, in order: JSON straight from bytes (lb/objects.py's typed decoder),
+    YAML through the safe loader and the dict parsers."""
     if path.endswith(".json"):
-        data = json.loads(text)
-        return data if isinstance(data, list) else [data]
-    return [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+        return decode_documents(raw)
+    docs = [d for d in yaml.load_all(raw.decode("utf-8"), Loader=_Loader) if d is not None]
+    return [parse_document(o) for d in docs for o in flatten(d)]
 
 
-def _flatten(doc: Any) -> list[Any]:
-    if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-        out = []
-        for item in doc["items"]:
-            out.extend(_flatten(item))
-        return out
-    return [doc]
-
-
-def _describe(obj: Any, index: int) -> tuple[str, tuple | None]:
-    kind = kind_of(obj)
-    meta = obj.get("metadata") if isinstance(obj, dict) else None
-    name = meta.get("name") if isinstance(meta, dict) else None
-    ns = (meta.get("namespace") or "default") if isinstance(meta, dict) else "default"
-    if kind and isinstance(name, str) and name:
-        key = ObjKey(ns if kind != NODE else "", name)
-        return f"{kind[1]} {key}" if kind != NODE else f"Node {name}", (kind, key)
-    return f"document {index + 1}" + (f" ({kind[1]})" if kind and kind[1] else ""), None
-
-
-def parse_file(path: str, text: str) -> tuple[list[Parsed] | None, list[Problem]]:
+def parse_file(path: str, raw: bytes) -> tuple[list[Parsed] | None, list[Problem]]:
     """The objects of one file, malformed ones included (as Parsed with an error: the folder's
     LastGood gives them their last good version); None if the file itself does not parse."""
     name = os.path.basename(path)
     try:
-        docs = _documents(path, text)
-    except (yaml.YAMLError, ValueError) as e:
+        entries = _entries(path, raw)
+    except (yaml.YAMLError, ValueError) as e:  # DecodeError and UnicodeDecodeError are ValueErrors
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         return None, [Problem(name, "file", "", f"not valid {'JSON' if path.endswith('.json') else 'YAML'}{at}: "
@@ -89,27 +70,26 @@ def parse_file(path: str, text: str) -> tuple[list[Parsed] | None, list[Problem]
     items: list[Parsed] = []
     seen: set[tuple] = set()
     problems: list[Problem] = []
-    for i, obj in enumerate(o for d in docs for o in _flatten(d)):
-        desc, key = _describe(obj, i)
-        kind = kind_of(obj)
-        if kind is None:
-            problems.append(Problem(name, desc, "", "not an object"))
-            continue
-        if kind not in PARSERS:
-            if kind[1] in KIND_PARSERS:
-                problems.append(Problem(name, desc, "apiVersion", f"unsupported apiVersion {kind[0]!r} for {kind[1]}"))
+    for i, e in enumerate(entries):
+        if isinstance(e, Other):
+            if e.error is not None:
+                if e.key is not None:
+                    desc = f"Node {e.key.name}" if e.kind == NODE[1] else f"{e.kind} {e.key}"
+                else:
+                    desc = f"document {i + 1}" + (f" ({e.kind})" if e.kind else "")
+                problems.append(Problem(name, desc, e.error.field, e.error.reason))
             continue  # other kinds (Deployments, ...) are not ours to read
-        if key is None:
-            problems.append(Problem(name, desc, "metadata.name", "missing"))
+        if not e.key.name:
+            problems.append(Problem(name, f"document {i + 1} ({e.kind})", "metadata.name", "missing"))
             continue
-        if key in seen:
+        desc = f"Node {e.key.name}" if e.kind == NODE[1] else f"{e.kind} {e.key}"
+        if (e.kind, e.key) in seen:
             problems.append(Problem(name, desc, "metadata.name", "defined twice in this file; the first one is used"))
             continue
-        seen.add(key)
-        p = parse(kind[1], obj)
-        if p.error is not None:
-            problems.append(Problem(name, desc, p.error.field, p.error.reason))
-        items.append(p)
+        seen.add((e.kind, e.key))
+        if e.error is not None:
+            problems.append(Problem(name, desc, e.error.field, e.error.reason))
+        items.append(e)
     return items, problems
 
 
@@ -141,12 +121,12 @@ class ManifestFolder:
             if old is not None and old.stamp == stamp:
                 continue
             try:
-                with open(p, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as e:
+                with open(p, "rb") as f:
+                    raw = f.read()
+            except OSError as e:
                 self.report(Problem(n, "file", "", f"unreadable: {e}"))
                 continue
-            items, problems = parse_file(p, text)
+            items, problems = parse_file(p, raw)
             for prob in problems:
                 self.report(prob)
             # A file that does not parse keeps its last good objects (a file-level LastGood).
