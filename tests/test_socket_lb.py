@@ -80,12 +80,19 @@ def test_udp_replies_come_from_the_vip(bed, web_agent, target, mode, expected):
         assert r["peers"] == {f"{vip}:53": 150}
 
 
-def test_closed_sockets_leave_no_reverse_nat_entry(bed, web_agent):
+@pytest.mark.parametrize("target,mode", [
+    (f"{VIP4}:80", "tcp"),  # reverse NAT in the socket's storage: never in the map
+    (f"[{VIP6}]:80", "tcp"),
+    (f"{VIP4}:53", "udp-connected"),  # in the map until the release hook forgets it
+    (f"[{VIP6}]:53", "udp-connected"),
+], ids=["tcp-v4", "tcp-v6", "connected-udp-v4", "connected-udp-v6"])
+def test_closed_sockets_leave_no_reverse_nat_entry(bed, web_agent, target, mode):
     from lb.maps.services import map_fill
 
-    r = bed.run_client(f"{VIP4}:80", "--count", "200")
-    assert r["errors"] == {} and r["peers"] == {f"{VIP4}:80": 200}  # getpeername worked while open
-    assert map_fill(bed.bpf_root)["lb_sock_revnat_v1"] == 0  # the release hook forgot every one
+    r = bed.run_client(target, "--mode", mode, "--count", "200")
+    vip = target.rsplit(":", 1)[0].strip("[]")
+    assert r["errors"] == {} and r["peers"] == {f"{vip}:{target.rsplit(':', 1)[1]}": 200}  # getpeername while open
+    assert map_fill(bed.bpf_root)["lb_sock_revnat_v1"] == 0
 
 
 def test_wrong_port_on_a_cluster_ip_is_not_translated(bed, web_agent):
