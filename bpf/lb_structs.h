@@ -68,10 +68,13 @@ struct lb_sock_val {
 };
 
 /*
- * Socket reverse NAT of a connected TCP socket: its one peer, kept in the socket itself
- * (BPF_MAP_TYPE_SK_STORAGE, freed by the kernel with the socket). Read only by the datapath.
+ * Socket reverse NAT of a connected TCP socket: its one peer. Kept in an array indexed by the socket
+ * cookie (slot = cookie % size, claimed by writing the cookie, cleared by the release hook); a socket
+ * whose slot another live socket holds keeps it in its own storage instead (sk storage, same value).
+ * Read only by the datapath.
  */
 struct lb_sock_peer {
+	__u64 cookie;           /* the socket owning this slot; 0 = free (unused in sk storage) */
 	__u32 backend[4];       /* the backend connect() was sent to */
 	__u32 frontend[4];      /* the frontend VIP the application dialled */
 	__u16 backend_port;
