@@ -39,8 +39,9 @@ miss and the hit targets alone and prints each program's runs per connection and
 kernel's run_time_ns / run_cnt): where the datapath spends its time. Off by default, because the
 counters themselves add two clock reads to every run.
 
-The socket reverse-NAT LRU map is filled with dummy entries first, so every cell runs in the steady
-state of a busy node (a full LRU that evicts on insert) instead of drifting from empty to full.
+The UDP sockets' reverse-NAT LRU map is filled with dummy entries first (the steady state of a busy
+node): TCP connections must not touch it (they keep their peer in lb_sock_peer), and a full LRU
+makes any that does pay for an eviction, so a regression shows here.
 """
 from __future__ import annotations
 
