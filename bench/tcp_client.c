@@ -5,7 +5,9 @@
  * One long-lived process reads commands from stdin and answers on stdout, one line each, so the
  * benchmark can interleave short rounds against two targets without paying process start-up:
  *
- *   run <ip> <port> <c|r> <count>  -> "<ok> <failed> <first errno> <elapsed ns>"
+ *   run <ip>[,<ip>...] <port> <c|r> <count>  -> "<ok> <failed> <first errno> <elapsed ns>"
+ *        connection i goes to the (i mod n)-th address of the list, so a client that dials the
+ *        backends directly spreads over them as the ClusterIP's random pick does
  *        c: socket, connect, close                       ("connect+close")
  *        r: socket, connect, send "hi\n", read the reply, close   ("request/response")
  *   check <ip> <port> <c|r>        -> "<reply or -> <peer ip>:<peer port>"  (one connection, as run)
@@ -53,6 +55,21 @@ static int parse_target(const char *ip, int port, struct target *t)
 		t->family = AF_INET;
 	}
 	return 0;
+}
+
+#define MAX_TARGETS 64
+
+/* "ip,ip,..." -> targets[]; returns how many, or -1. */
+static int parse_targets(char *list, int port, struct target *t)
+{
+	int n = 0;
+
+	for (char *ip = strtok(list, ","); ip; ip = strtok(NULL, ",")) {
+		if (n == MAX_TARGETS || parse_target(ip, port, &t[n]) < 0)
+			return -1;
+		n++;
+	}
+	return n ? n : -1;
 }
 
 static const struct linger abortive = { .l_onoff = 1, .l_linger = 0 };
@@ -116,7 +133,8 @@ static long long now_ns(void)
 
 int main(void)
 {
-	char line[256], ip[64], mode[4];
+	static struct target targets[MAX_TARGETS];
+	char line[4096], ip[4000], mode[4];
 	int port;
 	long count;
 
@@ -124,18 +142,21 @@ int main(void)
 	while (fgets(line, sizeof(line), stdin)) {
 		struct target t;
 
-		if (sscanf(line, "run %63s %d %3s %ld", ip, &port, mode, &count) == 4) {
+		if (sscanf(line, "run %3999s %d %3s %ld", ip, &port, mode, &count) == 4) {
 			long ok = 0, failed = 0;
-			int first = 0, rr = mode[0] == 'r';
+			int first = 0, rr = mode[0] == 'r', n, k = 0;
 			long long t0, t1;
 
-			if (parse_target(ip, port, &t) < 0) {
-				printf("error bad address %s\n", ip);
+			if ((n = parse_targets(ip, port, targets)) < 0) {
+				printf("error bad address list\n");
 				continue;
 			}
 			t0 = now_ns();
 			for (long i = 0; i < count; i++) {
-				int err = one(&t, rr, NULL, 0, NULL);
+				int err = one(&targets[k], rr, NULL, 0, NULL);
+
+				if (++k == n)
+					k = 0;
 				if (err) {
 					failed++;
 					if (!first)

@@ -22,7 +22,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define MAX_LISTENERS 16
+#define MAX_LISTENERS 64
 
 struct listener {
 	int fd;
@@ -97,7 +97,11 @@ int main(int argc, char **argv)
 	struct pollfd pfd[MAX_LISTENERS];
 	int n = 0;
 
-	for (int i = 1; i < argc && n < MAX_LISTENERS; i++, n++) {
+	if (argc - 1 > MAX_LISTENERS) {
+		fprintf(stderr, "tcp_server: at most %d listeners\n", MAX_LISTENERS);
+		return 1;
+	}
+	for (int i = 1; i < argc; i++, n++) {
 		if (listen_on(argv[i], &ls[n]) < 0) {
 			fprintf(stderr, "tcp_server: cannot listen on %s: %s\n", argv[i], strerror(errno));
 			return 1;

@@ -51,7 +51,8 @@ struct lb_revnat {
 	__u16 pad;
 };
 
-/* Socket reverse NAT: (socket, backend) -> frontend, for recvmsg and getpeername. */
+/* Socket reverse NAT of UDP sockets: (socket, backend) -> frontend, for recvmsg and getpeername.
+ * An LRU hash, because one unconnected UDP socket may talk to many frontends. */
 struct lb_sock_key {
 	__u64 cookie;
 	__u32 addr[4];          /* backend address */
@@ -63,6 +64,21 @@ struct lb_sock_val {
 	__u32 addr[4];          /* frontend VIP */
 	__u16 port;
 	__u16 pad;
+	__u32 rev_nat_id;
+};
+
+/*
+ * Socket reverse NAT of a connected TCP socket: its one peer. Kept in an array indexed by the socket
+ * cookie (slot = cookie % size, claimed by writing the cookie, cleared by the release hook); a socket
+ * whose slot another live socket holds keeps it in its own storage instead (sk storage, same value).
+ * Read only by the datapath.
+ */
+struct lb_sock_peer {
+	__u64 cookie;           /* the socket owning this slot; 0 = free (unused in sk storage) */
+	__u32 backend[4];       /* the backend connect() was sent to */
+	__u32 frontend[4];      /* the frontend VIP the application dialled */
+	__u16 backend_port;
+	__u16 frontend_port;
 	__u32 rev_nat_id;
 };
 

@@ -5,10 +5,17 @@ the attachment survives the agent (SIGTERM or kill -9), a restarted agent swaps 
 loaded program in atomically with BPF_LINK_UPDATE (no instant without a program), other tools'
 programs on the same cgroup keep running (links are multi-attach), and removing the pins is what
 ``bpflb cleanup`` does to detach.
+
+A restarted agent whose programs did not change adopts the attached ones without compiling: next to
+the link pins, ``links/build-<id>`` (an empty bpffs directory) names the build that is attached,
+where the ID hashes everything that decides the programs (the bpf/ sources, the compiler flags, which
+include the pin root and map sizes, the kernel release and the hook list). It is removed before any
+link is swapped and written after every hook is attached, so a crash in between means "recompile".
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -25,6 +32,9 @@ log = logging.getLogger("bpflb.datapath")
 # bpf/ next to lb/ in a checkout (pip install -e); an installed image points at its copy.
 BPF_DIR = Path(os.environ.get("BPFLB_BPF_DIR") or Path(__file__).resolve().parent.parent / "bpf")
 LINKS_DIR = "links"
+DATAPATH_MAPS = ("lb_sock_peer_v1", "lb_sock_peer_sk_v1")  # pinned maps only the programs read (not in maps.structs.MAPS)
+BUILD_MARK = "build-"  # + build ID (bpffs names may not contain a dot): the directory under LINKS_DIR naming the attached build
+LINK_TYPE_CGROUP = 3  # enum bpf_link_type
 
 
 @dataclass(frozen=True)
@@ -115,16 +125,76 @@ def load_hook(b, hook: Hook) -> int:
     return fn.fd
 
 
+# enum bpf_attach_type (uapi, stable) for the hooks' bcc member names: attachments are checked and
+# removed without importing bcc. tests/test_datapath_adopt.py compares it with bcc's.
+ATTACH_TYPES = {"CGROUP_INET4_CONNECT": 10, "CGROUP_INET6_CONNECT": 11, "CGROUP_UDP4_SENDMSG": 14,
+                "CGROUP_UDP6_SENDMSG": 15, "CGROUP_UDP4_RECVMSG": 19, "CGROUP_UDP6_RECVMSG": 20,
+                "CGROUP_INET4_GETPEERNAME": 29, "CGROUP_INET6_GETPEERNAME": 30, "CGROUP_INET_SOCK_RELEASE": 34}
+
+
 def attach_type(hook: Hook) -> int:
+    if hook.attach in ATTACH_TYPES:
+        return ATTACH_TYPES[hook.attach]
     import bcc
 
     return int(getattr(bcc.BPFAttachType, hook.attach))
 
 
+def build_id(paths: Paths, sizes: MapSizes) -> str:
+    """What the attached programs were built from: equal IDs, equal programs."""
+    h = hashlib.sha256()
+    for f in sorted(BPF_DIR.iterdir()):
+        if f.suffix in (".c", ".h"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update("\0".join(cflags(paths, sizes)).encode() + b"\0" + os.uname().release.encode())
+    h.update(repr([(k.func, k.attach, k.prog_type) for k in HOOKS]).encode())
+    return h.hexdigest()[:32]
+
+
+def _marks(links: str) -> list[str]:
+    return [n for n in os.listdir(links) if n.startswith(BUILD_MARK)] if os.path.isdir(links) else []
+
+
+def adoptable(paths: Paths, sizes: MapSizes) -> bool:
+    """True if every hook's pinned link is alive, attached to this cgroup, runs our program of that name,
+    and the attached build is the one these sources and flags would produce (nothing to compile)."""
+    links = os.path.join(paths.bpf_root, LINKS_DIR)
+    if _marks(links) != [BUILD_MARK + build_id(paths, sizes)]:
+        return False
+    if not all(os.path.exists(os.path.join(paths.bpf_root, m)) for m in (*MAPS, *DATAPATH_MAPS)):
+        return False
+    try:
+        cgroup_id = os.stat(paths.cgroup_root).st_ino
+    except OSError:
+        return False
+    for h in HOOKS:
+        try:
+            fd = bpfsys.obj_get(os.path.join(links, h.func))
+        except OSError:
+            return False
+        try:
+            ltype, prog_id, cg, at = bpfsys.link_info(fd)
+            if ltype != LINK_TYPE_CGROUP or cg != cgroup_id or at != attach_type(h) or prog_id == 0:
+                return False
+            pfd, name = bpfsys.prog_name(prog_id)
+            os.close(pfd)
+            if name != h.func[:15]:
+                return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+    return True
+
+
 def attach(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
     """Load every socket program and attach it to the cgroup (or swap it into the pinned link).
     Strict: any program the kernel refuses stops everything before an attachment is touched.
-    Not strict: the refused hooks are skipped and returned."""
+    Not strict: the refused hooks are skipped and returned.
+    If the attached programs are this very build (``adoptable``), they are kept and nothing is compiled."""
+    if adoptable(paths, sizes):
+        log.info("attached programs are build %s: adopted, not recompiled", build_id(paths, sizes))
+        return []
     b = compile_sock_lb(paths, sizes)
     progs = {}
     skipped = []
@@ -141,6 +211,9 @@ def attach(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
         cg = os.open(paths.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         raise DatapathError(f"--cgroup-root {paths.cgroup_root}: {e.strerror}") from None
+    links = os.path.join(paths.bpf_root, LINKS_DIR)
+    for mark in _marks(links):  # from here until the new mark, the attached build is unknown
+        os.rmdir(os.path.join(links, mark))
     try:
         for h in HOOKS:
             if h.func not in progs:
@@ -168,12 +241,14 @@ def attach(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
         os.close(cg)
     # The programs stay alive through their links; the bcc object (and its fds) may now go.
     b.cleanup()
+    if not skipped:  # a partial attachment is never adopted: the next start tries the missing hooks again
+        os.mkdir(os.path.join(links, BUILD_MARK + build_id(paths, sizes)))
     return skipped
 
 
 def attached(paths: Paths) -> list[str]:
     d = os.path.join(paths.bpf_root, LINKS_DIR)
-    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+    return sorted(n for n in os.listdir(d) if not n.startswith(BUILD_MARK)) if os.path.isdir(d) else []
 
 
 def cleanup(paths: Paths) -> list[str]:
@@ -181,6 +256,8 @@ def cleanup(paths: Paths) -> list[str]:
     removed = []
     links = os.path.join(paths.bpf_root, LINKS_DIR)
     if os.path.isdir(links):
+        for mark in _marks(links):
+            os.rmdir(os.path.join(links, mark))
         for name in sorted(os.listdir(links)):
             os.unlink(os.path.join(links, name))  # last reference gone -> link detaches
             removed.append(f"link {name}")

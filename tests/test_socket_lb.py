@@ -80,12 +80,19 @@ def test_udp_replies_come_from_the_vip(bed, web_agent, target, mode, expected):
         assert r["peers"] == {f"{vip}:53": 150}
 
 
-def test_closed_sockets_leave_no_reverse_nat_entry(bed, web_agent):
+@pytest.mark.parametrize("target,mode", [
+    (f"{VIP4}:80", "tcp"),  # reverse NAT in the socket's storage: never in the map
+    (f"[{VIP6}]:80", "tcp"),
+    (f"{VIP4}:53", "udp-connected"),  # in the map until the release hook forgets it
+    (f"[{VIP6}]:53", "udp-connected"),
+], ids=["tcp-v4", "tcp-v6", "connected-udp-v4", "connected-udp-v6"])
+def test_closed_sockets_leave_no_reverse_nat_entry(bed, web_agent, target, mode):
     from lb.maps.services import map_fill
 
-    r = bed.run_client(f"{VIP4}:80", "--count", "200")
-    assert r["errors"] == {} and r["peers"] == {f"{VIP4}:80": 200}  # getpeername worked while open
-    assert map_fill(bed.bpf_root)["lb_sock_revnat_v1"] == 0  # the release hook forgot every one
+    r = bed.run_client(target, "--mode", mode, "--count", "200")
+    vip = target.rsplit(":", 1)[0].strip("[]")
+    assert r["errors"] == {} and r["peers"] == {f"{vip}:{target.rsplit(':', 1)[1]}": 200}  # getpeername while open
+    assert map_fill(bed.bpf_root)["lb_sock_revnat_v1"] == 0
 
 
 def test_wrong_port_on_a_cluster_ip_is_not_translated(bed, web_agent):
@@ -219,3 +226,40 @@ def test_cleanup_removes_every_program_attachment_and_pin(bed, web_agent):
         os.close(cg)
     assert not os.path.exists(bed.bpf_root)
     assert bed.run_client(f"{VIP4}:80", "--count", "2")["errors"] == {"ENETUNREACH": 2}
+
+
+HOLD_OPEN = r"""
+import socket, sys
+vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+socks = [socket.create_connection((vip, port)) for _ in range(n)]  # all open at once
+print(" ".join(f"{s.getpeername()[0]}:{s.getpeername()[1]}" for s in socks))
+"""
+
+
+def test_tcp_peers_stay_exact_when_sockets_share_a_peer_slot(bed, servers):
+    """With one peer slot, every socket after the first finds it taken and keeps its peer in its own
+    storage: getpeername is the VIP for each of many sockets open at once, and again after they close."""
+    from lb import datapath
+    from lb.maps.services import PinnedServiceMaps
+    from lb.model import TCP, Backend, Frontend, FrontendState
+    from lb.reconcile import Reconciler
+    from lb.settings import MapSizes, Paths
+
+    datapath.attach(Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root),
+                    MapSizes(services=64, backends=64, revnat=64, sock_revnat=1, affinity=64, endpoints=64))
+    maps = PinnedServiceMaps(bed.bpf_root)
+    try:
+        Reconciler(maps, revnat_limit=64).sync({
+            Frontend(VIP4, 80, TCP): FrontendState(tuple(Backend(b, PORT, TCP) for b in BE4[:3]), service="demo/web"),
+            Frontend(VIP6, 80, TCP): FrontendState(tuple(Backend(b, PORT, TCP) for b in BE6[:3]), service="demo/web6"),
+        }, prune=True)
+    finally:
+        maps.close()
+    for vip in (VIP4, VIP6):
+        for _ in range(2):
+            p = bed.popen([sys.executable, "-c", HOLD_OPEN, vip, "80", "20"], bed.client_ns, True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out, err = p.communicate(timeout=30)
+            assert p.returncode == 0, err
+            assert out.split() == [f"{vip}:80"] * 20

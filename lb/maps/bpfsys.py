@@ -179,3 +179,13 @@ def link_update(link_fd: int, prog_fd: int) -> None:
 
 def obj_pin(fd: int, path: str) -> None:
     _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def link_info(link_fd: int) -> tuple[int, int, int, int]:
+    """(link type, program ID, cgroup ID, attach type) of a link; the last two are a cgroup link's."""
+    info = ctypes.create_string_buffer(64)
+    n = ctypes.c_uint32(64)
+    _check(_lib.bpf_obj_get_info_by_fd(link_fd, info, ctypes.byref(n)), "link info")
+    # struct bpf_link_info: type, id, prog_id (u32 each); the union at offset 16: cgroup_id (u64), attach_type.
+    ltype, prog_id = ctypes.c_uint32.from_buffer(info, 0).value, ctypes.c_uint32.from_buffer(info, 8).value
+    return ltype, prog_id, ctypes.c_uint64.from_buffer(info, 16).value, ctypes.c_uint32.from_buffer(info, 24).value
