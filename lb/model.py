@@ -45,6 +45,7 @@ class Service(Struct, frozen=True, gc=False):
     internal_local: bool = False  # internalTrafficPolicy: Local
     external_local: bool = False  # externalTrafficPolicy: Local
     skip: str = ""  # why the proxy ignores this Service ("" = it does not)
+    created: str = ""  # metadata.creationTimestamp (RFC 3339, UTC): the older of two claims wins a frontend
 
 
 class Endpoint(Struct, frozen=True, gc=False):

@@ -59,32 +59,42 @@ class ObjectError(ValueError):
 
 
 def parse_ip_sloppy(value: Any, field: str) -> str:
-    """An IP in canonical form. Like kube-proxy's netutils.ParseIPSloppy, IPv4 octets may carry
-    leading zeros ("10.180.00.001" is 10.180.0.1, decimal, not octal)."""
+    """An IP in canonical form, read as Kubernetes reads it (netutils.ParseIPSloppy, i.e. Go's
+    net.ParseIP): IPv4 octets may carry leading zeros ("10.180.00.001" is 10.180.0.1, decimal, not
+    octal), and an IPv4-mapped IPv6 address ("::ffff:10.0.0.1") IS that IPv4 address (Go's To4()),
+    so it is filtered by family like any IPv4 address and can never be an IPv6 frontend."""
     if not isinstance(value, str) or not value:
         raise ObjectError(field, f"not an IP address: {value!r}")
     try:  # fast path: most addresses are already canonical
         if ":" in value:
-            if socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, value)) == value:
+            packed = socket.inet_pton(socket.AF_INET6, value)
+            if packed[:12] != _V4_MAPPED and socket.inet_ntop(socket.AF_INET6, packed) == value:
                 return value
         elif socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value)) == value:
             return value
     except OSError:
         pass
-    text = value.strip()
+    text = value.strip() if value.strip() == value else ""  # Go's ParseIP takes no surrounding spaces
     try:
         if "." in text and ":" not in text:
             parts = text.split(".")
-            if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+            if len(parts) != 4 or not all(p.isdigit() and p.isascii() and len(p) <= 3 for p in parts):
                 raise ValueError
             octets = [int(p, 10) for p in parts]
             if any(o > 255 for o in octets):
                 raise ValueError
             return str(ipaddress.IPv4Address(bytes(octets)))
+        if "%" in text:
+            raise ValueError  # a zone is not part of an IP (Go's ParseIP refuses it)
         addr = ipaddress.IPv6Address(text)
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
         return str(addr)
     except ValueError:
         raise ObjectError(field, f"not an IP address: {value!r}") from None
+
+
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def family_of(ip: str) -> str:
@@ -255,7 +265,8 @@ def parse_service(obj: dict) -> Service:
         ingress.append(parse_ip_sloppy(ing["ip"], f"status.loadBalancer.ingress[{i}].ip"))
     return Service(key=key, type=svc_type, cluster_ips=ips, ports=tuple(ports), external_ips=external,
                    lb_ingress_ips=tuple(ingress), affinity_timeout=timeout, internal_local=internal_local,
-                   external_local=external_local, skip=skip)
+                   external_local=external_local, skip=skip,
+                   created=_get(obj, "metadata.creationTimestamp", str, ""))
 
 
 def _hints(hints: Any, kind: str, field: str) -> tuple[str, ...] | None:
@@ -397,6 +408,7 @@ class _Meta(Struct, frozen=True, gc=False):
     resourceVersion: str = ""
     annotations: dict[str, str] = {}
     deletionTimestamp: str = ""
+    creationTimestamp: str = ""
 
 
 class _SvcPort(Struct, frozen=True, gc=False):
@@ -537,7 +549,7 @@ def _service_of(raw: _Service) -> Service:
     ingress = tuple(parse_ip_sloppy(ing.ip, "status.loadBalancer.ingress")
                     for ing in raw.status.loadBalancer.ingress if ing.ip and ing.ipMode != "Proxy")
     return Service(key, svc_type, ips, tuple(ports), external, ingress, timeout, internal_local, external_local,
-                   skip)
+                   skip, raw.metadata.creationTimestamp)
 
 
 def _hint_names(items: list[_HintName] | None) -> tuple[str, ...] | None:

@@ -1,49 +1,88 @@
 """The desired frontends, kept per Service so one Service can be re-translated alone.
 
-Each frontend has one owner. A Service that wants a frontend another Service already owns is
-refused that frontend (logged) and retried whenever a frontend is freed.
+Each frontend has one owner, chosen by a rule that depends only on the claims, never on the order in
+which Services arrive (a set, a file, a relist):
+  1. a ClusterIP claim beats an externalIP or load-balancer claim on the same address/port: the API
+     server's allocator guarantees ClusterIPs are unique, while externalIPs and load-balancer
+     addresses are user claims (CVE-2020-8554: a tenant's externalIP must not capture another
+     Service's traffic);
+  2. between two claims of the same kind, the older Service wins (metadata.creationTimestamp, then
+     namespace/name).
+A Service that loses a frontend keeps its others, is logged once, and is re-translated whenever a
+frontend is freed (it may win it then).
 """
 from __future__ import annotations
 
 import logging
 
-from .model import Frontend, FrontendState, ObjKey
+from .model import Frontend, FrontendState, ObjKey, Service
 
 log = logging.getLogger("bpflb.service_table")
+
+Claim = tuple[int, str, str, str]  # (0 ClusterIP | 1 external, creationTimestamp, namespace, name)
+
+
+def claim_of(svc: Service, fe: Frontend) -> Claim:
+    """The rank of ``svc``'s claim on ``fe``: lower wins."""
+    return (0 if fe.ip in svc.cluster_ips else 1, svc.created, svc.key.namespace, svc.key.name)
 
 
 class ServiceTable:
     def __init__(self) -> None:
         self.want: dict[Frontend, FrontendState] = {}
         self.owner: dict[Frontend, ObjKey] = {}
+        self.claim: dict[Frontend, Claim] = {}
         self.frontends_of: dict[ObjKey, set[Frontend]] = {}
-        self.conflicts: set[ObjKey] = set()
+        self.conflicts: dict[ObjKey, set[Frontend]] = {}  # Service -> frontends it wants but does not own
 
-    def update(self, key: ObjKey, frontends: dict[Frontend, FrontendState]) -> tuple[set[Frontend], set[ObjKey]]:
-        """Replace one Service's frontends; returns (frontends touched, Services to retry after a
-        frontend they wanted was freed)."""
-        touched = set()
+    def update(self, key: ObjKey, frontends: dict[Frontend, FrontendState],
+               svc: Service | None = None) -> tuple[set[Frontend], set[ObjKey]]:
+        """Replace one Service's frontends (``svc`` ranks its claims); returns (frontends touched,
+        Services to re-translate: those that lost a frontend to it, and, when a frontend was
+        freed, those that wanted one)."""
+        touched: set[Frontend] = set()
+        retry: set[ObjKey] = set()
         freed = False
         for fe in self.frontends_of.pop(key, set()):
             if self.owner.get(fe) == key:
-                del self.owner[fe]
-                del self.want[fe]
+                del self.owner[fe], self.want[fe], self.claim[fe]
                 touched.add(fe)
                 freed = True
-        mine = set()
+        had_conflicts = self.conflicts.pop(key, set())
+        mine: set[Frontend] = set()
+        lost: set[Frontend] = set()
         for fe, state in frontends.items():
+            c = claim_of(svc, fe) if svc is not None else (1, "", key.namespace, key.name)
             other = self.owner.get(fe)
             if other is not None and other != key:
-                log.warning("frontend %s of Service %s is already Service %s's; ignored", fe, key, other)
-                self.conflicts.add(key)
-                continue
+                if self.claim[fe] <= c:
+                    lost.add(fe)
+                    if fe not in had_conflicts:
+                        log.warning("frontend %s of Service %s is Service %s's (%s); ignored", fe, key, other,
+                                    _why(self.claim[fe], c))
+                    continue
+                # This claim wins: the other Service loses this frontend (and keeps its others).
+                log.warning("frontend %s taken from Service %s by Service %s (%s)", fe, other, key,
+                            _why(c, self.claim[fe]))
+                self.frontends_of[other].discard(fe)
+                self.conflicts.setdefault(other, set()).add(fe)
             self.owner[fe] = key
             self.want[fe] = state
+            self.claim[fe] = c
             mine.add(fe)
             touched.add(fe)
         if mine:
             self.frontends_of[key] = mine
-        retry: set[ObjKey] = set()
-        if freed and self.conflicts:
-            retry, self.conflicts = self.conflicts - {key}, set()
+        if lost:
+            self.conflicts[key] = lost
+        if freed:
+            retry = {k for k, fes in self.conflicts.items() if k != key and fes & touched}
         return touched, retry
+
+
+def _why(winner: Claim, loser: Claim) -> str:
+    if winner[0] != loser[0]:
+        return "a ClusterIP beats an externalIP or load-balancer claim"
+    if winner[1] != loser[1]:
+        return "the older Service wins"
+    return "equal age: the first by namespace/name wins"

@@ -101,7 +101,7 @@ class Syncer:
                 for key in todo:
                     svc = tracker.services.get(key)
                     fes = translate_service(svc, tracker.slices_for(key), node) if svc else {}
-                    touched, again = self.table.update(key, fes)
+                    touched, again = self.table.update(key, fes, svc)
                     scope |= touched
                     retry |= again
                 todo = retry

@@ -12,9 +12,39 @@ from lb.objects import KIND_PARSERS, ObjectError, parse_endpoint_slice, parse_ip
     ("010.096.000.010", "10.96.0.10"),
     ("fd00:96:0:0::010", "fd00:96::10"),
     ("FD00:96::A", "fd00:96::a"),
-], ids=["leading-zeros", "all-octets-padded", "v6-compressed", "v6-case"])
+    ("::ffff:10.96.0.10", "10.96.0.10"),  # Go's ParseIP: an IPv4-mapped address IS the IPv4 address
+    ("::FFFF:a60:a", "10.96.0.10"),
+], ids=["leading-zeros", "all-octets-padded", "v6-compressed", "v6-case", "v4-mapped", "v4-mapped-hex"])
 def test_ips_are_normalised_like_kube_proxy(text, want):
     assert parse_ip_sloppy(text, "f") == want
+
+
+@pytest.mark.parametrize("text", [" 10.0.0.1", "10.0.0.1 ", "fe80::1%eth0", "10.0.0.256", "1.2.3", "::ffff:1.2.3.256",
+                                  "١٠.0.0.1"])
+def test_what_go_refuses_is_not_an_ip(text):
+    with pytest.raises(ObjectError, match="not an IP address"):
+        parse_ip_sloppy(text, "f")
+
+
+def test_an_ipv4_mapped_external_ip_is_ipv4_and_cannot_take_an_ipv4_clusterip():
+    from lb.model import Frontend
+    from lb.service_table import ServiceTable
+    from lb.translate import NodeView, translate_service
+
+    def svc(name, cluster_ip, external=(), created=""):
+        return parse_service({"metadata": {"name": name, "namespace": "ns", "creationTimestamp": created},
+                              "spec": {"clusterIP": cluster_ip, "externalIPs": list(external),
+                                       "ports": [{"port": 80}]}})
+    tenant = svc("tenant", "10.96.0.99", ["::ffff:10.96.0.10"], created="2020-01-01T00:00:00Z")
+    assert tenant.external_ips == ("10.96.0.10",)
+    victim = svc("victim", "10.96.0.10", created="2026-01-01T00:00:00Z")
+    table = ServiceTable()
+    for s in (tenant, victim):
+        table.update(s.key, translate_service(s, [], NodeView("n")), s)
+    assert table.owner[Frontend("10.96.0.10", 80, "TCP")] == victim.key
+    # dual-stack-looking tenant (IPv6 ClusterIP): the mapped address is IPv4, filtered out by family
+    v6 = svc("v6", "fd00:96::99", ["::ffff:10.96.0.10"])
+    assert all(":" in fe.ip for fe in translate_service(v6, [], NodeView("n")))
 
 
 @pytest.mark.parametrize("mutate,field,reason", [
