@@ -62,34 +62,61 @@ class HealthState:
 @dataclass
 class HttpServer:
     """/healthz, /livez and /metrics on every address given to ``listen``. Gauges that are computed at
-    scrape time are the agent's to keep current (``Gauge.set_function``), not this server's."""
+    scrape time are the agent's to keep current (``Gauge.set_function``), not this server's.
+
+    A client never holds the event loop or the server: the whole request (line and headers) must
+    arrive within ``request_timeout`` and fit ``max_header_bytes``, the answer must be taken within
+    the same time, and at most ``max_connections`` are served at once (more are closed at once;
+    kubelet probes and Prometheus use one each)."""
     health: HealthState
     metrics: AgentMetrics
     servers: list = field(default_factory=list)
+    request_timeout: float = 5.0
+    max_connections: int = 32
+    max_header_bytes: int = 16384
+    active: int = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            writer.close()  # over the limit: no read, no answer
+            return
+        self.active += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode(errors="replace").split()
-            path = parts[1].split("?")[0] if len(parts) > 1 else "/"
-            if path in ("/healthz", "/livez"):
-                status, doc = self.health.body(with_node=path == "/healthz")
-                body, ctype = json.dumps(doc).encode(), "application/json"
-                (self.metrics.healthz if path == "/healthz" else self.metrics.livez).labels(code=str(status)).inc()
-            elif path == "/metrics":
-                status, body, ctype = 200, self.metrics.render(), self.metrics.content_type
-            else:
-                status, body, ctype = 404, b"404 page not found\n", "text/plain"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+            async with asyncio.timeout(self.request_timeout):
+                await self._serve(reader, writer)
+        except (asyncio.TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass
         finally:
+            self.active -= 1
             writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        size = len(line)
+        while True:
+            header = await reader.readline()
+            size += len(header)
+            if size > self.max_header_bytes:
+                writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+                await writer.drain()
+                return
+            if header in (b"\r\n", b"\n", b""):
+                break
+        parts = line.decode(errors="replace").split()
+        path = parts[1].split("?")[0] if len(parts) > 1 else "/"
+        if path in ("/healthz", "/livez"):
+            status, doc = self.health.body(with_node=path == "/healthz")
+            body, ctype = json.dumps(doc).encode(), "application/json"
+            (self.metrics.healthz if path == "/healthz" else self.metrics.livez).labels(code=str(status)).inc()
+        elif path == "/metrics":
+            status, body, ctype = 200, self.metrics.render(), self.metrics.content_type
+        else:
+            status, body, ctype = 404, b"404 page not found\n", "text/plain"
+        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        await writer.drain()
 
     async def listen(self, address: str) -> int:
         host, _, port = address.rpartition(":")

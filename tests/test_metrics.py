@@ -125,3 +125,56 @@ def test_the_server_serves_metrics_and_counts_probes_by_code():
     assert counts == {("bpflb_proxy_healthz_total", "200"): 1.0, ("bpflb_proxy_healthz_total", "503"): 1.0,
                       ("bpflb_proxy_livez_total", "200"): 2.0}
     assert [s.labels for s in served["bpflb_api_errors"].samples] == [{"code": 'x"y'}]
+
+
+def test_a_slow_or_greedy_client_never_holds_the_health_server():
+    """Slowloris (a request line, then nothing), a flood of idle connections and oversized headers:
+    each is cut off, and a proper probe is answered once the bound has passed."""
+    metrics = AgentMetrics()
+    health = HealthState(health_timeout=60, wall=lambda: 1000.0)
+
+    async def read_all(reader):
+        """What the server sent before closing ("" if nothing; a reset counts as nothing)."""
+        try:
+            return await asyncio.wait_for(reader.read(), 3)
+        except ConnectionResetError:
+            return b""
+
+    async def scenario():
+        server = HttpServer(health, metrics, request_timeout=0.3, max_connections=2)
+        port = await server.listen("127.0.0.1:0")
+        loop = asyncio.get_running_loop()
+        try:
+            # slowloris: the server closes it after request_timeout, without an answer
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /healthz HTTP/1.1\r\n")
+            t0 = loop.time()
+            assert await read_all(r) == b""
+            slow = loop.time() - t0
+            w.close()
+            # a flood: two idle connections take the slots; a third is closed at once, unanswered
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+            w3.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            t0 = loop.time()
+            assert await read_all(r3) == b""
+            refused = loop.time() - t0
+            w3.close()
+            for _, w in idle:  # they are timed out by the server too
+                w.close()
+            await asyncio.sleep(0.4)
+            assert (await _get(port, "/healthz"))[0] == 200
+            # headers over the limit: 431
+            r4, w4 = await asyncio.open_connection("127.0.0.1", port)
+            w4.write(b"GET /healthz HTTP/1.1\r\n" + b"X: " + b"a" * 20000 + b"\r\n\r\n")
+            answer = await read_all(r4)
+            w4.close()
+            return slow, refused, answer
+        finally:
+            server.close()
+
+    slow, refused, answer = asyncio.run(scenario())
+    assert 0.25 <= slow < 2.0
+    assert refused < 0.25
+    assert answer.startswith(b"HTTP/1.1 431")
