@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ls = svsub.add_parser("list", help="frontends and backends as the datapath sees them (pinned maps)")
     ls.add_argument("-o", "--output", choices=["text", "json"], default="text")
     ls.add_argument("--bpf-root", default=Paths.bpf_root, help=field_docs(Paths)["bpf_root"].split(":", 1)[1].strip())
+    ls.add_argument("--state-dir", default=Paths.state_dir, help=field_docs(Paths)["state_dir"].split(":", 1)[1].strip())
 
     ex = sub.add_parser("explain", help="why each endpoint of a Service is or is not used on this node")
     ex.add_argument("service", metavar="NAMESPACE/NAME[:PORT]")
@@ -148,14 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if a.cmd == "service" and a.svc_cmd == "list":
-        from .inspect import format_rows, service_rows
+        from .inspect import format_refused, format_rows, refused_rows, service_rows
 
         try:
             rows = service_rows(a.bpf_root)
         except FileNotFoundError as e:
             print(f"bpflb: {e}", file=sys.stderr)
             return 1
-        print(json.dumps(rows, indent=2) if a.output == "json" else format_rows(rows))
+        refused = refused_rows(a.state_dir)
+        if a.output == "json":
+            rows += [{"frontend": None, "service": k, "action": "refused", "limit": r.get("limit"),
+                      "reason": r.get("reason"), "backends": []} for k, r in sorted(refused.items())]
+            print(json.dumps(rows, indent=2))
+        else:
+            print(format_rows(rows) + format_refused(refused))
         return 0
     return 2
 

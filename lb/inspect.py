@@ -1,6 +1,9 @@
 """Read-only views of the pinned maps, as the datapath sees them (not the agent's memory)."""
 from __future__ import annotations
 
+import json
+import os
+
 from .maps.services import PinnedServiceMaps
 from .maps.structs import SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY
 
@@ -46,4 +49,23 @@ def format_rows(rows: list[dict]) -> str:
         bes = ", ".join(f"{b['slot']}:{b['address'] or 'MISSING'}" for b in r["backends"]) or "-"
         warn = "" if r["revnat_ok"] else "  (reverse NAT entry missing)"
         lines.append(f"{r['id'] or '-':>5}  {r['frontend']:<42} {r['action'] + extra:<13} {bes}{warn}")
+    return "\n".join(lines)
+
+
+def refused_rows(state_dir: str) -> dict[str, dict]:
+    """Services the agent refused admission (lb/syncer.py writes the file): {"ns/name": {limit, reason}}."""
+    try:
+        with open(os.path.join(state_dir, "refused.json")) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def format_refused(refused: dict[str, dict]) -> str:
+    if not refused:
+        return ""
+    lines = ["", f"REFUSED ({len(refused)} Service(s) not programmed: they exceed a limit)"]
+    for key, r in sorted(refused.items()):
+        lines.append(f"  {key}: {r.get('reason', '')}")
     return "\n".join(lines)

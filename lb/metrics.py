@@ -66,6 +66,9 @@ class AgentMetrics:
         self.map_fill = gauge("bpflb_map_fill_ratio", "Entries / capacity of each BPF map", "map")
         self.api_errors = counter("bpflb_api_errors", "Errors talking to the API server", "code")
         self.sync_errors = counter("bpflb_sync_errors", "Syncs that failed and will be retried")
+        self.refused = gauge("bpflb_services_refused", "Services refused admission (they do not fit a limit)")
+        self.refusals = counter("bpflb_service_refusals", "Services refused admission, by the limit they exceed",
+                                "limit")
 
     def observe_sync(self, seconds: float, full: bool) -> None:
         """One successful sync took ``seconds``: counted in the overall and in the full or partial histogram."""

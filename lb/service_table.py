@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from .model import Frontend, FrontendState, ObjKey, Service
+from .model import Backend, Frontend, FrontendState, ObjKey, Service
 
 log = logging.getLogger("bpflb.service_table")
 
@@ -34,6 +34,47 @@ class ServiceTable:
         self.claim: dict[Frontend, Claim] = {}
         self.frontends_of: dict[ObjKey, set[Frontend]] = {}
         self.conflicts: dict[ObjKey, set[Frontend]] = {}  # Service -> frontends it wants but does not own
+        self.entries = 0  # lb_services entries the owned frontends need (master + one per backend slot)
+        self.backend_refs: dict[Backend, int] = {}  # distinct backends (lb_backends entries) and their users
+
+    # ---- usage (admission: does a Service fit the maps?) ----------------------------------------
+    def _own(self, fe: Frontend, key: ObjKey, state: FrontendState, claim: Claim) -> None:
+        self.owner[fe], self.want[fe], self.claim[fe] = key, state, claim
+        self.entries += 1 + len(state.backends)
+        refs = self.backend_refs
+        for b in state.backends:
+            refs[b] = refs.get(b, 0) + 1
+
+    def _disown(self, fe: Frontend) -> None:
+        state = self.want.pop(fe)
+        del self.owner[fe], self.claim[fe]
+        self.entries -= 1 + len(state.backends)
+        refs = self.backend_refs
+        for b in state.backends:
+            n = refs[b] - 1
+            if n:
+                refs[b] = n
+            else:
+                del refs[b]
+
+    def usage_if(self, key: ObjKey, frontends: dict[Frontend, FrontendState]) -> tuple[int, int, int]:
+        """(lb_services entries, frontends, distinct backends) the table would need if ``key``'s
+        frontends were replaced by ``frontends`` (claims lost to others are not subtracted: an upper
+        bound)."""
+        mine = [fe for fe in self.frontends_of.get(key, ()) if self.owner.get(fe) == key]
+        own_refs: dict[Backend, int] = {}
+        entries = self.entries
+        for fe in mine:
+            state = self.want[fe]
+            entries -= 1 + len(state.backends)
+            for b in state.backends:
+                own_refs[b] = own_refs.get(b, 0) + 1
+        gone = sum(1 for b, n in own_refs.items() if self.backend_refs[b] == n)
+        new = set()
+        for state in frontends.values():
+            entries += 1 + len(state.backends)
+            new.update(b for b in state.backends if self.backend_refs.get(b, 0) == own_refs.get(b, 0))
+        return entries, len(self.want) - len(mine) + len(frontends), len(self.backend_refs) - gone + len(new)
 
     def update(self, key: ObjKey, frontends: dict[Frontend, FrontendState],
                svc: Service | None = None) -> tuple[set[Frontend], set[ObjKey]]:
@@ -45,7 +86,7 @@ class ServiceTable:
         freed = False
         for fe in self.frontends_of.pop(key, set()):
             if self.owner.get(fe) == key:
-                del self.owner[fe], self.want[fe], self.claim[fe]
+                self._disown(fe)
                 touched.add(fe)
                 freed = True
         had_conflicts = self.conflicts.pop(key, set())
@@ -66,9 +107,8 @@ class ServiceTable:
                             _why(c, self.claim[fe]))
                 self.frontends_of[other].discard(fe)
                 self.conflicts.setdefault(other, set()).add(fe)
-            self.owner[fe] = key
-            self.want[fe] = state
-            self.claim[fe] = c
+                self._disown(fe)
+            self._own(fe, key, state, c)
             mine.add(fe)
             touched.add(fe)
         if mine:

@@ -53,6 +53,8 @@ class Paths:
     """--cgroup-root: cgroup2 directory the socket programs attach to (every process below it is served)."""
     bpf_root: str = BPF_ROOT_DEFAULT
     """--bpf-root: bpffs directory holding bpflb's pinned maps."""
+    state_dir: str = "/run/bpflb"
+    """--state-dir: the agent's status files for `bpflb service list` (Services refused admission)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,9 @@ class Settings:
     strict: bool = True
     """--strict: refuse to start when a needed kernel hook is missing or kube-proxy's rules are present
     (--no-strict runs without them)."""
+    max_frontends_per_service: int = 4096
+    """--max-frontends-per-service: a Service needing more frontends (ports x addresses) is refused
+    alone, logged and counted; everything else keeps syncing."""
     poll_interval: float = 0.2
     """--poll-interval: seconds between scans of the manifest folder for changes."""
     paths: Paths = field(default_factory=Paths)

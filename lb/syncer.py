@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+import os
 import time
 from typing import Callable
 
@@ -18,15 +20,18 @@ from . import nodenet
 from .health import HealthState
 from .maps.services import MapFullError
 from .metrics import AgentMetrics
-from .model import Frontend, ObjKey
+from .atomicfile import write_atomic
+from .model import Frontend, FrontendState, ObjKey, Service
 from .reconcile import Reconciler
 from .service_table import ServiceTable
 from .settings import Settings
 from .sockets import destroy_udp
 from .tracker import Tracker
-from .translate import NodeView, translate_service
+from .translate import NodeView, frontend_count, translate_service
 
 log = logging.getLogger("bpflb.syncer")
+
+REFUSED_FILE = "refused.json"  # in Paths.state_dir: Services refused admission (read by `service list`)
 
 
 class Syncer:
@@ -43,6 +48,60 @@ class Syncer:
         self.net_plan: nodenet.Plan | None = None  # planned by plan(), applied by apply()
         self.net_problems: tuple[str, ...] = ()
         self.failing = False
+        self.refused: dict[ObjKey, tuple[str, str]] = {}  # Service -> (limit, why): not admitted
+        self.refused_written: dict | None = None  # what the state file holds
+
+    # ---- admission: one Service that does not fit is refused alone -----------------------------
+    def refusal(self, key: ObjKey, svc: Service) -> tuple[str, str] | None:
+        """(limit, why) if ``svc`` may not be translated at all (too many frontends), else None."""
+        cap = self.settings.max_frontends_per_service
+        n = frontend_count(svc)
+        if n > cap:
+            return ("max-frontends-per-service", f"{n} frontends ({len(svc.ports)} ports x addresses) exceed "
+                    f"--max-frontends-per-service {cap}")
+        return None
+
+    def capacity_refusal(self, key: ObjKey, fes: dict[Frontend, FrontendState]) -> tuple[str, str] | None:
+        """(limit, why) if the maps cannot hold ``key``'s frontends beside everything admitted."""
+        entries, frontends, backends = self.table.usage_if(key, fes)
+        sizes = self.settings.maps
+        if frontends > sizes.revnat or frontends > self.reconciler.revnat_ids.limit:
+            return ("revnat-map-size", f"{frontends} frontends in all would exceed the frontend IDs "
+                    f"(--revnat-map-size {sizes.revnat})")
+        if entries > sizes.services:
+            return ("svc-map-size", f"{entries} service map entries in all would exceed --svc-map-size {sizes.services}")
+        if backends > sizes.backends:
+            return ("backend-map-size", f"{backends} distinct backends in all would exceed "
+                    f"--backend-map-size {sizes.backends}")
+        return None
+
+    def refuse(self, key: ObjKey, limit: str, why: str) -> None:
+        if self.refused.get(key) != (limit, why):
+            log.error("Service %s refused: %s; what it had programmed stays, every other Service keeps syncing",
+                      key, why)
+            self.metrics.refusals.labels(limit=limit).inc()
+        self.refused[key] = (limit, why)
+
+    def admit(self, key: ObjKey) -> None:
+        if self.refused.pop(key, None) is not None:
+            log.info("Service %s admitted", key)
+
+    def write_refused(self) -> None:
+        """The refused Services, for `bpflb service list` (a file: it reads no agent memory)."""
+        doc = {str(k): {"limit": lim, "reason": why} for k, (lim, why) in sorted(self.refused.items())}
+        self.metrics.refused.set(len(doc))
+        if doc == self.refused_written:
+            return
+        path = os.path.join(self.settings.paths.state_dir, REFUSED_FILE)
+        if self.refused_written is None and not doc and not os.path.exists(path):
+            self.refused_written = doc  # nothing refused, nothing stale to clear
+            return
+        try:
+            os.makedirs(self.settings.paths.state_dir, exist_ok=True)
+            write_atomic(path, json.dumps(doc, indent=1), durable=False)
+            self.refused_written = doc
+        except OSError as e:
+            log.warning("cannot write %s: %s", path, e.strerror)
 
     # ---- the runner's function -----------------------------------------------------------------
     async def __call__(self, full: bool) -> None:
@@ -96,14 +155,32 @@ class Syncer:
             node = NodeView.of(self.settings.node_name, tracker.node)
             scope: set[Frontend] = set()
             synced = set(todo)
+            refused_retried = False
             while todo:
                 retry: set[ObjKey] = set()
-                for key in todo:
+                entries_before = self.table.entries
+                # Oldest first, so which Service is refused when the maps are nearly full does not
+                # depend on arrival order either.
+                for key in sorted(todo, key=lambda k: (s.created if (s := tracker.services.get(k)) else "", k)):
                     svc = tracker.services.get(key)
-                    fes = translate_service(svc, tracker.slices_for(key), node) if svc else {}
+                    if svc is None:
+                        self.refused.pop(key, None)
+                        fes: dict[Frontend, FrontendState] = {}
+                    else:
+                        refusal = self.refusal(key, svc)
+                        if refusal is None:
+                            fes = translate_service(svc, tracker.slices_for(key), node)
+                            refusal = self.capacity_refusal(key, fes)
+                        if refusal is not None:
+                            self.refuse(key, *refusal)
+                            continue  # its last admitted frontends stay as they are
+                        self.admit(key)
                     touched, again = self.table.update(key, fes, svc)
                     scope |= touched
                     retry |= again
+                if self.refused and not refused_retried and self.table.entries < entries_before:
+                    retry |= set(self.refused)  # room was freed: the refused may fit now
+                    refused_retried = True
                 todo = retry
                 synced |= retry
             stats = self.reconciler.sync(self.table.want, scope, prune=full)
@@ -112,6 +189,7 @@ class Syncer:
             tracker.all_dirty = tracker.all_dirty or all_dirty
             raise
         self.syncs += 1
+        self.write_refused()
         if (nodes_dirty or full) and self.settings.network_mode != "none":
             tracker.nodes_dirty = False
             self.net_plan = self.plan_nodes()

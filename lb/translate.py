@@ -207,6 +207,18 @@ def _backends(pe: PortEndpoints, chosen: tuple[Endpoint, ...]) -> tuple[Backend,
     return tuple([Backend(ep.ip, target, protocol) for ep, target in pe.endpoints if ep.ip in ips])
 
 
+def frontend_count(svc: Service) -> int:
+    """How many frontends translate_service would make for ``svc`` (without making them): TCP/UDP
+    ports x the ClusterIPs, externalIPs and load-balancer IPs of the ClusterIPs' families. Admission
+    uses it to refuse a huge Service before translating it."""
+    if svc.skip:
+        return 0
+    families = {family_of(ip) for ip in svc.cluster_ips}
+    ips = {ip for ip in svc.cluster_ips + svc.external_ips + svc.lb_ingress_ips if family_of(ip) in families}
+    ports = {(p.port, p.protocol) for p in svc.ports if p.protocol != SCTP}
+    return len(ips) * len(ports)
+
+
 def translate_service(svc: Service, slices: Iterable[EndpointSlice], node: NodeView) -> dict[Frontend, FrontendState]:
     """The frontends one Service needs on this node (socket LB: traffic from this node's clients)."""
     out: dict[Frontend, FrontendState] = {}
