@@ -11,8 +11,9 @@ backend; every intermediate state it can observe must be a working service):
   3. reverse NAT     before the frontend becomes visible, so replies are rewritten from the start
   4. master (slot 0) count last: only now may the datapath read the new slots
   5. trim            slots N+1.. of a shrunk frontend, now unreachable
-  6. removals        deleted frontends: master first, then slots, then reverse NAT
-  7. orphans         backends no slot names any more
+  6. removals        deleted frontends: master first, then slots, then reverse NAT (with any
+                     reverse-NAT entry no master names)
+  7. orphans         backends no readable slot names any more
 IDs (frontend reverse-NAT IDs, backend IDs) are restored from the maps on start, so a restarted
 agent rewrites nothing that is already right.
 
@@ -21,12 +22,12 @@ written"). The reconciler's view -- each frontend's master and slots, the backen
 counts, reverse-NAT entries, allocated IDs -- changes only after a write returned, and only by the
 items the kernel applied: all of them, or the first ``MapWriteError.done`` of a batch that stopped
 midway. IDs for new backends and frontends are tentative until written; a failed sync gives back
-those it did not write. So a failed write at any step stops the sync there (the order above holds for
-what was written), leaves the view equal to what the kernel holds (no restore() needed), and keeps
-the frontends it had still to write owed: the next sync, whatever its scope, plans them again
+those it did not write. So a failed write at any step stops the sync there (the order above holds
+for what was written), leaves the view equal to what the kernel holds (no restore() needed), and
+keeps the frontends it had still to write owed: the next sync, whatever its scope, plans them again
 against the view and writes only what is still missing. Backends no readable slot names
-(``orphan_candidates``) and reverse-NAT entries no master names (``spare``) are noted as they appear, so a
-sync's work follows its change, not the number of frontends programmed.
+(``orphan_candidates``) and reverse-NAT entries no master names (``spare``) are noted as they
+appear, so a sync's work follows its change, not the number of frontends programmed.
 """
 from __future__ import annotations
 
@@ -315,15 +316,14 @@ class Reconciler:
         # reverse-NAT entry no master names (the removed frontends', and any a failed sync left).
         _write(maps.delete_slots, [(fe, 0) for fe in plan.removed if have[fe].master], self._masters_deleted)
         gone = [(fe, s) for fe in plan.removed if fe in have for s, bid in enumerate(have[fe].slots, 1) if bid]
-        _write(maps.delete_slots, gone, lambda done: self._slots_deleted(done) if len(done) < len(gone) else
-               [have.pop(fe, None) for fe in plan.removed])  # all of them: the frontends are gone
+        _write(maps.delete_slots, gone, lambda done: self._removed_slots_deleted(done, len(gone), plan.removed))
         _write(maps.delete_revnat, sorted(self.spare), self._revnat_deleted)
         stats.deleted = len(plan.trims) + len(plan.removed)
-        # 7. backends no readable slot names
+        # 7. backends no readable slot names: the candidates that still have none and are still there
         refs = self.refs
         orphans = sorted(b for b in self.orphan_candidates if not refs.get(b, 1) and b in self.backend_of)
-        _write(maps.delete_backends, orphans, self._backends_deleted)  # if it fails, the filter above skips
-        self.orphan_candidates = set()  # those deleted next time
+        _write(maps.delete_backends, orphans, self._backends_deleted)
+        self.orphan_candidates = set()  # kept until now: a failed delete leaves them for the next sync
         stats.deleted += len(orphans)
         return stats
 
@@ -465,6 +465,15 @@ class Reconciler:
                     self._unref((bid,))
         if prog is not None:
             tidy(last, prog)
+
+    def _removed_slots_deleted(self, items: list[tuple[Frontend, int]], planned: int, removed: list[Frontend]) -> None:
+        """The slots of removed frontends, their masters already deleted: when all ``planned`` went,
+        so did the frontends."""
+        if len(items) < planned:
+            self._slots_deleted(items)
+        else:
+            for fe in removed:
+                self.have.pop(fe, None)
 
     def _revnat_deleted(self, rids: list[int]) -> None:
         for rid in rids:
