@@ -1,12 +1,19 @@
 """Reconcile against the in-memory maps: golden dumps, the write order, idempotence, restore, faults."""
 from __future__ import annotations
 
+import copy
+import ctypes
+import os
+import sys
 import textwrap
+import uuid
 
 import pytest
 
+from lb.maps import bpfsys
 from lb.maps.fake import FakeServiceMaps, FaultyServiceMaps
-from lb.maps.services import MapFullError
+from lb.maps.services import MapFullError, MapWriteError, Master, PinnedServiceMaps
+from lb.maps.structs import BACKENDS_MAP, MAPS, REVNAT_MAP, SERVICES_MAP
 from lb.model import Backend, Frontend, FrontendState
 from lb.reconcile import Reconciler, stable_slots
 
@@ -140,3 +147,236 @@ def test_ids_are_reused_after_deletion_and_restored_after_restart():
     r2 = Reconciler(maps)  # restart
     r2.sync({a: state(11), c: state(13)})
     assert maps.masters[a].rev_nat_id == 1 and maps.masters[c].rev_nat_id == 2
+
+
+# ---- a failed write: the view stays the kernel's, the next sync does the rest -------------------------
+def fe(n: int, port: int = 80, proto: str = "TCP") -> Frontend:
+    return Frontend(f"10.96.1.{n}", port, proto)
+
+
+# One realistic change, every kind of write in it: a frontend grows, one shrinks in place (a readable
+# slot rewritten), one is removed (its backends orphaned, one shared), one keeps going untouched,
+# new frontends come (with new, shared and no backends, and a TCP/UDP pair on one address).
+BEFORE = {fe(1): state(11, 12, 13), fe(2): state(21), fe(3): state(31, 32), fe(4): state(32, 41),
+          fe(7): state(71, 72, 73)}
+AFTER = {fe(1): state(11, 12, 13, 14, 15), fe(2): state(22, 21, 23), fe(4): state(32, 41),
+         fe(5): state(51, 52, 12), fe(6): FrontendState((), drop_empty=True), fe(7): state(73),
+         fe(8, 53, "TCP"): FrontendState((Backend("10.200.1.81", 53, "TCP"),)),
+         fe(8, 53, "UDP"): FrontendState((Backend("10.200.1.81", 53, "UDP"), Backend("10.200.1.82", 53, "UDP")))}
+
+
+def view(r: Reconciler) -> dict:
+    """Everything the reconciler believes the kernel holds."""
+    return {"have": r.have, "backends": r.backend_of, "backend ids": r.backend_id, "refs": r.refs,
+            "revnat": r.revnat, "spare": set(r.spare), "allocated revnat": r.revnat_ids.used,
+            "allocated backends": r.backend_ids.used}
+
+
+def assert_view_is_the_kernel(r: Reconciler, maps: FakeServiceMaps) -> None:
+    assert view(r) == view(Reconciler(maps))  # a reconciler restored from the same maps
+    assert {b for b, n in r.refs.items() if n == 0} <= r.orphan_candidates
+
+
+def assert_datapath_works(maps: FakeServiceMaps, *wants: dict) -> None:
+    """Every master the datapath can read names slots and backends that exist, of the old or new set."""
+    for f in maps.masters:
+        seen = maps.resolve(f)
+        assert seen is not None, f
+        allowed = {b for w in wants if f in w for b in w[f].backends}
+        assert set(seen) <= allowed, f
+
+
+def held(maps: FakeServiceMaps) -> tuple:
+    """Every entry of every map, slots past a master's count included (dump_text shows only the
+    readable ones): the golden dump plus nothing leaked."""
+    return maps.dump_text(), maps.masters, maps.slots, maps.backends, maps.revnat
+
+
+def reference_run() -> tuple[tuple, list[str], list[tuple[str, int]], set]:
+    """The change without a failure: what the maps hold, the ops, the write calls, stats.removed."""
+    maps = FaultyServiceMaps()
+    r = Reconciler(maps)
+    r.sync(BEFORE)
+    maps.ops.clear()
+    maps.log.clear()
+    stats = r.sync(AFTER, prune=True)
+    return held(maps), list(maps.ops), list(maps.log), stats.removed
+
+
+GOLDEN, GOLDEN_OPS, CALLS, GOLDEN_REMOVED = reference_run()
+FAULTS = [pytest.param(i, partial, id=f"call{i}-{method}-{partial}of{n}")
+          for i, (method, n) in enumerate(CALLS, 1) for partial in range(n)]
+
+
+def test_the_reference_change_writes_every_kind_of_call():
+    assert [m for m, _ in CALLS] == ["write_backends", "write_slots", "write_revnat", "write_masters",
+                                     "delete_slots", "delete_slots", "delete_slots", "delete_revnat",
+                                     "delete_backends"]
+    assert 0 not in {n for _, n in CALLS}  # no empty call: the call numbers mean steps
+
+
+@pytest.mark.parametrize("call,partial", FAULTS)
+def test_a_failed_write_leaves_the_view_equal_to_the_kernel_and_the_retry_does_the_rest(call, partial):
+    maps = FaultyServiceMaps()
+    r = Reconciler(maps)
+    r.sync(BEFORE)
+    maps.ops.clear()
+    maps.calls, maps.fail_at, maps.partial = 0, call, partial
+    with pytest.raises(MapWriteError) as e:
+        r.sync(AFTER, prune=True)
+    assert e.value.done == partial
+    assert_datapath_works(maps, BEFORE, AFTER)
+    assert_view_is_the_kernel(r, maps)  # no restore()
+    restarted = copy.deepcopy(maps)  # the same kernel state, for an agent restarted now
+    failed_ops = list(maps.ops)
+
+    maps.fail_at = 0
+    maps.ops.clear()
+    stats = r.sync(AFTER, scope=())  # nothing new: only what the failed sync owes
+    assert held(maps) == GOLDEN
+    assert sorted(failed_ops + maps.ops) == sorted(GOLDEN_OPS)  # each write done once: the retry redid none
+    assert len(maps.ops) == len(GOLDEN_OPS) - len(failed_ops)
+    assert stats.removed == GOLDEN_REMOVED  # what the datapath stopped using, reported once it is done
+    assert_view_is_the_kernel(r, maps)
+    maps.ops.clear()
+    assert r.sync(AFTER, scope=()).writes == 0 and maps.ops == [] and not r.owed
+
+    Reconciler(restarted).sync(AFTER, prune=True)
+    assert held(restarted) == GOLDEN
+
+
+def test_a_sync_failing_at_every_attempt_still_converges_write_by_write():
+    maps = FaultyServiceMaps()
+    r = Reconciler(maps)
+    r.sync(BEFORE)
+    for attempt in range(len(GOLDEN_OPS) + 1):
+        maps.calls, maps.fail_at, maps.partial = 0, 1, 1  # the first call of each sync applies one item, fails
+        try:
+            r.sync(AFTER, prune=attempt == 0, scope=None if attempt == 0 else ())
+            break
+        except MapWriteError:
+            assert_datapath_works(maps, BEFORE, AFTER)
+            assert_view_is_the_kernel(r, maps)
+    else:
+        pytest.fail("no progress")
+    assert held(maps) == GOLDEN
+
+
+@pytest.mark.parametrize("scope,prune", [(None, False), ((), False), (None, True)],
+                         ids=["same-want", "empty-scope", "full-resync"])
+def test_the_retry_after_a_failure_needs_no_restore_whatever_its_scope(scope, prune):
+    maps = FaultyServiceMaps(fail_at=2, partial=3)  # slots: three written, then the map is full
+    r = Reconciler(maps)
+    with pytest.raises(MapFullError):
+        r.sync(AFTER)
+    assert r.owed == set(AFTER)
+    maps.fail_at = 0
+    r.sync(AFTER, scope=scope, prune=prune)
+    reference = FakeServiceMaps()
+    Reconciler(reference).sync(AFTER)
+    assert maps.dump_text() == reference.dump_text() and not r.owed
+
+
+def test_ids_of_a_sync_that_could_not_plan_are_given_back():
+    maps = FakeServiceMaps()
+    r = Reconciler(maps, revnat_limit=2)
+    with pytest.raises(RuntimeError, match="no free ID"):
+        r.sync({fe(1): state(11), fe(2): state(12), fe(3): state(13)})  # three frontends, two IDs
+    assert maps.ops == [] and r.backend_ids.used == set() and r.revnat_ids.used == set()
+    r.sync({fe(1): state(11), fe(2): state(12)})
+    assert [m.rev_nat_id for m in maps.masters.values()] == [1, 2] and sorted(maps.backends) == [1, 2]
+
+
+# ---- planning follows the change, not what is programmed ---------------------------------------------
+def lines_run(fn) -> int:
+    """Lines of lb/reconcile.py executed by fn(): loop iterations included, time not involved."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        if frame.f_code.co_filename.endswith("lb/reconcile.py"):
+            if event == "line":
+                count += 1
+            return tracer
+        return None
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def cost_of_a_small_change(unrelated: int) -> tuple[int, int]:
+    """(lines run, map ops) of a sync of three frontends, with ``unrelated`` others programmed."""
+    others = {Frontend(f"10.97.{i // 250}.{i % 250}", 80, "TCP"): state(100 + i % 50, 150 + i % 7)
+              for i in range(unrelated)}
+    maps = FakeServiceMaps()
+    r = Reconciler(maps)
+    r.sync({**BEFORE, **others})
+    maps.ops.clear()
+    want = {**BEFORE, fe(1): state(11, 14), fe(2): state(22), **others}  # shrink, replace
+    del want[fe(3)]  # removed: backend 31 orphaned
+    lines = lines_run(lambda: r.sync(want, scope=[fe(1), fe(2), fe(3)]))
+    assert maps.resolve(fe(1)) == [be(11), be(14)] and maps.resolve(fe(2)) == [be(22)]
+    assert fe(3) not in maps.masters and be(31) not in maps.backends.values()
+    return lines, len(maps.ops)
+
+
+def test_a_sync_of_a_few_frontends_costs_the_same_whatever_else_is_programmed():
+    assert cost_of_a_small_change(0) == cost_of_a_small_change(50) == cost_of_a_small_change(500)
+
+
+# ---- the real maps: a kernel batch that stops midway says how far it got ---------------------------
+@pytest.fixture
+def small_maps():
+    """lb_services/lb_backends/lb_revnat as the kernel makes them, but tiny (the backends map holds 4),
+    pinned under a directory of their own; removed afterwards."""
+    lib = bpfsys._lib
+    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                                   ctypes.c_uint32, ctypes.c_void_p]
+    lib.bpf_map_create.restype = ctypes.c_int
+    root = f"/sys/fs/bpf/bpflb-test-reconcile-{uuid.uuid4().hex[:8]}"
+    os.mkdir(root)
+    try:
+        for name, entries in ((SERVICES_MAP, 64), (BACKENDS_MAP, 4), (REVNAT_MAP, 8)):
+            k, v = MAPS[name]
+            fd = bpfsys._check(lib.bpf_map_create(1, None, ctypes.sizeof(k), ctypes.sizeof(v), entries, None),
+                               f"create {name}")  # 1: BPF_MAP_TYPE_HASH
+            try:
+                bpfsys.obj_pin(fd, os.path.join(root, name))
+            finally:
+                os.close(fd)
+        maps = PinnedServiceMaps(root)
+        yield maps
+        maps.close()
+    finally:
+        for name in os.listdir(root):
+            os.unlink(os.path.join(root, name))
+        os.rmdir(root)
+
+
+def pinned_view(maps: PinnedServiceMaps) -> tuple:
+    return maps.dump_frontends(), maps.dump_backends(), maps.dump_revnat()
+
+
+def test_a_full_kernel_map_stops_the_sync_with_the_view_equal_to_the_maps(small_maps):
+    r = Reconciler(small_maps)
+    with pytest.raises(MapFullError) as e:
+        r.sync({FE: state(1, 2, 3, 4, 5, 6)})  # six backends, room for four
+    assert e.value.done == 4 and "--" in str(e.value)
+    assert sorted(small_maps.dump_backends()) == [1, 2, 3, 4] and small_maps.dump_frontends() == {}
+    assert view(r) == view(Reconciler(small_maps))
+    assert r.backend_ids.used == {1, 2, 3, 4}  # 5 and 6 were given back
+
+    r.sync({FE: state(2, 3, 1)}, scope=())  # what was owed, with the want of now: fits
+    fes, backends, revnat = pinned_view(small_maps)
+    assert fes == {FE: (Master(1, 3, 0, 0), {1: 2, 2: 3, 3: 1})}
+    assert backends == {1: be(1), 2: be(2), 3: be(3)} and revnat == {1: (FE.ip, FE.port)}  # 4: orphan, deleted
+    assert view(r) == view(Reconciler(small_maps)) and not r.owed
+
+
+def test_kernel_batch_deletes_of_present_and_missing_keys(small_maps):
+    small_maps.write_backends([(1, be(1)), (2, be(2)), (3, be(3))])
+    small_maps.delete_backends([1, 7, 3, 9])  # the kernel batch stops at 7: the rest one by one
+    assert small_maps.dump_backends() == {2: be(2)}

@@ -37,9 +37,13 @@ for _name, _args in {
     getattr(_lib, _name).restype = ctypes.c_int
 
 
+def _errno(ret: int) -> int:
+    return -ret if ret != -1 else ctypes.get_errno()
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
-        err = -ret if ret != -1 else ctypes.get_errno()
+        err = _errno(ret)
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return ret
 
@@ -68,32 +72,56 @@ def delete(fd: int, key: bytes) -> None:
         _check(ret, "map delete")
 
 
+class BatchError(OSError):
+    """A batch write that failed after the kernel applied its first ``done`` items (in order)."""
+
+    def __init__(self, err: int, what: str, done: int, count: int):
+        super().__init__(err, f"{what}: {os.strerror(err)} ({done} of {count} applied)")
+        self.done = done
+
+
+def _applied(reported: int, count: int) -> int:
+    """Items a failed batch applied. The kernel writes back how many it processed once it starts on
+    the items; when it fails before (no batch op for the map type, bad flags) libbpf hands back the
+    count we passed in, unchanged: nothing was applied."""
+    return reported if reported < count else 0
+
+
 def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
-    """Update ``count`` packed keys/values in one syscall (kernel map batch ops)."""
+    """Update ``count`` packed keys/values in one syscall (kernel map batch ops). On failure raises
+    BatchError with how many the kernel applied: it processes the items in order and reports that
+    count back in attr.batch.count even when it stops with an error."""
     if not count:
         return
     n = ctypes.c_uint32(count)
     ret = _lib.bpf_map_update_batch(fd, keys, values, ctypes.byref(n), None)
-    if ret in _NO_BATCH:
-        # No batch support for this map type on this kernel: one by one, same result.
-        ks, vs = len(keys) // count, len(values) // count
-        for i in range(count):
-            update(fd, keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs])
+    if ret == 0:
         return
-    _check(ret, f"map batch update ({n.value} of {count} written)")
+    done = _applied(n.value, count)
+    if ret not in _NO_BATCH:
+        raise BatchError(_errno(ret), "map batch update", done, count)
+    # No batch support for this map type on this kernel: one by one from there, same result.
+    ks, vs = len(keys) // count, len(values) // count
+    for i in range(done, count):
+        r = _lib.bpf_map_update_elem(fd, keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs], 0)
+        if r < 0:
+            raise BatchError(_errno(r), "map update", i, count)
 
 
 def delete_batch(fd: int, keys: bytes, count: int, key_size: int) -> None:
     """Delete many keys; keys already missing are success (the kernel batch stops at the first
-    missing key, so fall back to single deletes from there)."""
+    missing key, so go on with single deletes from there). On failure raises BatchError with how
+    many keys, from the first, are gone."""
     if not count:
         return
     n = ctypes.c_uint32(count)
     ret = _lib.bpf_map_delete_batch(fd, keys, ctypes.byref(n), None)
     if ret == 0:
         return
-    for i in range(n.value, count):
-        delete(fd, keys[i * key_size:(i + 1) * key_size])
+    for i in range(_applied(n.value, count), count):
+        r = _lib.bpf_map_delete_elem(fd, keys[i * key_size:(i + 1) * key_size])
+        if r < 0 and r != -errno.ENOENT:
+            raise BatchError(_errno(r), "map delete", i, count)
 
 
 def dump(fd: int, key_size: int, value_size: int, max_entries: int = 0) -> list[tuple[bytes, bytes]]:

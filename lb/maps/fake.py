@@ -1,12 +1,14 @@
 """In-memory ServiceMaps, beside the real one: for tests of reconcile, and to see what a sync writes.
 
-FakeServiceMaps records every operation in order; FaultyServiceMaps raises on a chosen call, as a full
-map or a failing syscall would. ``dump_text`` is the golden-text view the tests compare against.
+FakeServiceMaps records every operation in order; FaultyServiceMaps fails a chosen call after applying
+some of its items, as a full map or a failing syscall would. ``dump_text`` is the golden-text view the
+tests compare against.
 """
 from __future__ import annotations
 
 from ..model import Backend, Frontend
-from .services import MapFullError, Master
+from .services import MapFullError, MapWriteError, Master
+from .structs import BACKENDS_MAP, REVNAT_MAP, SERVICES_MAP
 
 
 class FakeServiceMaps:
@@ -26,6 +28,9 @@ class FakeServiceMaps:
 
     def dump_backends(self):
         return dict(self.backends)
+
+    def dump_revnat(self):
+        return {rid: (fe.ip, fe.port) for rid, fe in self.revnat.items()}
 
     # writes
     def write_backends(self, items):
@@ -97,28 +102,43 @@ class FakeServiceMaps:
 
 
 class FaultyServiceMaps(FakeServiceMaps):
-    """Fails the ``fail_at``-th write call (counting every write_* call) with a full-map error, after
-    writing the first ``partial`` items of it, as a kernel batch that stopped midway."""
+    """Fails the ``fail_at``-th write call (counting every write_* and delete_* call, from 1) after
+    applying its first ``partial`` items, as a kernel batch that stopped midway: a full map
+    (MapFullError) for a write, a failing syscall (MapWriteError) for a delete, either with
+    ``done=partial``. ``calls`` counts the write calls so far, ``log`` lists them as (method, items)."""
 
-    def __init__(self, fail_at: int, partial: int = 0) -> None:
+    def __init__(self, fail_at: int = 0, partial: int = 0) -> None:
         super().__init__()
         self.fail_at, self.partial, self.calls = fail_at, partial, 0
+        self.log: list[tuple[str, int]] = []
 
-    def _maybe_fail(self, name: str, items, write) -> None:
+    def _maybe_fail(self, method: str, name: str, items, apply) -> None:
         self.calls += 1
+        self.log.append((method, len(items)))
         if self.calls == self.fail_at and items:
-            write(items[: self.partial])
-            raise MapFullError(name)
-        write(items)
+            apply(items[: self.partial])
+            if method.startswith("delete"):
+                raise MapWriteError(name, f"deleting from BPF map {name}: injected failure", self.partial)
+            raise MapFullError(name, self.partial)
+        apply(items)
 
     def write_backends(self, items):
-        self._maybe_fail("lb_backends_v1", items, super().write_backends)
+        self._maybe_fail("write_backends", BACKENDS_MAP, items, super().write_backends)
 
     def write_slots(self, items):
-        self._maybe_fail("lb_services_v1", items, super().write_slots)
+        self._maybe_fail("write_slots", SERVICES_MAP, items, super().write_slots)
 
     def write_revnat(self, items):
-        self._maybe_fail("lb_revnat_v1", items, super().write_revnat)
+        self._maybe_fail("write_revnat", REVNAT_MAP, items, super().write_revnat)
 
     def write_masters(self, items):
-        self._maybe_fail("lb_services_v1", items, super().write_masters)
+        self._maybe_fail("write_masters", SERVICES_MAP, items, super().write_masters)
+
+    def delete_slots(self, items):
+        self._maybe_fail("delete_slots", SERVICES_MAP, items, super().delete_slots)
+
+    def delete_revnat(self, ids):
+        self._maybe_fail("delete_revnat", REVNAT_MAP, ids, super().delete_revnat)
+
+    def delete_backends(self, ids):
+        self._maybe_fail("delete_backends", BACKENDS_MAP, ids, super().delete_backends)

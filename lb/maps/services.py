@@ -29,11 +29,18 @@ _U32 = struct.Struct("=I")
 SIZE_SETTING = {name: MAP_SIZE_FLAGS[spec.size] for name, spec in MAPS.items()}
 
 
-class MapFullError(RuntimeError):
-    def __init__(self, name: str):
-        super().__init__(f"BPF map {name} is full: raise {SIZE_SETTING.get(name, 'its size setting')} "
-                         f"and restart the agent (bpflb cleanup first, the map size is fixed at creation)")
-        self.map = name
+class MapWriteError(RuntimeError):
+    """A write to map ``map`` failed after its first ``done`` items were applied (in the order given)."""
+
+    def __init__(self, name: str, message: str, done: int = 0):
+        super().__init__(message)
+        self.map, self.done = name, done
+
+
+class MapFullError(MapWriteError):
+    def __init__(self, name: str, done: int = 0):
+        super().__init__(name, f"BPF map {name} is full: raise {SIZE_SETTING.get(name, 'its size setting')} "
+                               f"and restart the agent (bpflb cleanup first, the map size is fixed at creation)", done)
 
 
 def pack_frontend(fe: Frontend, slot: int) -> bytes:
@@ -50,8 +57,11 @@ class Master:
 
 
 class ServiceMaps(Protocol):
+    """Writes apply their items in order; a failing one raises MapWriteError (MapFullError when the
+    map is full) whose ``done`` says how many of the first items were applied."""
     def dump_frontends(self) -> dict[Frontend, tuple[Master | None, dict[int, int]]]: ...
     def dump_backends(self) -> dict[int, Backend]: ...
+    def dump_revnat(self) -> dict[int, tuple[str, int]]: ...
     def write_backends(self, items: list[tuple[int, Backend]]) -> None: ...
     def write_slots(self, items: list[tuple[Frontend, int, int, int]]) -> None: ...
     def write_revnat(self, items: list[tuple[int, Frontend]]) -> None: ...
@@ -83,10 +93,16 @@ class PinnedServiceMaps:
     def _batch(self, name: str, keys: list[bytes], vals: list[bytes]) -> None:
         try:
             bpfsys.update_batch(self.fd[name], b"".join(keys), b"".join(vals), len(keys))
-        except OSError as e:
+        except bpfsys.BatchError as e:
             if e.errno in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
-                raise MapFullError(name) from None
-            raise
+                raise MapFullError(name, e.done) from None
+            raise MapWriteError(name, f"writing BPF map {name}: {e.strerror}", e.done) from e
+
+    def _delete(self, name: str, keys: Iterable[bytes], count: int, key_size: int) -> None:
+        try:
+            bpfsys.delete_batch(self.fd[name], b"".join(keys), count, key_size)
+        except bpfsys.BatchError as e:
+            raise MapWriteError(name, f"deleting from BPF map {name}: {e.strerror}", e.done) from e
 
     # ---- reads ----
     def dump_frontends(self) -> dict[Frontend, tuple[Master | None, dict[int, int]]]:
@@ -135,14 +151,13 @@ class PinnedServiceMaps:
                     [_VAL.pack(0, m.rev_nat_id, m.count, m.flags, m.affinity_timeout) for _, m in items])
 
     def delete_slots(self, items: list[tuple[Frontend, int]]) -> None:
-        bpfsys.delete_batch(self.fd[SERVICES_MAP], b"".join(pack_frontend(fe, s) for fe, s in items),
-                            len(items), _KEY.size)
+        self._delete(SERVICES_MAP, (pack_frontend(fe, s) for fe, s in items), len(items), _KEY.size)
 
     def delete_revnat(self, ids: list[int]) -> None:
-        bpfsys.delete_batch(self.fd[REVNAT_MAP], b"".join(_U32.pack(i) for i in ids), len(ids), 4)
+        self._delete(REVNAT_MAP, (_U32.pack(i) for i in ids), len(ids), 4)
 
     def delete_backends(self, ids: list[int]) -> None:
-        bpfsys.delete_batch(self.fd[BACKENDS_MAP], b"".join(_U32.pack(i) for i in ids), len(ids), 4)
+        self._delete(BACKENDS_MAP, (_U32.pack(i) for i in ids), len(ids), 4)
 
 
 def map_fill(bpf_root: str) -> dict[str, int]:
