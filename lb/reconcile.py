@@ -6,14 +6,17 @@ caller only passes once every source has finished its initial list.
 
 MAP WRITE ORDER (an invariant: the datapath reads master.count, then one slot in 1..count, then the
 backend; every intermediate state it can observe must be a working service):
+  0. removals        deleted frontends: master first, then slots, then reverse NAT (with any
+                     reverse-NAT entry no master names). First, so the room they held is free
+                     before new frontends take it: admission (lb/syncer.py) counts a replaced
+                     Service's room as free, and a nearly full map never blocks on its own
+                     leftovers. A deleted frontend is no other frontend's make-before-break.
   1. backends        new backends exist before any slot names them
   2. slots 1..N      surviving backends keep their slot; holes are filled (affinity relies on it)
   3. reverse NAT     before the frontend becomes visible, so replies are rewritten from the start
   4. master (slot 0) count last: only now may the datapath read the new slots
   5. trim            slots N+1.. of a shrunk frontend, now unreachable
-  6. removals        deleted frontends: master first, then slots, then reverse NAT (with any
-                     reverse-NAT entry no master names)
-  7. orphans         backends no readable slot names any more
+  6. orphans         backends no readable slot names any more
 IDs (frontend reverse-NAT IDs, backend IDs) are restored from the maps on start, so a restarted
 agent rewrites nothing that is already right.
 
@@ -302,6 +305,13 @@ class Reconciler:
         """The plan's writes in the MAP WRITE ORDER; the view follows each as the kernel accepts it."""
         stats = SyncStats()
         maps, have = self.maps, self.have
+        # 0. removals: master first, so the frontend disappears before its slots do; then every
+        # reverse-NAT entry no master names (the removed frontends', and any a failed sync left).
+        _write(maps.delete_slots, [(fe, 0) for fe in plan.removed if have[fe].master], self._masters_deleted)
+        gone = [(fe, s) for fe in plan.removed if fe in have for s, bid in enumerate(have[fe].slots, 1) if bid]
+        _write(maps.delete_slots, gone, lambda done: self._removed_slots_deleted(done, len(gone), plan.removed))
+        claimed = {m.rev_nat_id for _, m in plan.masters}  # spare entries this plan names again
+        _write(maps.delete_revnat, sorted(set(self.spare) - claimed), self._revnat_deleted)
         # 1..4: make before break.
         _write(maps.write_backends, plan.backends, lambda done: self._backends_written(done, plan.fresh))
         stats.backends_written = len(plan.backends)
@@ -312,14 +322,8 @@ class Reconciler:
         stats.masters_written = len(plan.masters)
         # 5. trim
         _write(maps.delete_slots, plan.trims, self._slots_deleted)
-        # 6. removals: master first, so the frontend disappears before its slots do; then every
-        # reverse-NAT entry no master names (the removed frontends', and any a failed sync left).
-        _write(maps.delete_slots, [(fe, 0) for fe in plan.removed if have[fe].master], self._masters_deleted)
-        gone = [(fe, s) for fe in plan.removed if fe in have for s, bid in enumerate(have[fe].slots, 1) if bid]
-        _write(maps.delete_slots, gone, lambda done: self._removed_slots_deleted(done, len(gone), plan.removed))
-        _write(maps.delete_revnat, sorted(self.spare), self._revnat_deleted)
         stats.deleted = len(plan.trims) + len(plan.removed)
-        # 7. backends no readable slot names: the candidates that still have none and are still there
+        # 6. backends no readable slot names: the candidates that still have none and are still there
         refs = self.refs
         orphans = sorted(b for b in self.orphan_candidates if not refs.get(b, 1) and b in self.backend_of)
         _write(maps.delete_backends, orphans, self._backends_deleted)
