@@ -10,9 +10,21 @@ a remote pod CIDR is routed via the remote's .0 on bpflb_vxlan (onlink), a perma
 gives that .0 the remote VTEP MAC, and an FDB entry sends that MAC to the remote node IP. A VTEP MAC
 is derived from the node IP (0e:bf:a.b.c.d), so no annotation has to be published and read back.
 
-Direct routing: a remote pod CIDR is routed via the remote node IP. That needs every node on one L2
-segment (the next hop must be directly reachable); across routers, announce the pod CIDRs with a
-routing daemon (BGP) instead and run with --network-mode none.
+Direct routing: a remote pod CIDR is routed via the remote node IP, out of the uplink: the device that
+holds this node's IP (found at apply time, whatever its name), else the default route's device. That
+needs every node on one L2 segment (the next hop must be directly reachable); across routers, announce
+the pod CIDRs with a routing daemon (BGP) instead and run with --network-mode none.
+
+Kernel settings go over netlink (RTM_SETLINK, IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF), per device and in
+the namespace of the IPRoute given, never through /proc/sys: kubelet mounts /proc/sys read-only in a
+non-privileged container, and CAP_NET_ADMIN (which the DaemonSet grants) is all RTM_SETLINK needs.
+  forwarding=1 on the uplink and on bpflb_vxlan: the kernel forwards a packet when its *input* device
+      forwards (IN_DEV_FORWARD in ip_route_input_slow), so net.ipv4.ip_forward (conf/all) may stay 0;
+      the pods' host veths are the CNI plugin's to set.
+  rp_filter=0 on bpflb_vxlan. The kernel applies max(conf/all, conf/dev), and conf/all has no netlink
+      setter: a node with net.ipv4.conf.all.rp_filter=1 keeps strict checking there, which the overlay
+      passes anyway (every source arriving on bpflb_vxlan, a remote pod or a remote .0, is routed back
+      out of bpflb_vxlan).
 """
 from __future__ import annotations
 
@@ -21,7 +33,8 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from . import sysctl
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla, nlmsg
+
 from .model import Node
 
 log = logging.getLogger("bpflb.nodenet")
@@ -33,13 +46,16 @@ VXLAN_VNI = 1
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+RTM_SETLINK = 19
+IFLA_AF_SPEC = 26
+IPV4_DEVCONF = {"forwarding": 1, "rp_filter": 8}  # include/uapi/linux/ip.h, IPV4_DEVCONF_*
 
 
 @dataclass(frozen=True, order=True)
 class RouteSpec:
     dst: str  # CIDR
     gateway: str
-    dev: str
+    dev: str | None  # None: the uplink, the device that holds the node IP (resolved by apply)
     onlink: bool = False
 
 
@@ -75,7 +91,8 @@ def vtep_mac(ip: str) -> str:
     return "0e:bf:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
 
 
-def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str = "eth0") -> Plan:
+def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str | None = None) -> Plan:
+    """``uplink`` names the direct-routing device; None (the default): the device holding the node IP."""
     me = nodes.get(self_name)
     if mode == "none" or me is None:
         return Plan(mode, None, None, problems=() if mode == "none" else (f"Node {self_name} not known yet",))
@@ -104,14 +121,6 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str = "eth0"
     return Plan(mode, my_ip, vtep, frozenset(routes), frozenset(neigh), frozenset(fdb), tuple(problems))
 
 
-def _sysctl(key: str, value: str) -> None:
-    """Best effort: a node the agent may not configure still gets its routes."""
-    try:
-        sysctl.write(key, value)
-    except sysctl.SysctlError as e:
-        log.warning("cannot set %s", e)
-
-
 def mtu_for(mode: str, uplink_mtu: int) -> int:
     """The MTU inside the pod network: in overlay mode the outer headers take VXLAN_OVERHEAD bytes, so
     a full-size inner packet must leave that much room on the uplink (or every one is fragmented: a 5x
@@ -127,12 +136,7 @@ def uplink_mtu(node_ip: str | None, ipr=None) -> int:
     own = ipr is None
     ipr = ipr or IPRoute()
     try:
-        dev = _device_with(ipr, node_ip) if node_ip else None
-        if dev is None:
-            for r in ipr.get_default_routes(family=socket.AF_INET):
-                dev = r.get_attr("RTA_OIF")
-                if dev:
-                    break
+        dev = uplink_index(ipr, node_ip)
         if dev:
             links = ipr.get_links(dev)
             if links:
@@ -156,6 +160,66 @@ def _device_with(ipr, ip: str) -> int | None:
     return None
 
 
+def uplink_index(ipr, node_ip: str | None) -> int | None:
+    """The uplink's ifindex: the device holding the node IP, else the default route's device."""
+    dev = _device_with(ipr, node_ip) if node_ip else None
+    if dev is None:
+        for r in ipr.get_default_routes(family=socket.AF_INET):
+            if dev := r.get_attr("RTA_OIF"):
+                break
+    return dev
+
+
+class _setlink_inet_conf(nlmsg):
+    """RTM_SETLINK carrying only IFLA_AF_SPEC { AF_INET { IFLA_INET_CONF { IPV4_DEVCONF_*: u32 } } }
+    (the kernel's inet_set_link_af). pyroute2's ifinfmsg decodes the GETLINK form of IFLA_INET_CONF (a
+    flat array) but does not encode this nested SETLINK form."""
+    fields = (("family", "B"), ("__align", "x"), ("ifi_type", "H"), ("index", "i"), ("flags", "I"), ("change", "I"))
+    nla_map = ((IFLA_AF_SPEC, "IFLA_AF_SPEC", "af_spec"),)
+
+    class af_spec(nla):
+        nla_map = ((socket.AF_INET, "AF_INET", "inet"),)
+
+        class inet(nla):
+            nla_map = ((1, "IFLA_INET_CONF", "conf"),)
+
+            class conf(nla):
+                nla_map = tuple((num, name, "uint32") for name, num in IPV4_DEVCONF.items())
+
+
+def devconf(ipr, index: int) -> dict[str, int]:
+    """This device's IPv4 settings (``IPV4_DEVCONF`` names), from RTM_GETLINK."""
+    inet = ipr.get_links(index)[0].get_attr("IFLA_AF_SPEC").get_attr("AF_INET")
+    return {name: inet[name] for name in IPV4_DEVCONF}
+
+
+def set_devconf(ipr, index: int, **want: int) -> dict[str, int]:
+    """Set IPv4 per-device settings over netlink (what ``sysctl -w net.ipv4.conf.<dev>.<name>=<v>`` does,
+    without /proc/sys); returns those that changed. Needs CAP_NET_ADMIN in the device's namespace."""
+    have = devconf(ipr, index)
+    diff = {k: v for k, v in want.items() if have[k] != v}
+    if not diff:
+        return {}
+    msg = _setlink_inet_conf()
+    msg["family"], msg["index"] = socket.AF_UNSPEC, index
+    msg["attrs"] = [("IFLA_AF_SPEC", {"attrs": [("AF_INET", {"attrs": [
+        ("IFLA_INET_CONF", {"attrs": sorted(diff.items())})]})]})]
+    flags = NLM_F_REQUEST | NLM_F_ACK
+    try:
+        tuple(ipr.nlm_request(msg, msg_type=RTM_SETLINK, msg_flags=flags))
+    except KeyError:  # pyroute2 0.9: the sync nlm_request reads a status key it never sets (before sending)
+        tuple(ipr._generate_with_cleanup(ipr.asyncore.nlm_request, msg, RTM_SETLINK, flags, None, None, None))
+    return diff
+
+
+def _devconf_changes(ipr, index: int, name: str, **want: int) -> list[str]:
+    try:
+        return [f"{name} {k}={v}" for k, v in set_devconf(ipr, index, **want).items()]
+    except Exception as e:  # noqa: BLE001 - a node the agent may not configure still gets its routes
+        log.warning("cannot set %s on %s: %s", ", ".join(f"{k}={v}" for k, v in want.items()), name, e)
+        return []
+
+
 def apply(p: Plan, ipr=None) -> list[str]:
     """Make this network namespace match the plan; returns what changed."""
     from pyroute2 import IPRoute
@@ -166,11 +230,14 @@ def apply(p: Plan, ipr=None) -> list[str]:
     try:
         if p.mode == "none" or p.node_ip is None:
             return changes  # nothing known about this node yet: touch nothing
-        _sysctl("net/ipv4/ip_forward", "1")
+        uplink = uplink_index(ipr, p.node_ip)
+        if uplink is None:
+            log.warning("no device holds the node IP %s and there is no default route: no uplink", p.node_ip)
+        else:
+            changes += _devconf_changes(ipr, uplink, ipr.get_links(uplink)[0].get_attr("IFLA_IFNAME"), forwarding=1)
         dev = None
         if p.mode == "overlay" and p.node_ip:
             found = ipr.link_lookup(ifname=VXLAN_DEV)
-            uplink = _device_with(ipr, p.node_ip)
             if not found:
                 extra = {"vxlan_link": uplink} if uplink else {}
                 ipr.link("add", ifname=VXLAN_DEV, kind="vxlan", vxlan_id=VXLAN_VNI, vxlan_port=VXLAN_PORT,
@@ -184,7 +251,7 @@ def apply(p: Plan, ipr=None) -> list[str]:
                     ipr.link("set", index=dev, mtu=mtu)
                     changes.append(f"{VXLAN_DEV} mtu {mtu}")
             ipr.link("set", index=dev, state="up")
-            _sysctl(f"net/ipv4/conf/{VXLAN_DEV}/rp_filter", "0")
+            changes += _devconf_changes(ipr, dev, VXLAN_DEV, forwarding=1, rp_filter=0)
             if p.vtep_addr:
                 have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=dev)}
                 if p.vtep_addr not in have:
@@ -219,16 +286,16 @@ def apply(p: Plan, ipr=None) -> list[str]:
             have_routes[dst] = r
         want = {r.dst: r for r in p.routes}
         for dst, spec in sorted(want.items()):
-            idx = ipr.link_lookup(ifname=spec.dev)
+            idx = [uplink] if spec.dev is None and uplink is not None else ipr.link_lookup(ifname=spec.dev or "")
             if not idx:
-                log.warning("route %s: device %s missing", dst, spec.dev)
+                log.warning("route %s: device %s missing", dst, spec.dev or "(uplink)")
                 continue
             cur = have_routes.get(dst)
             if cur is not None and cur.get_attr("RTA_GATEWAY") == spec.gateway and cur.get_attr("RTA_OIF") == idx[0]:
                 continue
             ipr.route("replace", dst=dst, gateway=spec.gateway, oif=idx[0], proto=RTPROT_BPFLB,
                       flags=4 if spec.onlink else 0)  # RTNH_F_ONLINK
-            changes.append(f"route {dst} via {spec.gateway} dev {spec.dev}")
+            changes.append(f"route {dst} via {spec.gateway} dev {spec.dev or ipr.get_links(idx[0])[0].get_attr('IFLA_IFNAME')}")
         for dst in sorted(set(have_routes) - set(want)):
             ipr.route("del", dst=dst, proto=RTPROT_BPFLB)
             changes.append(f"route {dst} removed")

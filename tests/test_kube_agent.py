@@ -138,6 +138,18 @@ def test_agent_restarted_while_the_api_server_is_down_serves_pinned_state(bed, c
 
 def test_install_manifests_apply_server_side_and_grant_exactly_what_the_agent_uses(bed, cp, ns, kube_agent):
     cp.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests"))
+    # What the API server stored is what was shipped: no field dropped as unknown, none defaulted away.
+    ds = json.loads(cp.kubectl("-n", "bpflb-system", "get", "daemonset", "bpflb", "-o", "json"))["spec"]["template"]
+    (c,) = ds["spec"]["containers"]
+    assert c["image"] == "localhost/bpflb:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
+    assert {c[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {"/livez"}
+    assert c["securityContext"]["appArmorProfile"] == {"type": "Unconfined"} and not c["securityContext"]["privileged"]
+    assert ds["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/agent"] == "unconfined"
+    paths = {v["name"]: v["hostPath"]["path"] for v in ds["spec"]["volumes"] if "hostPath" in v}
+    assert (paths["cni-bin"], paths["cni-conf"]) == ("/var/lib/rancher/k3s/data/cni", "/var/lib/rancher/k3s/agent/etc/cni/net.d")
+    data = json.loads(cp.kubectl("-n", "bpflb-system", "get", "configmap", "bpflb-config", "-o", "json"))["data"]
+    refs = {e["valueFrom"]["configMapKeyRef"]["key"] for e in c["env"] if "configMapKeyRef" in e.get("valueFrom", {})}
+    assert refs <= set(data) and data["metrics-bind-address"] == "127.0.0.1:10249"
     sa = "system:serviceaccount:bpflb-system:bpflb"
     allowed = [("list", "services"), ("watch", "services"), ("list", "endpointslices.discovery.k8s.io"),
                ("watch", "endpointslices.discovery.k8s.io"), ("list", "nodes"), ("watch", "nodes")]

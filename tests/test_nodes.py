@@ -7,8 +7,10 @@ import pytest
 
 import json
 import os
+import subprocess
+import sys
 
-from conftest import make_service, make_slice, wait_for, write_manifests
+from conftest import ROOT, make_service, make_slice, wait_for, write_manifests
 from lb.maps.endpoints import PinnedEndpointMap
 from lb.testing.apiserver import components
 from lb.testing.cluster import Cluster, node_ip, node_object, pod_ip
@@ -115,3 +117,103 @@ def test_pods_made_by_the_bundled_cni_plugin_reach_each_other_across_nodes(tmp_p
             r = c.in_node_run(n, [components()["CNITOOL"], "del", "bpflb", f"/run/netns/{pod}"], env=env)
             assert r.returncode == 0, r.stderr
             assert PinnedEndpointMap(c.bpf_root(n)).dump() == {}
+
+
+# ---- direct routing on a node whose uplink is not eth0, as a non-privileged container runs it ----------
+
+APPLY_READ_ONLY_PROC_SYS = r"""
+import errno, json, sys
+from lb import nodenet
+from lb.objects import parse_node
+try:  # what kubelet gives a non-privileged container: /proc/sys read-only
+    open("/proc/sys/net/ipv4/ip_forward", "w").write("1")
+    sys.exit("/proc/sys is writable: the test bed is wrong")
+except OSError as e:
+    assert e.errno == errno.EROFS, e
+nodes = {o["metadata"]["name"]: parse_node(o) for o in json.loads(sys.argv[2])}
+plan = nodenet.plan(sys.argv[1], nodes, "direct")
+print(json.dumps(nodenet.apply(plan)))
+"""
+
+
+@pytest.fixture
+def two_nodes_on_ens():
+    """Two node namespaces joined by a veth pair named as a VM's NICs are (ens3 / enp1s0), not eth0, each
+    with one pod behind a host veth whose forwarding is on (the CNI plugin's part); net.ipv4.ip_forward
+    stays 0, as in any new namespace."""
+    import uuid
+
+    from pyroute2 import IPRoute, netns
+
+    tag = uuid.uuid4().hex[:5]
+    ns = {n: f"bl{tag}d{n}" for n in (1, 2)}
+    pods = {n: f"bl{tag}d{n}p" for n in (1, 2)}
+    uplinks = {1: "ens3", 2: "enp1s0"}
+    try:
+        for name in (*ns.values(), *pods.values()):
+            netns.create(name)
+        with IPRoute(netns=ns[1]) as ipr:
+            ipr.link("add", ifname=uplinks[1], kind="veth", peer={"ifname": uplinks[2], "net_ns_fd": ns[2]})
+        for n in (1, 2):
+            with IPRoute(netns=ns[n]) as ipr:
+                up = ipr.link_lookup(ifname=uplinks[n])[0]
+                ipr.addr("add", index=up, address=node_ip(n), prefixlen=24)
+                ipr.link("set", index=up, state="up")
+                ipr.link("add", ifname="p1", kind="veth", peer={"ifname": "eth0", "net_ns_fd": pods[n]})
+                host = ipr.link_lookup(ifname="p1")[0]
+                ipr.addr("add", index=host, address=f"10.244.{n}.1", prefixlen=24)
+                ipr.link("set", index=host, state="up")
+            subprocess.run(["nsenter", f"--net=/run/netns/{ns[n]}", "sysctl", "-qw", "net.ipv4.conf.p1.forwarding=1"],
+                           check=True)
+            with IPRoute(netns=pods[n]) as ipr:
+                eth = ipr.link_lookup(ifname="eth0")[0]
+                ipr.addr("add", index=eth, address=pod_ip(n, 1), prefixlen=24)
+                ipr.link("set", index=eth, state="up")
+                ipr.route("add", dst="10.244.0.0/16", gateway=f"10.244.{n}.1")  # no route out of the bed
+        yield ns, pods, uplinks
+    finally:
+        for name in (*pods.values(), *ns.values()):
+            try:
+                netns.remove(name)
+            except OSError:
+                pass
+
+
+def sysctl_in(ns: str, key: str) -> str:
+    return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "sysctl", "-n", key],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_direct_routing_finds_the_uplink_from_the_node_ip_and_needs_no_proc_sys_write(two_nodes_on_ens):
+    ns, pods, uplinks = two_nodes_on_ens
+    objs = json.dumps([node_object(n, f"node{n}") for n in (1, 2)])
+    for n in (1, 2):
+        # apply() in the node's namespace, in a mount namespace whose /proc/sys is read-only
+        script = ("mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+                  f'exec {sys.executable} -c "$0" "$@"')
+        r = subprocess.run(["nsenter", f"--net=/run/netns/{ns[n]}", "unshare", "--mount", "--propagation", "private",
+                            "sh", "-c", script, APPLY_READ_ONLY_PROC_SYS, f"node{n}", objs],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert r.returncode == 0, r.stdout + r.stderr
+        other = 3 - n
+        assert json.loads(r.stdout) == [f"{uplinks[n]} forwarding=1",
+                                        f"route 10.244.{other}.0/24 via {node_ip(other)} dev {uplinks[n]}"]
+        got = subprocess.run(["nsenter", f"--net=/run/netns/{ns[n]}", "ip", "-4", "route", "show", "proto", "193"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert got[:5] == [f"10.244.{other}.0/24", "via", node_ip(other), "dev", uplinks[n]]
+        # set per device over netlink; the global switch was never written
+        assert sysctl_in(ns[n], f"net.ipv4.conf.{uplinks[n]}.forwarding") == "1"
+        assert sysctl_in(ns[n], "net.ipv4.ip_forward") == "0"
+    # forwarded by both nodes, each deciding on its input device's forwarding flag alone
+    r = subprocess.run(["ip", "netns", "exec", pods[1], "ping", "-c", "3", "-i", "0.2", "-W", "2", pod_ip(2, 1)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
+
+
+def test_plan_names_no_device_for_direct_routes_unless_told():
+    from lb import nodenet
+    from lb.objects import parse_node
+
+    nodes = {f"node{n}": parse_node(node_object(n, f"node{n}")) for n in (1, 2)}
+    assert {r.dev for r in nodenet.plan("node1", nodes, "direct").routes} == {None}
+    assert {r.dev for r in nodenet.plan("node1", nodes, "direct", uplink="bond0").routes} == {"bond0"}
