@@ -30,6 +30,12 @@ class Scratch:
         self.data = data
         self.names: list[str] = []
         self.node = self.netns()
+        self.forwarding(True)
+
+    def forwarding(self, on: bool) -> None:
+        """net.ipv4.ip_forward of the node, as its administrator sets it (Kubernetes requires it on)."""
+        subprocess.run(["ip", "netns", "exec", os.path.basename(self.node), "sysctl", "-qw",
+                        f"net.ipv4.ip_forward={int(on)}"], check=True)
 
     def netns(self) -> str:
         name = f"blz{self.tag}n{len(self.names)}"
@@ -142,7 +148,7 @@ def test_io_errors_name_the_state_directory(ns, tmp_path):
     (tmp_path / "file").write_text("")
     bad = str(tmp_path / "file" / "data")  # under a regular file: every mkdir fails with ENOTDIR
     rc, err = ns.call(env_for("ADD", netns=ns.netns()), ns.conf(dataDir=bad))
-    assert rc == 1 and err["code"] == 5 and f"{tmp_path}/file/data/ipam/bpflb" in err["msg"], err
+    assert rc == 1 and err["code"] == 5 and f"{tmp_path}/file/data/" in err["msg"], err
     rc, err = ns.call(env_for("STATUS"), ns.conf(dataDir=bad))
     assert rc == 1 and err["code"] == 50 and "not writable" in err["msg"], err
 
@@ -221,7 +227,7 @@ def test_attachments_are_registered_for_the_datapath_and_unregistered_on_del(ns)
                       ns.conf(), sink)
     assert rc == 0, res
     ip = res["ips"][0]["address"].split("/")[0]
-    with open(os.path.join(ns.data, "endpoints", "c1-eth0.json")) as f:
+    with open(os.path.join(ns.data, "endpoints", "c1:eth0.json")) as f:
         rec = json.load(f)
     assert sink.map == {ip: (rec["hostIfindex"], res["interfaces"][1]["mac"])}
     assert (rec["podNamespace"], rec["podName"], rec["netns"], rec["hostInterface"]) == \
@@ -278,7 +284,7 @@ def test_check_compares_with_what_add_reported_and_reserved(ns, prev, reserve, t
     if not reserve:
         IPAM(ns.data, "bpflb").release("c1", "eth0")
     os.makedirs(os.path.join(ns.data, "endpoints"))
-    with open(os.path.join(ns.data, "endpoints", "c1-eth0.json"), "w") as f:
+    with open(os.path.join(ns.data, "endpoints", "c1:eth0.json"), "w") as f:
         json.dump({"containerID": "c1", "ifname": "eth0", "network": "bpflb", "ip": ip, "gateway": "10.244.5.1",
                    "hostInterface": netsetup.host_ifname("c1", "eth0")}, f)
     conf = ns.conf(**({"prevResult": prev} if prev else {}))
