@@ -259,7 +259,8 @@ static void unreachable(const char *what, int err)
 	fail(what, err);
 }
 
-static void put_all(int fd, const void *buf, size_t len)
+/* 0, or the errno that stopped the write (the agent may have answered without reading it all: a refusal) */
+static int put_all(int fd, const void *buf, size_t len)
 {
 	const char *p = buf;
 
@@ -268,12 +269,15 @@ static void put_all(int fd, const void *buf, size_t len)
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
-			unreachable("write", errno == EAGAIN ? ETIMEDOUT : errno);
+			return errno == EAGAIN ? ETIMEDOUT : errno;
 		}
 		p += n;
 		len -= (size_t)n;
 	}
+	return 0;
 }
+
+static int write_error;
 
 static void get_all(int fd, void *buf, size_t len)
 {
@@ -285,6 +289,8 @@ static void get_all(int fd, void *buf, size_t len)
 			continue;
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			fail("read", ETIMEDOUT); /* the agent has the request: it may be working on it */
+		if (n <= 0 && write_error)
+			unreachable("write", write_error);
 		if (n <= 0)
 			unreachable("read", n == 0 ? ECONNRESET : errno);
 		p += n;
@@ -364,7 +370,9 @@ int main(void)
 			unreachable("connect", errno);
 		fail("connect", errno);
 	}
-	put_all(fd, req, req_len);
+	write_error = put_all(fd, req, req_len);
+	if (write_error == ETIMEDOUT)
+		unreachable("write", write_error);
 	get_all(fd, &rc, sizeof(rc));
 	get_all(fd, &out_len, sizeof(out_len));
 	if (out_len > MAX_BYTES)
