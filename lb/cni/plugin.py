@@ -162,11 +162,18 @@ class Busy(Exception):
     """The attachment's lock is held (GC's non-blocking attempt)."""
 
 
+class Held:
+    """What the holder of an attachment's lock decides: ``remove`` (the attachment is gone) takes
+    the lock file away when the block ends, while still held."""
+    def __init__(self, remove: bool):
+        self.remove = remove
+
+
 @contextmanager
 def attachment_lock(data_dir: str, cid: str, ifname: str, wait: bool = True, remove: bool = False):
-    """Hold the attachment's lock file. ``remove``: the attachment is gone when the block ends; its
-    lock file goes too, while still held. A waiter that then gets the lock on the unlinked file sees
-    that the path no longer names its file and takes the lock again on the new one."""
+    """Hold the attachment's lock file; yields a Held (``remove`` its initial decision). A waiter
+    that gets the lock on a file removed meanwhile sees that the path no longer names its file and
+    takes the lock again on the new one."""
     path = os.path.join(data_dir, "locks", f"{attachment_key(cid, ifname)}.lock")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:
@@ -187,12 +194,11 @@ def attachment_lock(data_dir: str, cid: str, ifname: str, wait: bool = True, rem
             os.close(fd)
             raise
         os.close(fd)
+    held = Held(remove)
     try:
-        done = False
-        yield
-        done = True
+        yield held
     finally:
-        if remove and done:
+        if held.remove:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -566,13 +572,14 @@ def cmd_gc(req: Request, sink: EndpointSink | None = None) -> None:
             failed.append(f"{cid!r}/{ifname!r}: not a valid attachment name")
             continue
         try:
-            with attachment_lock(req.data_dir, cid, ifname, wait=False, remove=True):
+            with attachment_lock(req.data_dir, cid, ifname, wait=False) as held:
                 try:
                     if os.stat(req.record_path(cid, ifname)).st_mtime >= arrived:
                         continue  # added after the runtime made its list
                 except FileNotFoundError:
                     pass
                 _remove(req, cid, ifname, sink)
+                held.remove = True
         except Busy:
             continue  # an ADD, DEL or CHECK in progress: not this GC's to judge
         except Exception as e:
@@ -591,8 +598,15 @@ def _locked(req: Request, work):
     if req.command == "DEL" and not os.path.isdir(req.data_dir):
         return work()  # nothing was ever added here (an ADD makes the directory before it locks): no lock needed
     try:
-        with attachment_lock(req.data_dir, req.container_id, req.ifname, remove=req.command == "DEL"):
-            return work()
+        with attachment_lock(req.data_dir, req.container_id, req.ifname, remove=req.command == "DEL") as held:
+            try:
+                return work()
+            except CNIError as e:  # a failed ADD undid itself, a CHECK found nothing: no lock file left either
+                held.remove = req.command == "ADD" or (req.command == "CHECK" and e.code == E_UNKNOWN_CONTAINER)
+                raise
+            except BaseException:
+                held.remove = False
+                raise
     except OSError as e:
         raise CNIError(E_IO, f"locking {req.container_id}/{req.ifname} under {req.data_dir}/locks: {e.strerror}") \
             from None
