@@ -355,7 +355,14 @@ async def serve_for_agent(settings, tracker, stop: asyncio.Event, datapath_ready
     from . import install
 
     s = settings
-    peer = PeerCheck()  # fails early, with what the agent lacks, if it cannot check callers
+    try:
+        peer = PeerCheck(getattr(s, "cni_node_mntns", "/proc/1/ns/mnt"))
+    except OSError as e:
+        # Not the DaemonSet (no hostPID): the agent runs on the host itself (a systemd unit, the tests),
+        # so its own mount namespace is the node's. In a container this refuses every caller, loudly:
+        # stricter, never weaker.
+        log.warning("%s; callers must share the agent's own mount namespace instead", e.strerror)
+        peer = PeerCheck("/proc/self/ns/mnt")
     listening = None
     if s.cni_bin_dir and s.cni_conf_dir:
         launcher = os.environ.get("BPFLB_CNI_LAUNCHER") or await asyncio.to_thread(install.build_launcher)
