@@ -169,7 +169,7 @@ def test_gc_removes_attachments_the_runtime_no_longer_lists(node):
         assert node.launcher("ADD", node.plugin_conf, cid=f"gc{i}", netns=p)[0] == 0
     valid = [{"containerID": "gc1", "ifname": "eth0"}]
     assert node.launcher("GC", dict(node.plugin_conf, **{"cni.dev/valid-attachments": valid})) == (0, None)
-    assert len(reserved(node)) == 1 and records(node) == ["gc1-eth0.json"]
+    assert len(reserved(node)) == 1 and records(node) == ["gc1:eth0.json"]
     assert host_veths(node) == [netsetup.host_ifname("gc1", "eth0")]
     assert "eth0" not in in_pod(node, pods[0], "ip", "-o", "link")
     assert node.launcher("CHECK", node.plugin_conf, cid="gc1", netns=pods[1]) == (0, None)  # the kept one still works
@@ -203,16 +203,28 @@ def test_the_socket_comes_from_the_environment_else_the_configuration(node):
     assert rc == 1 and err["code"] == 50 and "/nonexistent.sock" in err["msg"], err
 
 
-def test_the_server_refuses_a_malformed_request_and_keeps_serving(node):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(node.sock)
-        s.sendall(struct.pack("<I", 10 ** 6))  # a million variables
+RAW_CLIENT = """
+import json, socket, struct, sys
+with socket.socket(socket.AF_UNIX) as s:
+    s.connect(sys.argv[1])
+    s.sendall(bytes.fromhex(sys.argv[2]))
+    if sys.argv[3] == "answer":
         rc, n = struct.unpack("<II", s.recv(8))
-        err = json.loads(s.recv(n))
+        print(json.dumps([rc, json.loads(s.recv(n))]))
+"""
+
+
+def raw_exchange(node: Node, payload: bytes, answer: bool = True):
+    """Send raw bytes from inside the node (where the runtime is) and read the answer."""
+    r = node.in_ns([sys.executable, "-c", RAW_CLIENT, node.sock, payload.hex(), "answer" if answer else "-"])
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout) if answer else None
+
+
+def test_the_server_refuses_a_malformed_request_and_keeps_serving(node):
+    rc, err = raw_exchange(node, struct.pack("<I", 10 ** 6))  # a million variables
     assert rc == 1 and err["code"] == 5 and "environment count" in err["msg"], err
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(node.sock)
-        s.sendall(struct.pack("<I", 1))  # then hangs up mid-request
+    raw_exchange(node, struct.pack("<I", 1), answer=False)  # then hangs up mid-request
     assert node.launcher("STATUS", node.plugin_conf) == (0, None)
 
 

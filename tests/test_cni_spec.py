@@ -30,6 +30,12 @@ class Scratch:
         self.data = data
         self.names: list[str] = []
         self.node = self.netns()
+        self.forwarding(True)
+
+    def forwarding(self, on: bool) -> None:
+        """net.ipv4.ip_forward of the node, as its administrator sets it (Kubernetes requires it on)."""
+        subprocess.run(["ip", "netns", "exec", os.path.basename(self.node), "sysctl", "-qw",
+                        f"net.ipv4.ip_forward={int(on)}"], check=True)
 
     def netns(self) -> str:
         name = f"blz{self.tag}n{len(self.names)}"
@@ -102,6 +108,16 @@ ERRORS = [
     ("container-id-path", env_for("ADD", cid="../../etc/x"), {}, 4, "CNI_CONTAINERID '../../etc/x'"),
     ("ifname-too-long", env_for("ADD", ifname="a-very-long-ifname"), {}, 4, "CNI_IFNAME"),
     ("ifname-slash", env_for("ADD", ifname="a/b"), {}, 4, "CNI_IFNAME"),
+    ("container-id-trailing-newline", env_for("ADD", cid="abc\n"), {}, 4, "CNI_CONTAINERID 'abc\\n'"),
+    ("container-id-space", env_for("ADD", cid="a b"), {}, 4, "CNI_CONTAINERID 'a b'"),
+    ("container-id-colon", env_for("ADD", cid="a:b"), {}, 4, "CNI_CONTAINERID 'a:b'"),
+    ("container-id-too-long", env_for("ADD", cid="c" * 201), {}, 4, "over the limit of 200"),
+    ("ifname-16-bytes-in-9-chars", env_for("ADD", ifname="é" * 8), {}, 4, "is 16 bytes long, over the limit of 15"),
+    ("ifname-trailing-newline", env_for("ADD", ifname="eth0\n"), {}, 4, "may not hold '/', ':', NUL or whitespace"),
+    ("ifname-nbsp", env_for("ADD", ifname="eth\u00a00"), {}, 4, "whitespace"),
+    ("ifname-colon", env_for("ADD", ifname="eth0:1"), {}, 4, "whitespace"),
+    ("ifname-dotdot", env_for("ADD", ifname=".."), {}, 4, "may not be '.' or '..'"),
+    ("netns-is-the-node", env_for("ADD", netns="/proc/thread-self/ns/net"), {}, 4, "is the node's own network namespace"),
     ("cni-args-malformed", env_for("ADD", CNI_ARGS="K8S_POD_NAME"), {}, 4, "CNI_ARGS"),
     ("netns-missing", env_for("ADD", netns="/run/netns/blz-no-such-ns"), {}, 4, "CNI_NETNS /run/netns/blz-no-such-ns"),
     ("unknown-version", env_for("ADD"), {"cniVersion": "9.9.9"}, 1, "cniVersion '9.9.9' is not supported"),
@@ -114,6 +130,13 @@ ERRORS = [
     ("no-name", env_for("ADD"), {"name": None}, 7, "field 'name' is missing"),
     ("no-type", env_for("ADD"), {"type": ""}, 7, "field 'type' is missing"),
     ("name-path", env_for("ADD"), {"name": "../etc"}, 7, "network name '../etc'"),
+    ("name-trailing-newline", env_for("ADD"), {"name": "bpflb\n"}, 7, "network name 'bpflb\\n'"),
+    ("name-leading-dot", env_for("ADD"), {"name": ".hidden"}, 7, "must start with a letter or digit"),
+    ("prev-result-not-an-object", env_for("CHECK"), {"prevResult": [1]}, 7, "prevResult must be a result object"),
+    ("prev-result-ips-not-a-list", env_for("CHECK"), {"prevResult": {"ips": 5}}, 7, "prevResult"),
+    ("gc-attachment-id-not-a-string", env_for("GC"), {"cni.dev/valid-attachments": [{"containerID": [1], "ifname": "e"}]},
+     7, "GC needs cni.dev/valid-attachments"),
+    ("deeply-nested", env_for("ADD"), b"[" * 100000, 6, "network configuration"),
     ("pod-cidr-slash31", env_for("ADD"), {"podCIDR": "10.1.0.0/31"}, 7, "podCIDR '10.1.0.0/31'"),
     ("pod-cidr-ipv6", env_for("ADD"), {"podCIDR": "fd00:244::/64"}, 7, "not an IPv4 CIDR"),
     ("pod-cidr-garbage", env_for("ADD"), {"podCIDR": "ten"}, 7, "podCIDR 'ten'"),
@@ -142,7 +165,7 @@ def test_io_errors_name_the_state_directory(ns, tmp_path):
     (tmp_path / "file").write_text("")
     bad = str(tmp_path / "file" / "data")  # under a regular file: every mkdir fails with ENOTDIR
     rc, err = ns.call(env_for("ADD", netns=ns.netns()), ns.conf(dataDir=bad))
-    assert rc == 1 and err["code"] == 5 and f"{tmp_path}/file/data/ipam/bpflb" in err["msg"], err
+    assert rc == 1 and err["code"] == 5 and f"{tmp_path}/file/data/" in err["msg"], err
     rc, err = ns.call(env_for("STATUS"), ns.conf(dataDir=bad))
     assert rc == 1 and err["code"] == 50 and "not writable" in err["msg"], err
 
@@ -221,7 +244,7 @@ def test_attachments_are_registered_for_the_datapath_and_unregistered_on_del(ns)
                       ns.conf(), sink)
     assert rc == 0, res
     ip = res["ips"][0]["address"].split("/")[0]
-    with open(os.path.join(ns.data, "endpoints", "c1-eth0.json")) as f:
+    with open(os.path.join(ns.data, "endpoints", "c1:eth0.json")) as f:
         rec = json.load(f)
     assert sink.map == {ip: (rec["hostIfindex"], res["interfaces"][1]["mac"])}
     assert (rec["podNamespace"], rec["podName"], rec["netns"], rec["hostInterface"]) == \
@@ -278,7 +301,7 @@ def test_check_compares_with_what_add_reported_and_reserved(ns, prev, reserve, t
     if not reserve:
         IPAM(ns.data, "bpflb").release("c1", "eth0")
     os.makedirs(os.path.join(ns.data, "endpoints"))
-    with open(os.path.join(ns.data, "endpoints", "c1-eth0.json"), "w") as f:
+    with open(os.path.join(ns.data, "endpoints", "c1:eth0.json"), "w") as f:
         json.dump({"containerID": "c1", "ifname": "eth0", "network": "bpflb", "ip": ip, "gateway": "10.244.5.1",
                    "hostInterface": netsetup.host_ifname("c1", "eth0")}, f)
     conf = ns.conf(**({"prevResult": prev} if prev else {}))

@@ -1,8 +1,9 @@
 """Build the launcher and install it, with the conflist, where the container runtime looks.
 
-k3s: bin /var/lib/rancher/k3s/data/current/bin, conf /var/lib/rancher/k3s/agent/etc/cni/net.d.
+k3s: bin /var/lib/rancher/k3s/data/cni, conf /var/lib/rancher/k3s/agent/etc/cni/net.d.
 Both writes are atomic (lb/atomicfile.py): a runtime never executes or reads half a file, and a
-running launcher keeps its old inode.
+running launcher keeps its old inode. The agent writes the launcher first and the conflist only once
+its socket listens (lb/cni/server.py), with ``agentSocket`` naming that socket.
 
 The conflist (template: conflist.json) holds one plugin. No `loopback` entry: the plugin brings `lo`
 up in the pod namespace itself. No `portmap`: hostPort is not offered, and a chained plugin missing
@@ -56,18 +57,26 @@ def conflist(pod_cidr: str | None = None, mtu: int | None = None, name: str | No
     return doc
 
 
-def install(bin_dir: str, conf_dir: str, launcher: str | None = None, **conf) -> tuple[str, str]:
-    """Copy the launcher to <bin_dir>/bpflb-cni and write <conf_dir>/05-bpflb.conflist; ``conf`` goes
-    to ``conflist()``. Returns both paths."""
+def install_launcher(bin_dir: str, launcher: str | None = None) -> str:
+    """Copy the launcher to <bin_dir>/bpflb-cni; returns its path."""
     os.makedirs(bin_dir, exist_ok=True)
-    os.makedirs(conf_dir, exist_ok=True)
-    src = launcher or build_launcher()
     binary = os.path.join(bin_dir, "bpflb-cni")
-    with open(src, "rb") as f:
+    with open(launcher or build_launcher(), "rb") as f:
         write_atomic(binary, f.read(), 0o755)
+    return binary
+
+
+def install_conflist(conf_dir: str, **conf) -> str:
+    """Write <conf_dir>/05-bpflb.conflist; ``conf`` goes to ``conflist()``. Returns its path."""
+    os.makedirs(conf_dir, exist_ok=True)
     conf_path = os.path.join(conf_dir, CONFLIST_NAME)
     write_atomic(conf_path, json.dumps(conflist(**conf), indent=2), 0o644)
-    return binary, conf_path
+    return conf_path
+
+
+def install(bin_dir: str, conf_dir: str, launcher: str | None = None, **conf) -> tuple[str, str]:
+    """Both, launcher first (tests, and an install without the agent). Returns both paths."""
+    return install_launcher(bin_dir, launcher), install_conflist(conf_dir, **conf)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """host-local style IPAM: one file per reserved address under <dataDir>/ipam/<network>/, named by the
 address and holding "<containerID>\\n<ifname>".
 
-Every change happens under an flock on <dir>/.lock, and a reservation is created with O_EXCL, so
-concurrent ADDs (threads of one agent, or separate `python -m lb.cni` processes) never hand out an
-address twice. DEL and GC remove the files; nothing else holds state, so a restarted agent needs no
+Every change happens under an flock on <dir>/.lock. A reservation is written whole to a temporary
+file (".tmp-*") and then linked to its address's name: link(2) fails if the name exists, so the
+address is claimed exclusively (what O_EXCL gave), and a reservation is never seen half written (a
+crash leaves at worst a temporary file, removed by the next allocation). So concurrent ADDs (threads
+of one agent, or separate `python -m lb.cni` processes) never hand out an address twice. A file that
+still does not read as "<containerID>\n<ifname>" (a disk fault, an older version's crash) is a
+damaged reservation: listed with no owner, and only GC removes it. DEL and GC remove the files; nothing else holds state, so a restarted agent needs no
 recovery. Addresses are handed out round robin from the last one given (<dir>/.last), so a freed
 address is not reused at once by the next pod.
 """
@@ -58,8 +62,22 @@ class Pool:
 @dataclass(frozen=True)
 class Reservation:
     ip: str
-    container_id: str
+    container_id: str  # "" with ifname "": a damaged reservation (no owner can be read)
     ifname: str
+
+    @property
+    def damaged(self) -> bool:
+        return not self.container_id
+
+
+def _owner(data: bytes) -> tuple[str, str]:
+    """("", "") for anything but "<containerID>\n<ifname>" in UTF-8."""
+    try:
+        cid, sep, ifname = data.decode().partition("\n")
+    except UnicodeDecodeError:
+        return "", ""
+    ifname = ifname.strip()
+    return (cid, ifname) if sep and cid and ifname and "\n" not in ifname else ("", "")
 
 
 class IPAM:
@@ -84,21 +102,37 @@ class IPAM:
             if name.startswith("."):
                 continue
             try:
-                with open(os.path.join(self.dir, name)) as f:
-                    cid, _, ifname = f.read().partition("\n")
+                with open(os.path.join(self.dir, name), "rb") as f:
+                    cid, ifname = _owner(f.read(4096))
             except FileNotFoundError:  # released meanwhile
                 continue
-            out.append(Reservation(name, cid, ifname.strip()))
+            except OSError:  # unreadable (EIO, a directory): damaged
+                cid, ifname = "", ""
+            out.append(Reservation(name, cid, ifname))
         return out
 
     def owner(self, ip: str) -> tuple[str, str] | None:
-        """(containerID, ifname) holding ``ip``, or None. Call under ``locked()`` to act on the answer."""
+        """(containerID, ifname) holding ``ip`` (("", "") if damaged), or None. Call under ``locked()``
+        to act on the answer."""
         try:
-            with open(os.path.join(self.dir, ip)) as f:
-                cid, _, ifname = f.read().partition("\n")
+            with open(os.path.join(self.dir, ip), "rb") as f:
+                return _owner(f.read(4096))
         except FileNotFoundError:
             return None
-        return cid, ifname.strip()
+        except OSError:
+            return "", ""
+
+    def release_damaged(self, ip: str) -> bool:
+        """Remove ``ip``'s reservation if it is (still) damaged; True if it was."""
+        with self.locked():
+            if self.owner(ip) != ("", ""):
+                return False
+            path = os.path.join(self.dir, ip)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                self._unlink(ip)
+            return True
 
     def find(self, container_id: str, ifname: str) -> str | None:
         return next((r.ip for r in self.reservations() if (r.container_id, r.ifname) == (container_id, ifname)), None)
@@ -111,21 +145,28 @@ class IPAM:
                 return existing
             if existing is not None:  # the pod CIDR changed under a retried ADD: give the old one back
                 self._unlink(existing)
+            for name in os.listdir(self.dir):  # under the lock, any temporary file is a crash's leftover
+                if name.startswith(".tmp-"):
+                    self._unlink(name)
             start = self._last(pool) + 1
             span = pool.last - pool.first + 1
-            for i in range(span):
-                ip = ipaddress.IPv4Address(pool.first + (start - pool.first + i) % span)
-                if ip == pool.gateway:
-                    continue
-                try:
-                    fd = os.open(os.path.join(self.dir, str(ip)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-                except FileExistsError:
-                    continue
-                with os.fdopen(fd, "w") as f:
-                    f.write(f"{container_id}\n{ifname}")
-                # A hint (a lost one restarts the round robin): not worth an fsync per ADD.
-                write_atomic(os.path.join(self.dir, ".last"), str(ip), 0o644, durable=False)
-                return str(ip)
+            tmp = os.path.join(self.dir, f".tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                f.write(f"{container_id}\n{ifname}")  # no fsync: no attachment outlives a reboot either
+            try:
+                for i in range(span):
+                    ip = ipaddress.IPv4Address(pool.first + (start - pool.first + i) % span)
+                    if ip == pool.gateway:
+                        continue
+                    try:
+                        os.link(tmp, os.path.join(self.dir, str(ip)))
+                    except FileExistsError:
+                        continue
+                    # A hint (a lost one restarts the round robin): not worth an fsync per ADD.
+                    write_atomic(os.path.join(self.dir, ".last"), str(ip), 0o644, durable=False)
+                    return str(ip)
+            finally:
+                self._unlink(os.path.basename(tmp))
             raise PoolExhausted(f"all {pool.size} addresses of {pool.subnet} are reserved")
 
     def release(self, container_id: str, ifname: str) -> str | None:

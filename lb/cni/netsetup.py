@@ -9,12 +9,22 @@ The pod's view: eth0 holds <pod ip>/32 and a default route via the pod CIDR's ga
 The node's view: the gateway address sits on bpflb_host; each pod has a host veth "lxc<hash>" with a
 /32 route to the pod through it and proxy ARP on, so the pod's ARP for the gateway is always answered
 by the node whatever the node's arp_ignore setting.
+
+Nothing here writes /proc/sys: kubelet mounts it read-only in every container that is not privileged.
+A device's proxy_arp and forwarding are set over rtnetlink (RTM_SETLINK with IFLA_AF_SPEC/AF_INET/
+IFLA_INET_CONF, what `ip link set` uses; CAP_NET_ADMIN, which the agent holds anyway). The node-wide
+net.ipv4.ip_forward has no netlink setter, and it is the node's to set, not a pod's: Kubernetes
+requires it (kubeadm's preflight check, k3s sets it at start), so ADD only reads it and, when it is 0,
+refuses with a message naming the setting (routing into pods from other nodes needs it).
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -51,11 +61,92 @@ def host_ifname(container_id: str, ifname: str) -> str:
     return HOST_IF_PREFIX + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
-def _sysctl(key: str, value: str) -> None:
+# ---- a device's IPv4 settings over rtnetlink (include/uapi/linux/{if_link,ip,netlink,rtnetlink}.h) ----
+IPV4_DEVCONF_FORWARDING, IPV4_DEVCONF_PROXY_ARP = 1, 3
+IFLA_AF_SPEC, IFLA_INET_CONF = 26, 1
+RTM_SETLINK, NLM_F_REQUEST, NLM_F_ACK, NLMSG_ERROR = 19, 1, 4, 2
+NLA_F_NESTED = 1 << 15
+_NLMSG, _IFINFO, _NLA = struct.Struct("=IHHII"), struct.Struct("=BxHiII"), struct.Struct("=HH")
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    head = _NLA.pack(_NLA.size + len(payload), kind)
+    return head + payload + b"\0" * (-len(payload) % 4)
+
+
+def set_inet_conf(index: int, values: dict[int, int]) -> None:
+    """Set IPv4 devconf entries (IPV4_DEVCONF_*) of one device in the caller's network namespace, as
+    writing /proc/sys/net/ipv4/conf/<dev>/<key> would (the kernel's inet_set_link_af)."""
+    conf = b"".join(_nla(k, struct.pack("=I", v)) for k, v in sorted(values.items()))
+    attrs = _nla(IFLA_AF_SPEC | NLA_F_NESTED, _nla(AF_INET | NLA_F_NESTED, _nla(IFLA_INET_CONF | NLA_F_NESTED, conf)))
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0) + attrs
+    msg = _NLMSG.pack(_NLMSG.size + len(body), RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
+        s.settimeout(5)
+        s.sendto(msg, (0, 0))
+        while True:
+            data = s.recv(65536)
+            _, kind, _, seq, _ = _NLMSG.unpack_from(data)
+            if kind == NLMSG_ERROR and seq == 1:
+                (err,) = struct.unpack_from("=i", data, _NLMSG.size)
+                if err:
+                    raise NetlinkError(-err, os.strerror(-err))
+                return
+
+
+def _devconf(index: int, name: str, **values: int) -> None:
+    keys = {"forwarding": IPV4_DEVCONF_FORWARDING, "proxy_arp": IPV4_DEVCONF_PROXY_ARP}
     try:
-        sysctl.write(key, value)
-    except sysctl.SysctlError as e:
-        raise SetupError(str(e)) from None
+        set_inet_conf(index, {keys[k]: v for k, v in values.items()})
+    except (OSError, NetlinkError) as e:
+        what = ", ".join(f"net.ipv4.conf.{name}.{k}={v}" for k, v in values.items())
+        raise SetupError(f"setting {what} over netlink: {e}") from None
+
+
+IP_FORWARD_OFF = ("net.ipv4.ip_forward is 0 on this node: pods would be cut off from other nodes. Kubernetes "
+                  "requires it (kubeadm checks it, k3s sets it); set it on the node (sysctl -w net.ipv4.ip_forward=1, "
+                  "persisted in /etc/sysctl.d). bpflb does not write /proc/sys: it is read-only in its container")
+
+
+def node_forwards() -> bool:
+    """net.ipv4.ip_forward of the caller's network namespace (/proc/sys/net reflects the reader's)."""
+    try:
+        return sysctl.read("net/ipv4/ip_forward") == "1"
+    except sysctl.SysctlError:
+        return False
+
+
+# ---- the pod's namespace, as the runtime names it ---------------------------------------------------
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
+CLONE_NEWNET = 0x40000000
+
+
+class BadNetns(Exception):
+    """CNI_NETNS is not a usable pod network namespace; the message says why."""
+
+
+def open_pod_netns(path: str) -> int:
+    """A descriptor of the network namespace at ``path``, checked: a network namespace (not a file, a
+    FIFO that would block, or another kind of namespace), and not the node's own (the thread's, which is
+    the agent's: hostNetwork). Later steps use the descriptor, so the path cannot be swapped meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BadNetns(f"CNI_NETNS {path}: {e.strerror}") from None
+    try:
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            kind = None
+        if kind != CLONE_NEWNET:
+            raise BadNetns(f"CNI_NETNS {path} is not a network namespace")
+        st, own = os.fstat(fd), os.stat("/proc/thread-self/ns/net")
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            raise BadNetns(f"CNI_NETNS {path} is the node's own network namespace")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _link(ipr: IPRoute, ifname: str):
@@ -81,7 +172,10 @@ def host_devices(ipr: IPRoute) -> int | None:
 
 def ensure_host_devices(ipr: IPRoute, gateway: str) -> None:
     """bpflb_host/bpflb_net, the node's end of the pod network, with the gateway address on bpflb_host;
-    ip_forward on. Idempotent, and safe when concurrent ADDs race to create them."""
+    ip_forward checked (never written: see the module's docstring). Idempotent, and safe when concurrent
+    ADDs race to create them."""
+    if not node_forwards():
+        raise SetupError(IP_FORWARD_OFF)
     host = _link(ipr, HOST_DEV)
     if host is None:
         try:
@@ -101,7 +195,6 @@ def ensure_host_devices(ipr: IPRoute, gateway: str) -> None:
     net = _link(ipr, NET_DEV)
     if net is not None:
         _up(ipr, net)
-    _sysctl("net/ipv4/ip_forward", "1")
 
 
 @dataclass(frozen=True)
@@ -113,30 +206,27 @@ class Attachment:
     mtu: int
 
 
-def attach(netns: str, ifname: str, host_if: str, ip: str, gateway: str, mtu: int) -> Attachment:
-    """The node's devices, then the pair, created with its pod end directly in the pod's namespace;
-    then both ends configured."""
-    fd = os.open(netns, os.O_RDONLY)
-    try:
-        with IPRoute() as ipr:
-            ensure_host_devices(ipr, gateway)
-            stale = _link(ipr, host_if)
-            if stale is not None:  # a retried ADD: its pair goes, the pod end with it
-                ipr.link("del", index=stale["index"])
-            try:
-                ipr.link("add", ifname=host_if, kind="veth", mtu=mtu,
-                         peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})
-            except NetlinkError as e:
-                if e.code == errno.EEXIST:
-                    raise SetupError(f"interface {ifname} already exists in {netns}") from None
-                raise SetupError(f"creating veth {host_if}/{ifname}: {e}") from None
-            host = _link(ipr, host_if)
-            _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", "1")
-            _sysctl(f"net/ipv4/conf/{host_if}/forwarding", "1")
-            _up(ipr, host)
-            ipr.route("replace", dst=f"{ip}/32", oif=host["index"], scope=RT_SCOPE_LINK)
-    finally:
-        os.close(fd)
+def attach(netns_fd: int, ifname: str, host_if: str, ip: str, gateway: str, mtu: int, netns: str = "") -> Attachment:
+    """The node's devices, then the pair, created with its pod end directly in the pod's namespace
+    (``netns_fd``, from open_pod_netns; ``netns`` its path, for messages); then both ends configured."""
+    fd = netns_fd
+    netns = netns or f"/proc/self/fd/{fd}"
+    with IPRoute() as ipr:
+        ensure_host_devices(ipr, gateway)
+        stale = _link(ipr, host_if)
+        if stale is not None:  # a retried ADD: its pair goes, the pod end with it
+            ipr.link("del", index=stale["index"])
+        try:
+            ipr.link("add", ifname=host_if, kind="veth", mtu=mtu,
+                     peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                raise SetupError(f"interface {ifname} already exists in {netns}") from None
+            raise SetupError(f"creating veth {host_if}/{ifname}: {e}") from None
+        host = _link(ipr, host_if)
+        _devconf(host["index"], host_if, proxy_arp=1, forwarding=1)
+        _up(ipr, host)
+        ipr.route("replace", dst=f"{ip}/32", oif=host["index"], scope=RT_SCOPE_LINK)
 
     def pod_side(pod: IPRoute) -> str:
         _up(pod, _link(pod, "lo"))  # no loopback plugin needed
@@ -147,7 +237,7 @@ def attach(netns: str, ifname: str, host_if: str, ip: str, gateway: str, mtu: in
         return eth.get_attr("IFLA_ADDRESS")
 
     try:
-        pod_mac = in_netns(netns, pod_side)
+        pod_mac = in_netns(f"/proc/self/fd/{fd}", pod_side)
     except NetlinkError as e:
         raise SetupError(f"configuring {ifname} in {netns}: {e}") from None
     return Attachment(host_if, host["index"], host.get_attr("IFLA_ADDRESS"), pod_mac, mtu)

@@ -13,22 +13,32 @@ Network configuration (the plugin's entry in the conflist; the runtime adds cniV
      "agentSocket": "/run/bpflb/cni.sock"}  # read by the launcher only
 ``lo`` is brought up by the plugin itself, so no separate loopback plugin is chained.
 
-Endpoint registry: <dataDir>/endpoints/<containerID>-<ifname>.json per attachment (pod IP, host veth
+Endpoint registry: <dataDir>/endpoints/<containerID>:<ifname>.json per attachment (pod IP, host veth
 name and ifindex, MACs, netns, pod name from CNI_ARGS), written after the attachment is complete and
-removed on DEL/GC. The agent also mirrors each one into the lb_endpoints BPF map through ``sink``.
+removed on DEL/GC. ':' is in neither a container ID nor an interface name (both validated as SPEC.md
+says), so two attachments never share a name; records of the older "<id>-<ifname>.json" form are
+still found by their content. The agent also mirrors each one into the lb_endpoints BPF map through
+``sink``.
+
+One lock per attachment (<dataDir>/locks/<containerID>:<ifname>.lock, flock) serialises ADD, DEL and
+CHECK of it, across threads and processes; GC skips an attachment whose lock is held (an ADD in
+progress) and one whose ADD finished after the GC request arrived.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import ipaddress
 import json
 import os
 import re
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pyroute2 import NetlinkError
 
-from .. import sysctl
 from ..atomicfile import write_atomic
 from . import netsetup
 from .ipam import IPAM, Pool, PoolExhausted
@@ -53,8 +63,30 @@ E_NOT_AVAILABLE = 50
 E_LIMITED_CONNECTIVITY = 51
 E_CHECK_FAILED = 100  # plugin-specific: the attachment is not as ADD left it
 
-_NAME = re.compile(r"^[a-zA-Z0-9_.\-]+$")  # SPEC.md: network name
-_CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")  # SPEC.md: CNI_CONTAINERID
+# SPEC.md: a network name and CNI_CONTAINERID "must start with an alphanumeric character, optionally
+# followed by any combination of one or more alphanumeric characters, underscore, dot or hyphen";
+# matched against the whole string (fullmatch: `$` would let a trailing newline through).
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
+_CONTAINER_ID = _NAME
+IFNAMSIZ = 16  # the kernel's limit, with the NUL: names of at most 15 bytes
+MAX_CONTAINER_ID = 200  # bytes; names a file with the interface name: "<id>:<ifname>.json" fits NAME_MAX
+MAX_NETWORK_NAME = 200  # bytes; names a directory
+
+
+def ifname_problem(ifname: str) -> str | None:
+    """Why ``ifname`` is not an interface name (libcni's ValidateInterfaceName, the kernel's
+    dev_valid_name), or None."""
+    try:
+        size = len(ifname.encode())
+    except UnicodeEncodeError:
+        return "is not UTF-8"
+    if size >= IFNAMSIZ:
+        return f"is {size} bytes long, over the limit of {IFNAMSIZ - 1}"
+    if ifname in (".", ".."):
+        return "may not be '.' or '..'"
+    if any(c in "/:\0" or c.isspace() for c in ifname):
+        return "may not hold '/', ':', NUL or whitespace"
+    return None
 
 
 class EndpointSink(Protocol):
@@ -105,7 +137,73 @@ class Request:
         return os.path.join(self.data_dir, "ipam", self.name)
 
     def record_path(self, cid: str | None = None, ifname: str | None = None) -> str:
-        return os.path.join(self.data_dir, "endpoints", f"{cid or self.container_id}-{ifname or self.ifname}.json")
+        cid, ifname = (self.container_id, self.ifname) if cid is None else (cid, ifname)
+        return os.path.join(self.data_dir, "endpoints", f"{attachment_key(cid, ifname)}.json")
+
+    def legacy_record_path(self, cid: str, ifname: str) -> str:
+        """Where versions before the ':' naming kept the record (ambiguous: read its content)."""
+        return os.path.join(self.data_dir, "endpoints", f"{cid}-{ifname}.json")
+
+
+def attachment_key(cid: str, ifname: str) -> str:
+    """A file name for one attachment, unique: a container ID holds no ':'."""
+    return f"{cid}:{ifname}"
+
+
+def key_of(name: str) -> tuple[str, str] | None:
+    """(containerID, ifname) from "<id>:<ifname>.json", or None for any other name."""
+    if not name.endswith(".json") or ":" not in name:
+        return None
+    cid, _, ifname = name[:-5].partition(":")
+    return (cid, ifname) if _CONTAINER_ID.fullmatch(cid) and ifname_problem(ifname) is None else None
+
+
+class Busy(Exception):
+    """The attachment's lock is held (GC's non-blocking attempt)."""
+
+
+class Held:
+    """What the holder of an attachment's lock decides: ``remove`` (the attachment is gone) takes
+    the lock file away when the block ends, while still held."""
+    def __init__(self, remove: bool):
+        self.remove = remove
+
+
+@contextmanager
+def attachment_lock(data_dir: str, cid: str, ifname: str, wait: bool = True, remove: bool = False):
+    """Hold the attachment's lock file; yields a Held (``remove`` its initial decision). A waiter
+    that gets the lock on a file removed meanwhile sees that the path no longer names its file and
+    takes the lock again on the new one."""
+    path = os.path.join(data_dir, "locks", f"{attachment_key(cid, ifname)}.lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise Busy(f"{cid}/{ifname}") from None
+            try:
+                st, now = os.fstat(fd), os.stat(path)
+                current = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    held = Held(remove)
+    try:
+        yield held
+    finally:
+        if held.remove:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        os.close(fd)
 
 
 # ---- parsing: environment and configuration -> Request, or the spec's error --------------------------
@@ -134,15 +232,22 @@ def _check_config(command: str, config: dict) -> None:
     for key in ("name", "type"):
         if not isinstance(config.get(key), str) or not config[key]:
             raise CNIError(E_INVALID_CONFIG, f"network configuration field {key!r} is missing")
-    if not _NAME.match(config["name"]):
-        raise CNIError(E_INVALID_CONFIG, f"network name {config['name']!r} may hold only letters, digits, '_', '.' "
-                                         "and '-'")
+    if not _NAME.fullmatch(config["name"]) or len(config["name"]) > MAX_NETWORK_NAME:
+        raise CNIError(E_INVALID_CONFIG, f"network name {config['name']!r} must start with a letter or digit, hold "
+                                         f"only letters, digits, '_', '.' and '-', and be at most {MAX_NETWORK_NAME} "
+                                         "bytes long")
     if "ipam" in config:
         raise CNIError(E_UNSUPPORTED_FIELD, f"unsupported field ipam={json.dumps(config['ipam'])}",
                        "bpflb-cni allocates pod addresses itself, from podCIDR")
     data_dir = config.get("dataDir")
-    if data_dir is not None and (not isinstance(data_dir, str) or not os.path.isabs(data_dir)):
+    if data_dir is not None and (not isinstance(data_dir, str) or not os.path.isabs(data_dir) or "\0" in data_dir):
         raise CNIError(E_INVALID_CONFIG, f"dataDir {data_dir!r} must be an absolute path")
+    prev = config.get("prevResult")
+    if command == "CHECK" and prev is not None and not (
+            isinstance(prev, dict) and isinstance(prev.get("ips", []), list)
+            and all(isinstance(i, dict) and isinstance(i.get("address", ""), str) for i in prev.get("ips", []))):
+        raise CNIError(E_INVALID_CONFIG, "prevResult must be a result object whose ips are "
+                                         '[{"address": "<ip>/<prefix>", ...}]')
     cidr = config.get("podCIDR")
     if cidr is not None and command != "DEL":  # DEL needs no pool: it must always work
         try:
@@ -157,6 +262,7 @@ def _check_config(command: str, config: dict) -> None:
 
 
 def parse(env: dict[str, str], stdin: bytes) -> Request:
+    """The request, or CNIError with the specification's code and a message naming the field."""
     command = env.get("CNI_COMMAND", "")
     if command not in COMMANDS:
         raise CNIError(E_INVALID_ENV, f"CNI_COMMAND {command!r} is not one of {', '.join(COMMANDS)}"
@@ -178,11 +284,17 @@ def parse(env: dict[str, str], stdin: bytes) -> Request:
         missing = [k for k in required if not env.get(k)]
         if missing:
             raise CNIError(E_INVALID_ENV, f"{', '.join(missing)} not set")
-        if not _CONTAINER_ID.match(cid):
+        if not _CONTAINER_ID.fullmatch(cid):
             raise CNIError(E_INVALID_ENV, f"CNI_CONTAINERID {cid!r} must start with a letter or digit and hold only "
                                           "letters, digits, '_', '.' and '-'")
-        if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/: \t\n"):
-            raise CNIError(E_INVALID_ENV, f"CNI_IFNAME {ifname!r} is not a valid interface name")
+        if len(cid) > MAX_CONTAINER_ID:
+            raise CNIError(E_INVALID_ENV, f"CNI_CONTAINERID is {len(cid)} bytes long, over the limit of "
+                                          f"{MAX_CONTAINER_ID}")
+        problem = ifname_problem(ifname)
+        if problem:
+            raise CNIError(E_INVALID_ENV, f"CNI_IFNAME {ifname!r} {problem}")
+        if command != "DEL" and "\0" in netns:
+            raise CNIError(E_INVALID_ENV, f"CNI_NETNS {netns!r} holds a NUL")
     args = _cni_args(env.get("CNI_ARGS", ""))
     _check_config(command, config)
     return Request(command, cid, netns, ifname, version, config, args)
@@ -211,8 +323,17 @@ NO_POD_CIDR = "no pod CIDR yet: the configuration has no podCIDR and the agent h
 
 
 def cmd_add(req: Request, sink: EndpointSink | None = None) -> dict:
-    if not os.path.exists(req.netns):
-        raise CNIError(E_INVALID_ENV, f"CNI_NETNS {req.netns} does not exist")
+    try:
+        netns_fd = netsetup.open_pod_netns(req.netns)
+    except netsetup.BadNetns as e:
+        raise CNIError(E_INVALID_ENV, str(e)) from None
+    try:
+        return _add(req, netns_fd, sink)
+    finally:
+        os.close(netns_fd)
+
+
+def _add(req: Request, netns_fd: int, sink: EndpointSink | None) -> dict:
     pool = req.pool
     if pool is None:
         raise CNIError(E_TRY_AGAIN, NO_POD_CIDR)
@@ -225,7 +346,7 @@ def cmd_add(req: Request, sink: EndpointSink | None = None) -> dict:
         raise CNIError(E_IO, f"IPAM state under {req.ipam_dir}: {e.strerror}") from None
     host_if = netsetup.host_ifname(req.container_id, req.ifname)
     try:
-        att = netsetup.attach(req.netns, req.ifname, host_if, ip, str(pool.gateway), req.mtu)
+        att = netsetup.attach(netns_fd, req.ifname, host_if, ip, str(pool.gateway), req.mtu, req.netns)
         _write_json(req.record_path(), {
             "containerID": req.container_id, "ifname": req.ifname, "netns": req.netns, "network": req.name,
             "ip": ip, "gateway": str(pool.gateway), "podCIDR": str(pool.subnet),
@@ -256,18 +377,46 @@ def _undo(req: Request, host_if: str) -> None:
             pass
 
 
+def _is_ipv4(ip: str) -> bool:
+    try:
+        ipaddress.IPv4Address(ip)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_record(path: str) -> dict | None:
+    """The record's content, or None if it is missing or damaged (not a JSON object)."""
+    try:
+        with open(path, "rb") as f:
+            rec = json.loads(f.read(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _records(req: Request, cid: str, ifname: str) -> list[str]:
+    """The attachment's record files: its own name, and an older version's name if its content says so."""
+    legacy = req.legacy_record_path(cid, ifname)
+    rec = _read_record(legacy)
+    mine = rec is not None and (rec.get("containerID"), rec.get("ifname")) == (cid, ifname)
+    return [req.record_path(cid, ifname)] + ([legacy] if mine else [])
+
+
 def _remove(req: Request, cid: str, ifname: str, sink: EndpointSink | None = None) -> None:
     """Everything of one attachment, in the reverse order of ADD: unregistered before its device goes,
     the record last (so a DEL cut short leaves a record for the next DEL or GC to find)."""
-    path = req.record_path(cid, ifname)
+    paths = _records(req, cid, ifname)
     if sink is not None:
-        try:
-            with open(path) as f:
-                ip = json.load(f)["ip"]
-        except (OSError, ValueError, KeyError):
-            ip = None
-        if ip:
-            _unregister(req, sink, ip, (cid, ifname))
+        ips = set()
+        if os.path.isdir(req.ipam_dir):
+            ips.add(IPAM(req.data_dir, req.name).find(cid, ifname))
+        for path in paths:
+            ip = (_read_record(path) or {}).get("ip")
+            ips.add(ip if isinstance(ip, str) else None)
+        for ip in sorted(filter(None, ips)):
+            if _is_ipv4(ip):
+                _unregister(req, sink, ip, (cid, ifname))
     host_if = netsetup.host_ifname(cid, ifname)
     try:
         netsetup.detach(host_if)
@@ -278,10 +427,11 @@ def _remove(req: Request, cid: str, ifname: str, sink: EndpointSink | None = Non
             IPAM(req.data_dir, req.name).release(cid, ifname)
         except OSError as e:
             raise CNIError(E_IO, f"releasing the address of {cid}/{ifname} under {req.ipam_dir}: {e.strerror}") from None
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _unregister(req: Request, sink: EndpointSink, ip: str, attachment: tuple[str, str]) -> None:
@@ -306,17 +456,19 @@ def cmd_del(req: Request, sink: EndpointSink | None = None) -> None:
 
 
 def cmd_check(req: Request, sink: EndpointSink | None = None) -> None:
+    paths = [p for p in _records(req, req.container_id, req.ifname) if os.path.exists(p)]
+    if not paths:
+        raise CNIError(E_UNKNOWN_CONTAINER, f"no attachment {req.container_id}/{req.ifname} in network {req.name}")
+    rec = _read_record(paths[0])
+    if rec is None or not all(isinstance(rec.get(k), str) for k in ("ip", "hostInterface", "gateway")):
+        raise CNIError(E_IO, f"the record of {req.container_id}/{req.ifname} ({paths[0]}) is damaged")
     try:
-        with open(req.record_path()) as f:
-            rec = json.load(f)
-    except FileNotFoundError:
-        raise CNIError(E_UNKNOWN_CONTAINER, f"no attachment {req.container_id}/{req.ifname} in network {req.name}") \
-            from None
-    except (OSError, ValueError) as e:
-        raise CNIError(E_IO, f"reading the record of {req.container_id}/{req.ifname}: {e}") from None
+        os.close(netsetup.open_pod_netns(req.netns))
+    except netsetup.BadNetns as e:
+        raise CNIError(E_INVALID_ENV, str(e)) from None
     prev = req.config.get("prevResult")
     if isinstance(prev, dict):  # what the runtime was told on ADD must still be what we hold
-        told = {str(i.get("address", "")).split("/")[0] for i in prev.get("ips") or ()}
+        told = {i.get("address", "").split("/")[0] for i in prev.get("ips") or ()}
         if rec["ip"] not in told:
             raise CNIError(E_CHECK_FAILED, f"prevResult does not list {rec['ip']}, the address of "
                                            f"{req.container_id}/{req.ifname}")
@@ -353,7 +505,7 @@ def _node_forwards(gateway: str) -> bool:
     from pyroute2 import IPRoute
 
     try:
-        if sysctl.read("net/ipv4/ip_forward") != "1":
+        if not netsetup.node_forwards():
             return False
         with IPRoute() as ipr:
             host = netsetup.host_devices(ipr)
@@ -362,40 +514,102 @@ def _node_forwards(gateway: str) -> bool:
         return False
 
 
+def _valid_list(req: Request) -> set[tuple[str, str]] | None:
+    key = next((k for k in VALID_ATTACHMENTS if k in req.config), None)
+    if key is None:  # libcni sends none when its caller gave no list (cnitool gc): nothing is known stale
+        return None
+    valid = req.config[key]
+    if not isinstance(valid, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)
+            for a in valid):
+        raise CNIError(E_INVALID_CONFIG, f"GC needs {VALID_ATTACHMENTS[0]}, a list of "
+                                         '{"containerID": ..., "ifname": ...}')
+    return {(a["containerID"], a["ifname"]) for a in valid}
+
+
+def _other_networks_hold(req: Request, cid: str, ifname: str) -> bool:
+    root = os.path.join(req.data_dir, "ipam")
+    for network in os.listdir(root) if os.path.isdir(root) else ():
+        if network != req.name and _NAME.fullmatch(network) and IPAM(req.data_dir, network).find(cid, ifname):
+            return True
+    return False
+
+
 def cmd_gc(req: Request, sink: EndpointSink | None = None) -> None:
     """Remove every attachment of this network the runtime no longer lists; keep going past a failure
     and report them all at the end (SPEC.md GC). Without a list, remove nothing: an absent list is not
-    an empty one."""
-    key = next((k for k in VALID_ATTACHMENTS if k in req.config), None)
-    if key is None:  # libcni sends none when its caller gave no list (cnitool gc): nothing is known stale
+    an empty one. Never removed: an attachment whose ADD is in progress (its lock is held) or finished
+    after this request arrived (its record is newer: the runtime's list predates it). A damaged record
+    or reservation does not stop GC: a record is known by its file name, a reservation with no
+    readable owner is freed."""
+    arrived = time.time()
+    keep = _valid_list(req)
+    if keep is None:
         return
-    valid = req.config[key]
-    if not isinstance(valid, list) or not all(isinstance(a, dict) for a in valid):
-        raise CNIError(E_INVALID_CONFIG, f"GC needs {VALID_ATTACHMENTS[0]}, a list of "
-                                         '{"containerID": ..., "ifname": ...}')
-    keep = {(a.get("containerID"), a.get("ifname")) for a in valid}
-    known = set()
+    known: set[tuple[str, str]] = set()
+    damaged: list[str] = []
     if os.path.isdir(req.ipam_dir):
-        known |= {(r.container_id, r.ifname) for r in IPAM(req.data_dir, req.name).reservations()}
+        for r in IPAM(req.data_dir, req.name).reservations():
+            if r.damaged:
+                damaged.append(r.ip)
+            else:
+                known.add((r.container_id, r.ifname))
     edir = os.path.join(req.data_dir, "endpoints")
     for name in os.listdir(edir) if os.path.isdir(edir) else ():
         if not name.endswith(".json"):
             continue
-        try:
-            with open(os.path.join(edir, name)) as f:
-                rec = json.load(f)
-        except (OSError, ValueError):
+        rec = _read_record(os.path.join(edir, name))
+        if rec is not None and isinstance(rec.get("containerID"), str) and isinstance(rec.get("ifname"), str):
+            if rec.get("network") == req.name:
+                known.add((rec["containerID"], rec["ifname"]))
             continue
-        if rec.get("network") == req.name:
-            known.add((rec.get("containerID"), rec.get("ifname")))
+        key = key_of(name)  # damaged: the name still says whose it is, and its network is whoever holds its address
+        if key is not None and not _other_networks_hold(req, *key):
+            known.add(key)
     failed = []
     for cid, ifname in sorted(known - keep):
+        if not _CONTAINER_ID.fullmatch(cid) or ifname_problem(ifname) is not None:
+            failed.append(f"{cid!r}/{ifname!r}: not a valid attachment name")
+            continue
         try:
-            _remove(req, cid, ifname, sink)
+            with attachment_lock(req.data_dir, cid, ifname, wait=False) as held:
+                try:
+                    if os.stat(req.record_path(cid, ifname)).st_mtime >= arrived:
+                        continue  # added after the runtime made its list
+                except FileNotFoundError:
+                    pass
+                _remove(req, cid, ifname, sink)
+                held.remove = True
+        except Busy:
+            continue  # an ADD, DEL or CHECK in progress: not this GC's to judge
         except Exception as e:
             failed.append(f"{cid}/{ifname}: {getattr(e, 'msg', e)}")
+    for ip in damaged:
+        try:
+            IPAM(req.data_dir, req.name).release_damaged(ip)
+        except OSError as e:
+            failed.append(f"damaged reservation {ip}: {e.strerror}")
     if failed:
         raise CNIError(E_IO, f"GC could not remove {len(failed)} stale attachment(s)", "; ".join(failed))
+
+
+def _locked(req: Request, work):
+    """``work()`` under the attachment's lock (ADD, DEL, CHECK); DEL takes the lock file with it."""
+    if req.command == "DEL" and not os.path.isdir(req.data_dir):
+        return work()  # nothing was ever added here (an ADD makes the directory before it locks): no lock needed
+    try:
+        with attachment_lock(req.data_dir, req.container_id, req.ifname, remove=req.command == "DEL") as held:
+            try:
+                return work()
+            except CNIError as e:  # a failed ADD undid itself, a CHECK found nothing: no lock file left either
+                held.remove = req.command == "ADD" or (req.command == "CHECK" and e.code == E_UNKNOWN_CONTAINER)
+                raise
+            except BaseException:
+                held.remove = False
+                raise
+    except OSError as e:
+        raise CNIError(E_IO, f"locking {req.container_id}/{req.ifname} under {req.data_dir}/locks: {e.strerror}") \
+            from None
 
 
 def handle(env: dict[str, str], stdin: bytes, sink: EndpointSink | None = None) -> tuple[bytes, int]:
@@ -403,17 +617,23 @@ def handle(env: dict[str, str], stdin: bytes, sink: EndpointSink | None = None) 
     version = LATEST
     try:
         asked = json.loads(stdin or b"{}").get("cniVersion")
-        if asked in SUPPORTED:
+        if isinstance(asked, str) and asked in SUPPORTED:
             version = asked  # errors too are answered in the version asked, when we speak it
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
     try:
-        req = parse(env, stdin)
+        try:
+            req = parse(env, stdin)
+        except RecursionError:
+            raise CNIError(E_DECODE, "network configuration is nested too deeply") from None
         if req.command == "VERSION":  # SPEC.md: cniVersion is the one given on input
             return json.dumps({"cniVersion": req.version, "supportedVersions": list(SUPPORTED)}).encode(), 0
         if req.command == "ADD":
-            return json.dumps(cmd_add(req, sink)).encode(), 0
-        {"DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command](req, sink)
+            return json.dumps(_locked(req, lambda: cmd_add(req, sink))).encode(), 0
+        if req.command in ("DEL", "CHECK"):
+            _locked(req, lambda: {"DEL": cmd_del, "CHECK": cmd_check}[req.command](req, sink))
+        else:
+            {"STATUS": cmd_status, "GC": cmd_gc}[req.command](req, sink)
         return b"", 0
     except CNIError as e:
         err = {"cniVersion": version, "code": e.code, "msg": e.msg}
