@@ -201,3 +201,29 @@ def test_any_jump_into_kube_proxys_chains_goes_with_them(cp):
         assert "-A OTHER -p udp -j RETURN" in after["iptables-nft-save"]
         assert "-A OTHER -p tcp" not in after["iptables-nft-save"]
         assert_foreign_intact(after, "nft")
+
+
+@pytest.mark.parametrize("table,chain,owned", [
+    ("nat", "KUBE-SERVICES", True), ("filter", "KUBE-SERVICES", True), ("nat", "KUBE-MARK-MASQ", True),
+    ("filter", "KUBE-MARK-MASQ", False), ("nat", "KUBE-SVC-CDGGSHYLG3RE2FKL", True),
+    ("filter", "KUBE-SVC-CDGGSHYLG3RE2FKL", False), ("nat", "KUBE-XLB-CDGGSHYLG3RE2FKL", True),
+    ("mangle", "KUBE-PROXY-CANARY", True), ("filter", "KUBE-NODE-PORT", True), ("filter", "KUBE-IPVS-FILTER", True),
+    ("filter", "KUBE-FIREWALL", False), ("mangle", "KUBE-KUBELET-CANARY", False),
+    ("mangle", "KUBE-IPTABLES-HINT", False), ("nat", "KUBE-MARK-DROP", False),
+    ("filter", "KUBE-ROUTER-INPUT", False), ("filter", "KUBE-NWPLCY-DEFAULT", False),
+    ("filter", "KUBE-POD-FW-TLOVEAHMUMTJRLDR", False), ("nat", "KUBE-SERVICES-EXTRA", False),
+], ids=lambda v: str(v))
+def test_owned_chain(table, chain, owned):
+    assert kube_proxy_rules.owned_chain(table, chain) is owned
+
+
+@pytest.mark.parametrize("line,target", [
+    ('-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES', "KUBE-SERVICES"),
+    ('-A OTHER -p tcp -g KUBE-MARK-MASQ', "KUBE-MARK-MASQ"),
+    ('-A OTHER -m comment --comment "-j KUBE-SERVICES" -j ACCEPT', "ACCEPT"),
+    ('-A OTHER -m comment --comment -j -j RETURN', "RETURN"),
+    ('-A KUBE-FW-X -m comment --comment "other traffic will be dropped"', ""),
+], ids=["jump", "goto", "jump-in-comment", "comment-is-flag", "no-target"])
+def test_rule_target(line, target):
+    [(chain, rules)] = [v for v in kube_proxy_rules.parse_save(f"*nat\n:OTHER - [0:0]\n{line}\nCOMMIT\n").values()]
+    assert rules[0].target == target and rules[0].chain == line.split()[1]

@@ -1,14 +1,14 @@
 """The real kube-proxy (v1.34.4, built by scripts/build-components.sh) in network namespaces, next to
 kubelet's and kube-router's chains, for tests of lb/kube_proxy_rules.py.
 
-    with ControlPlane() as cp, Netns("kpx-a") as ns:
+    with ControlPlane() as cp, Netns("kpx-a", iptables_variant="legacy") as ns:  # `iptables` in ns
         node_objects(cp)                                  # a Node and Services with EndpointSlices
-        ns.iptables_variant = "legacy"                    # what `iptables` means in ns (default nft)
         add_kubelet_chains(ns)                            # as kubelet v1.34 makes them
         with LoopbackRelay(ns, cp.port) as relay:         # 127.0.0.1:<port> in ns -> the API server
-            run_kube_proxy(ns, cp, relay.port, "iptables")
+            run_kube_proxy(ns, cp, relay.port, "iptables", synced=lambda: ...)  # until synced() is true
         add_kube_router_chains(ns)
-        before = ruleset(ns)
+        before = ruleset(ns)                              # every backend's tables, counters stripped
+        kube_proxy_cleanup(ns, "iptables")                # the reference: `kube-proxy --cleanup`
 
 Nothing here touches the root namespace's tables: every iptables/nft/ip command runs under
 `nsenter --net=/run/netns/NAME`, and kube-proxy itself too. The API server stays on the root namespace's
@@ -352,8 +352,8 @@ def add_kube_router_chains(ns: Netns) -> None:
         ns.ipt(fam, "-t", "filter", "-A", "KUBE-POD-FW-TLOVEAHMUMTJRLDR", "-j", "KUBE-NWPLCY-DEFAULT")
         ns.ipt(fam, "-t", "filter", "-A", "KUBE-POD-FW-TLOVEAHMUMTJRLDR", "-j", "KUBE-NWPLCY-LBHNIQK5UH4KL5QG")
         ns.ipt(fam, "-t", "filter", "-A", "KUBE-ROUTER-FORWARD", "-m", "comment", "--comment",
-               "rule to jump traffic destined to POD name:web-0 namespace: default to chain KUBE-POD-FW-TLOVEAHMUMTJRLDR",
-               "-j", "KUBE-POD-FW-TLOVEAHMUMTJRLDR")
+               "rule to jump traffic destined to POD name:web-0 namespace: default to chain "
+               "KUBE-POD-FW-TLOVEAHMUMTJRLDR", "-j", "KUBE-POD-FW-TLOVEAHMUMTJRLDR")
 
 
 # ---- what the namespace holds -------------------------------------------------------------------
