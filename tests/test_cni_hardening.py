@@ -382,14 +382,17 @@ def test_the_server_runs_with_proc_sys_read_only_and_still_sets_up_pods(node):
     assert node.launcher("DEL", node.plugin_conf, cid="ro", netns=pod) == (0, None)
 
 
-def test_add_on_a_node_without_ip_forward_says_what_to_set(node):
+def test_add_on_a_node_without_ip_forward_forwards_per_device_and_leaves_the_node_setting(node):
+    """The kernel forwards by the input device's setting: the host veth's is turned on over netlink,
+    the node-wide ip_forward (no netlink setter, the node's to set) is neither needed nor written."""
     node.forwarding(False)
     pod = node.pod()
-    rc, err = node.launcher("ADD", node.plugin_conf, cid="nofwd", netns=pod)
-    assert rc == 1 and err["code"] == 5 and err["msg"].startswith("net.ipv4.ip_forward is 0 on this node"), err
-    assert "sysctl -w net.ipv4.ip_forward=1" in err["msg"]
-    assert reserved(node) == [] and records(node) == [] and host_veths(node) == []
+    rc, res = node.launcher("ADD", node.plugin_conf, cid="nofwd", netns=pod)
+    assert rc == 0, res
+    host_if = res["interfaces"][0]["name"]
+    assert node.in_ns(["cat", f"/proc/sys/net/ipv4/conf/{host_if}/forwarding"]).stdout.strip() == "1"
     assert node.in_ns(["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout.strip() == "0"  # not written behind our back
+    assert node.launcher("DEL", node.plugin_conf, cid="nofwd", netns=pod) == (0, None)
 
 
 # ---- the CNI pool is not the sync loop's --------------------------------------------------------------------

@@ -13,13 +13,16 @@ by the node whatever the node's arp_ignore setting.
 Nothing here writes /proc/sys: kubelet mounts it read-only in every container that is not privileged.
 A device's proxy_arp and forwarding are set over rtnetlink (RTM_SETLINK with IFLA_AF_SPEC/AF_INET/
 IFLA_INET_CONF, what `ip link set` uses; CAP_NET_ADMIN, which the agent holds anyway). The node-wide
-net.ipv4.ip_forward has no netlink setter, and it is the node's to set, not a pod's: Kubernetes
-requires it (kubeadm's preflight check, k3s sets it at start), so ADD only reads it and, when it is 0,
-refuses with a message naming the setting (routing into pods from other nodes needs it).
+net.ipv4.ip_forward has no netlink setter, and it is the node's to set, not a pod's. It is not needed
+either: the kernel forwards a packet when its *input* device has forwarding on (IN_DEV_FORWARD in
+ip_route_input_slow), so the host veth's forwarding (set here) carries pod egress and the uplink's and
+VXLAN device's (set by lb/nodenet.py) carry traffic into pods. ADD reads ip_forward only to warn once
+when it is 0 and the node is not bpflb's to route (--network-mode none leaves the uplink alone).
 """
 from __future__ import annotations
 
 import errno
+import logging
 import fcntl
 import hashlib
 import os
@@ -103,9 +106,13 @@ def _devconf(index: int, name: str, **values: int) -> None:
         raise SetupError(f"setting {what} over netlink: {e}") from None
 
 
-IP_FORWARD_OFF = ("net.ipv4.ip_forward is 0 on this node: pods would be cut off from other nodes. Kubernetes "
-                  "requires it (kubeadm checks it, k3s sets it); set it on the node (sysctl -w net.ipv4.ip_forward=1, "
-                  "persisted in /etc/sysctl.d). bpflb does not write /proc/sys: it is read-only in its container")
+log = logging.getLogger("bpflb.cni.netsetup")
+
+IP_FORWARD_OFF = ("net.ipv4.ip_forward is 0 on this node: bpflb forwards per device (the pods' host veths, and "
+                  "the uplink and VXLAN device in overlay/direct mode), so its own paths work; with --network-mode "
+                  "none, whatever routes between nodes must enable forwarding on the uplink (Kubernetes expects "
+                  "sysctl -w net.ipv4.ip_forward=1). bpflb does not write /proc/sys: it is read-only in its container")
+_warned_forwarding = False
 
 
 def node_forwards() -> bool:
@@ -174,8 +181,10 @@ def ensure_host_devices(ipr: IPRoute, gateway: str) -> None:
     """bpflb_host/bpflb_net, the node's end of the pod network, with the gateway address on bpflb_host;
     ip_forward checked (never written: see the module's docstring). Idempotent, and safe when concurrent
     ADDs race to create them."""
-    if not node_forwards():
-        raise SetupError(IP_FORWARD_OFF)
+    global _warned_forwarding
+    if not _warned_forwarding and not node_forwards():
+        _warned_forwarding = True
+        log.warning("%s", IP_FORWARD_OFF)
     host = _link(ipr, HOST_DEV)
     if host is None:
         try:
