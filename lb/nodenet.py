@@ -102,6 +102,8 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str | None =
     if my_ip is None:
         problems.append(f"Node {self_name} has no InternalIP")
     routes, neigh, fdb = set(), set(), set()
+    node_ips = [ipaddress.ip_address(a) for n in nodes.values() if (a := node_ip(n))]
+    accepted: list[tuple[ipaddress.IPv4Network, str]] = [(my_cidr, self_name)] if my_cidr else []
     for name, node in sorted(nodes.items()):
         if name == self_name:
             continue
@@ -109,6 +111,11 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str | None =
         if ip is None or cidr is None:
             problems.append(f"Node {name} skipped: {'no InternalIP' if ip is None else 'no IPv4 podCIDR'}")
             continue
+        why = route_refusal(cidr, node_ips, accepted)
+        if why:
+            problems.append(f"Node {name} skipped: podCIDR {cidr} {why}")
+            continue
+        accepted.append((cidr, name))
         if mode == "direct":
             routes.add(RouteSpec(str(cidr), ip, uplink))
         else:
@@ -119,6 +126,29 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str | None =
             fdb.add((mac, ip))
     vtep = f"{my_cidr.network_address}" if (mode == "overlay" and my_cidr) else None
     return Plan(mode, my_ip, vtep, frozenset(routes), frozenset(neigh), frozenset(fdb), tuple(problems))
+
+
+_NOT_POD_NETWORKS = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
+                                                       "240.0.0.0/4")]
+MIN_POD_PREFIX = 8  # a remote pod CIDR broader than a /8 would swallow other networks' routes
+
+
+def route_refusal(cidr: ipaddress.IPv4Network, node_ips: list, accepted: list[tuple[ipaddress.IPv4Network, str]]) -> str:
+    """Why a remote Node's pod CIDR must not become a route here ("" if it may). Node objects are
+    written by kubelets and controllers, not by bpflb: a wrong one must not turn into a default route,
+    hijack this node's own pods or the node network, or shadow another node's pods."""
+    if cidr.prefixlen < MIN_POD_PREFIX:
+        return f"is broader than /{MIN_POD_PREFIX} (a default or near-default route)"
+    for net in _NOT_POD_NETWORKS:
+        if cidr.overlaps(net):
+            return f"overlaps {net}, which is not a pod network"
+    for ip in node_ips:
+        if ip in cidr:
+            return f"contains the node address {ip} (the node network)"
+    for other, owner in accepted:
+        if cidr.overlaps(other):
+            return f"overlaps {other} of Node {owner}"
+    return ""
 
 
 def mtu_for(mode: str, uplink_mtu: int) -> int:

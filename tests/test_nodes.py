@@ -217,3 +217,27 @@ def test_plan_names_no_device_for_direct_routes_unless_told():
     nodes = {f"node{n}": parse_node(node_object(n, f"node{n}")) for n in (1, 2)}
     assert {r.dev for r in nodenet.plan("node1", nodes, "direct").routes} == {None}
     assert {r.dev for r in nodenet.plan("node1", nodes, "direct", uplink="bond0").routes} == {"bond0"}
+
+
+@pytest.mark.parametrize("cidr, why", [
+    pytest.param("0.0.0.0/0", "broader than /8", id="default route"),
+    pytest.param("10.0.0.0/7", "broader than /8", id="near-default"),
+    pytest.param("10.244.1.128/25", "overlaps 10.244.1.0/24 of Node node1", id="inside this node's own pod CIDR"),
+    pytest.param("192.168.50.0/24", "contains the node address 192.168.50.1", id="the node network"),
+    pytest.param("127.0.0.0/8", "not a pod network", id="loopback"),
+    pytest.param("169.254.0.0/16", "not a pod network", id="link-local"),
+    pytest.param("10.244.2.0/23", "overlaps 10.244.2.0/24 of Node node2", id="shadows another node's pods"),
+])
+@pytest.mark.parametrize("mode", ["overlay", "direct"])
+def test_a_hostile_pod_cidr_never_becomes_a_route(cidr, why, mode):
+    from lb.nodenet import plan
+    from lb.objects import parse_node
+    from lb.testing.cluster import node_object
+
+    bad = node_object(9, "node9")
+    bad["spec"].update(podCIDR=cidr, podCIDRs=[cidr])
+    nodes = {n.name: n for n in map(parse_node, (node_object(1, "node1"), node_object(2, "node2"), bad))}
+    p = plan("node1", nodes, mode)
+    assert {r.dst for r in p.routes} == {"10.244.2.0/24"}  # node2 still routed, node9 not at all
+    assert not any(ip == "192.168.50.9" for _, ip in p.fdb)
+    assert any(f"Node node9 skipped: podCIDR" in pr and why in pr for pr in p.problems), p.problems
