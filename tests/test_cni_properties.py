@@ -79,8 +79,11 @@ def snapshot(ns: Scratch, sink: FakeSink) -> tuple:
                 files.append((os.path.relpath(path, ns.data), f.read()))
     links = subprocess.run(["ip", "-n", os.path.basename(ns.node), "-o", "link"], capture_output=True,
                            text=True).stdout
+    # The pod's addresses, without the kernel's own changes over time (an IPv6 link-local address
+    # leaves "tentative" when duplicate address detection ends): device and address only.
     pod = subprocess.run(["ip", "-n", os.path.basename(ns.pod), "-o", "addr"], capture_output=True, text=True).stdout
-    return sorted(files), sorted(l.split(":")[1] for l in links.splitlines()), pod, dict(sink.map)
+    pod_addrs = sorted(tuple(l.split()[1:4]) for l in pod.splitlines())
+    return sorted(files), sorted(l.split(":")[1] for l in links.splitlines()), pod_addrs, dict(sink.map)
 
 
 def test_any_request_is_answered_and_a_failed_one_changes_nothing(tmp_path):

@@ -79,12 +79,7 @@ static void fail(const char *what, int err)
 	char msg[512 + sizeof(((struct sockaddr_un *)0)->sun_path)];
 
 	snprintf(msg, sizeof(msg), "bpflb agent not reachable at %s: %s: %s", sock_path, what, strerror(err));
-	printf("{\"cniVersion\":\"%s\",\"code\":%d,\"msg\":", version, code);
-	put_json_string(msg);
-	printf("}\n");
-	fflush(stdout);
-	fprintf(stderr, "bpflb-cni: %s\n", msg);
-	exit(1);
+	error_exit(code, msg);
 }
 
 /* ---- just enough JSON to read two top-level string fields of the configuration ---- */

@@ -217,6 +217,13 @@ def with_defaults(stdin: bytes, defaults: dict) -> bytes:
     return json.dumps(conf).encode()
 
 
+async def _refuse(writer: asyncio.StreamWriter, what: str, why: str) -> None:
+    """Answer a request that is not handled with a CNI error (code 5: I/O failure) and log it."""
+    log.warning("%s: %s", what, why)
+    writer.write(_answer(1, json.dumps({"cniVersion": "1.1.0", "code": 5, "msg": f"bpflb agent: {why}"}).encode()))
+    await writer.drain()
+
+
 async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = dict, sink=None,
                 peer: PeerCheck | None = None, listening: Callable[[], None] | None = None,
                 workers: int = WORKERS) -> None:
@@ -239,18 +246,12 @@ async def serve(path: str, stop: asyncio.Event, defaults: Callable[[], dict] = d
                     try:
                         peer.check(writer.get_extra_info("socket"))
                     except Refused as e:
-                        log.warning("CNI caller refused: %s", e)
-                        writer.write(_answer(1, json.dumps({"cniVersion": "1.1.0", "code": 5,
-                                                            "msg": f"bpflb agent: refused: {e}"}).encode()))
-                        await writer.drain()
+                        await _refuse(writer, "CNI caller refused", f"refused: {e}")
                         return
                 try:
                     env, stdin = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT)
                 except BadRequest as e:
-                    log.warning("CNI request refused: %s", e)
-                    writer.write(_answer(1, json.dumps({"cniVersion": "1.1.0", "code": 5,
-                                                        "msg": f"bpflb agent: {e}"}).encode()))
-                    await writer.drain()
+                    await _refuse(writer, "CNI request refused", str(e))
                     return
                 out, rc = await run(env, stdin)
                 _log(env, out, rc)
