@@ -332,6 +332,16 @@ static __always_inline void remember_peer(struct bpf_sock_addr *ctx, __u8 proto,
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	if (proto == IPPROTO_TCP) {
+		/* An MPTCP socket connects through its first subflow, a kernel TCP socket: connect runs on
+		 * the subflow, getpeername on the MPTCP socket, so the pair goes in the MPTCP socket's storage
+		 * (NULL for a plain TCP socket). */
+		void *msk = bpf_skc_to_mptcp_sock(ctx->sk);
+		if (msk) {
+			struct lb_sock_peer *mp = lb_sock_peer_sk_v1.sk_storage_get(msk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			if (mp)
+				peer_fill(mp, be, fe, rev_nat_id);
+			return;
+		}
 		struct lb_sock_peer *p = peer_slot(cookie);
 
 		if (p) {
