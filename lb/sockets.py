@@ -141,7 +141,10 @@ def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Ba
         return 0
     destroyed = 0
     with SocketRevNatMap(bpf_root) as revnat:
-        for pid in namespaces_below(cgroup_root, deadline).values():
+        pids = namespaces_below(cgroup_root, deadline).values()
+        if _left(deadline) == 0:
+            raise DestroyTimeout(0)  # the cgroup walk took it all: not every namespace was found
+        for pid in pids:
             if _left(deadline) == 0:
                 raise DestroyTimeout(destroyed)
             try:

@@ -324,3 +324,50 @@ def test_other_protocols_are_never_sent_to_a_service_backend(bed, tcp_udp_agent,
         pytest.skip(f"kernel without {case}")
     r = protocol_case(bed, case, vip)
     assert r == {"sendto": "error ENETUNREACH", "connect": "error ENETUNREACH"}, r
+
+
+# ---- item 10 (part): the UDP socket destroy stops itself at its timeout --------------------------------
+
+HOLD_CONNECTED = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.connect((sys.argv[1], 53))
+for line in sys.stdin:
+    try:
+        s.send(b"hi\n")
+        print(s.recv(100).decode().strip(), flush=True)
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+"""
+
+
+def test_socket_destroy_is_bounded_by_its_timeout(bed, agent, servers):
+    """destroy_udp runs in a worker thread, which cannot be cancelled: it checks its own deadline between
+    namespaces and sockets. Past it (timeout 0) it stops before touching anything and says so; in time,
+    it destroys the connected socket aimed at the removed backend."""
+    from conftest import programmed
+    from lb.model import UDP, Backend
+    from lb.sockets import DestroyTimeout, destroy_udp
+
+    write_manifests(agent.folder, "svc.json", udp_service("dns", [VIP4], BE4[:1]))
+    agent()
+    rid = programmed(bed)[f"{VIP4}:53/UDP"]["id"]
+    holder = bed.popen([sys.executable, "-c", HOLD_CONNECTED, VIP4], bed.client_ns, True, stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ask() -> str:
+        holder.stdin.write("x\n")
+        holder.stdin.flush()
+        return holder.stdout.readline().strip()
+
+    assert ask() == ident(BE4[0])
+    removed = [(rid, Backend(BE4[0], PORT, UDP))]
+    with pytest.raises(DestroyTimeout) as e:
+        destroy_udp(bed.cgroup, bed.bpf_root, removed, timeout=0)
+    assert e.value.destroyed == 0
+    assert ask() == ident(BE4[0])  # untouched
+    assert destroy_udp(bed.cgroup, bed.bpf_root, removed, timeout=5) == 1
+    assert ask() in ("ECONNABORTED", "EDESTADDRREQ")
+    holder.stdin.close()
+    holder.wait(timeout=10)
