@@ -51,8 +51,9 @@ struct lb_revnat {
 	__u16 pad;
 };
 
-/* Socket reverse NAT of UDP sockets: (socket, backend) -> frontend, for recvmsg and getpeername.
- * An LRU hash, because one unconnected UDP socket may talk to many frontends. */
+/* Socket reverse NAT of connected UDP sockets: (socket, backend) -> frontend, for getpeername and
+ * recvmsg, and for the agent to find the sockets to destroy when a UDP backend goes away (its peer is
+ * fixed in the socket). Unconnected UDP sockets keep their flows in lb_udp_flows instead. */
 struct lb_sock_key {
 	__u64 cookie;
 	__u32 addr[4];          /* backend address */
@@ -80,6 +81,44 @@ struct lb_sock_peer {
 	__u16 backend_port;
 	__u16 frontend_port;
 	__u32 rev_nat_id;
+};
+
+/*
+ * A UDP socket's flows, as conntrack keeps them for kube-proxy: one per (socket, frontend), holding the
+ * backend that frontend chose for this socket until the flow times out (lb_udp_flow_live). Kept in the
+ * socket's own storage (lb_udp_flows sk_storage): the kernel frees it with the socket, so nothing leaks
+ * whichever way the socket goes (close, exit, SOCK_DESTROY), and a socket reaches only its own flows.
+ * Read only by the datapath.
+ */
+#define LB_UDP_FLOWS   8 /* flows one socket keeps at once; a ninth frontend evicts the least recently used */
+#define LB_UDP_PENDING 8 /* datagrams remembered in send order, to tell apart replies from a shared backend */
+
+/* lb_udp_flow.flags */
+#define LB_UDP_F_REPLIED (1 << 0) /* a reply was seen (conntrack's SEEN_REPLY) */
+
+struct lb_udp_flow {
+	__u64 last_ns;          /* bpf_ktime_get_boot_ns() of the flow's last datagram, either way */
+	__u64 created_ns;
+	__u32 backend[4];
+	__u32 frontend[4];
+	__u16 backend_port;
+	__u16 frontend_port;
+	__u32 backend_id;
+	__u32 rev_nat_id;       /* the frontend; 0 = a free entry */
+	__u16 slot;             /* where backend_id sat; the flow holds only while it still sits there */
+	__u16 flags;            /* LB_UDP_F_* */
+};
+
+struct lb_udp_pending {
+	__u32 seq;              /* send order (lb_udp_flows.next_seq when sent) */
+	__u32 flow;             /* index + 1 in lb_udp_flows.flow of the flow the datagram went out on; 0 = none */
+};
+
+struct lb_udp_flows {
+	struct lb_udp_flow flow[LB_UDP_FLOWS];
+	struct lb_udp_pending pending[LB_UDP_PENDING]; /* slot seq % LB_UDP_PENDING: the oldest is overwritten */
+	__u32 next_seq;
+	__u32 pad;
 };
 
 /* sessionAffinity ClientIP: (client, frontend) -> backend chosen last time. */

@@ -84,7 +84,8 @@ class Agent:
     def start_datapath(self) -> None:
         """Refuse (strict) beside kube-proxy, then start loading the datapath in a child process."""
         self.check_kube_proxy()
-        self.attaching = datapath.start_attach_child(self.settings.paths, self.settings.maps, strict=self.settings.strict)
+        self.attaching = datapath.start_attach_child(self.settings.paths, self.settings.maps, strict=self.settings.strict,
+                                                     conntrack=self.settings.conntrack)
 
     def use_maps(self, reconciler: Reconciler) -> None:
         """The datapath's maps are there: the syncer can program them."""

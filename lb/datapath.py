@@ -25,14 +25,14 @@ from pathlib import Path
 
 from .maps import bpfsys
 from .maps.structs import MAPS
-from .settings import MapSizes, Paths
+from .settings import ConntrackSettings, MapSizes, Paths
 
 log = logging.getLogger("bpflb.datapath")
 
 # bpf/ next to lb/ in a checkout (pip install -e); an installed image points at its copy.
 BPF_DIR = Path(os.environ.get("BPFLB_BPF_DIR") or Path(__file__).resolve().parent.parent / "bpf")
 LINKS_DIR = "links"
-DATAPATH_MAPS = ("lb_sock_peer_v1", "lb_sock_peer_sk_v1")  # pinned maps only the programs read (not in maps.structs.MAPS)
+DATAPATH_MAPS = ("lb_sock_peer_v1", "lb_sock_peer_sk_v1", "lb_udp_flows_v1")  # pinned maps only the programs read (not in maps.structs.MAPS)
 BUILD_MARK = "build-"  # + build ID (bpffs names may not contain a dot): the directory under LINKS_DIR naming the attached build
 LINK_TYPE_CGROUP = 3  # enum bpf_link_type
 
@@ -96,20 +96,23 @@ def ensure_bpffs(root: str) -> None:
     os.makedirs(os.path.join(root, LINKS_DIR), exist_ok=True)
 
 
-def cflags(paths: Paths, sizes: MapSizes) -> list[str]:
-    """Include path, pin root, and each map's size macro (lb/maps/structs.py MAPS says which field)."""
+def cflags(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()) -> list[str]:
+    """Include path, pin root, each map's size macro (lb/maps/structs.py MAPS says which field), and
+    the UDP flow timeouts in nanoseconds."""
     return [f"-I{BPF_DIR}", f'-DPIN_ROOT="{paths.bpf_root}"',
-            *(f"-D{spec.macro}={getattr(sizes, spec.size)}" for spec in MAPS.values())]
+            *(f"-D{spec.macro}={getattr(sizes, spec.size)}" for spec in MAPS.values()),
+            f"-DUDP_TIMEOUT_NS={round(conntrack.udp_timeout * 1e9)}ULL",
+            f"-DUDP_STREAM_TIMEOUT_NS={round(conntrack.udp_stream_timeout * 1e9)}ULL"]
 
 
-def compile_sock_lb(paths: Paths, sizes: MapSizes):
+def compile_sock_lb(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()):
     """Compile bpf/sock_lb.c; bcc creates or reuses the pinned maps."""
     import bcc  # imported here: only the agent and the probe need a compiler
 
     ensure_headers()
     ensure_bpffs(paths.bpf_root)
     try:
-        return bcc.BPF(src_file=str(BPF_DIR / "sock_lb.c").encode(), cflags=cflags(paths, sizes))
+        return bcc.BPF(src_file=str(BPF_DIR / "sock_lb.c").encode(), cflags=cflags(paths, sizes, conntrack))
     except Exception as e:
         raise DatapathError(f"compiling bpf/sock_lb.c failed: {e}") from None
 
@@ -140,13 +143,13 @@ def attach_type(hook: Hook) -> int:
     return int(getattr(bcc.BPFAttachType, hook.attach))
 
 
-def build_id(paths: Paths, sizes: MapSizes) -> str:
+def build_id(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()) -> str:
     """What the attached programs were built from: equal IDs, equal programs."""
     h = hashlib.sha256()
     for f in sorted(BPF_DIR.iterdir()):
         if f.suffix in (".c", ".h"):
             h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    h.update("\0".join(cflags(paths, sizes)).encode() + b"\0" + os.uname().release.encode())
+    h.update("\0".join(cflags(paths, sizes, conntrack)).encode() + b"\0" + os.uname().release.encode())
     h.update(repr([(k.func, k.attach, k.prog_type) for k in HOOKS]).encode())
     return h.hexdigest()[:32]
 
@@ -155,11 +158,11 @@ def _marks(links: str) -> list[str]:
     return [n for n in os.listdir(links) if n.startswith(BUILD_MARK)] if os.path.isdir(links) else []
 
 
-def adoptable(paths: Paths, sizes: MapSizes) -> bool:
+def adoptable(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()) -> bool:
     """True if every hook's pinned link is alive, attached to this cgroup, runs our program of that name,
     and the attached build is the one these sources and flags would produce (nothing to compile)."""
     links = os.path.join(paths.bpf_root, LINKS_DIR)
-    if _marks(links) != [BUILD_MARK + build_id(paths, sizes)]:
+    if _marks(links) != [BUILD_MARK + build_id(paths, sizes, conntrack)]:
         return False
     if not all(os.path.exists(os.path.join(paths.bpf_root, m)) for m in (*MAPS, *DATAPATH_MAPS)):
         return False
@@ -187,15 +190,16 @@ def adoptable(paths: Paths, sizes: MapSizes) -> bool:
     return True
 
 
-def attach(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
+def attach(paths: Paths, sizes: MapSizes, strict: bool = True,
+           conntrack: ConntrackSettings = ConntrackSettings()) -> list[str]:
     """Load every socket program and attach it to the cgroup (or swap it into the pinned link).
     Strict: any program the kernel refuses stops everything before an attachment is touched.
     Not strict: the refused hooks are skipped and returned.
     If the attached programs are this very build (``adoptable``), they are kept and nothing is compiled."""
-    if adoptable(paths, sizes):
-        log.info("attached programs are build %s: adopted, not recompiled", build_id(paths, sizes))
+    if adoptable(paths, sizes, conntrack):
+        log.info("attached programs are build %s: adopted, not recompiled", build_id(paths, sizes, conntrack))
         return []
-    b = compile_sock_lb(paths, sizes)
+    b = compile_sock_lb(paths, sizes, conntrack)
     progs = {}
     skipped = []
     for h in HOOKS:  # load all before touching attachments
@@ -242,7 +246,7 @@ def attach(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
     # The programs stay alive through their links; the bcc object (and its fds) may now go.
     b.cleanup()
     if not skipped:  # a partial attachment is never adopted: the next start tries the missing hooks again
-        os.mkdir(os.path.join(links, BUILD_MARK + build_id(paths, sizes)))
+        os.mkdir(os.path.join(links, BUILD_MARK + build_id(paths, sizes, conntrack)))
     return skipped
 
 
@@ -303,7 +307,8 @@ def cleanup(paths: Paths) -> list[str]:
     return removed
 
 
-def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True) -> subprocess.Popen:
+def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True,
+                       conntrack: ConntrackSettings = ConntrackSettings()) -> subprocess.Popen:
     """attach() in a short-lived child process. bcc and LLVM stay resident once loaded (~130 MB
     measured); the agent only needs the pinned maps and links, so it never imports them. The agent
     reads its sources while the child compiles (0.7 s here)."""
@@ -311,7 +316,8 @@ def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True) -> su
     import sys
     from dataclasses import asdict
 
-    args = json.dumps({"paths": asdict(paths), "sizes": asdict(sizes), "strict": strict})
+    args = json.dumps({"paths": asdict(paths), "sizes": asdict(sizes), "strict": strict,
+                       "conntrack": asdict(conntrack)})
     return subprocess.Popen([sys.executable, "-m", "lb.datapath", args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -330,8 +336,9 @@ def finish_attach_child(proc: subprocess.Popen) -> list[str]:
     return json.loads(out or "[]")
 
 
-def attach_in_child(paths: Paths, sizes: MapSizes, strict: bool = True) -> list[str]:
-    return finish_attach_child(start_attach_child(paths, sizes, strict))
+def attach_in_child(paths: Paths, sizes: MapSizes, strict: bool = True,
+                    conntrack: ConntrackSettings = ConntrackSettings()) -> list[str]:
+    return finish_attach_child(start_attach_child(paths, sizes, strict, conntrack))
 
 
 def _main(argv: list[str]) -> int:
@@ -341,7 +348,8 @@ def _main(argv: list[str]) -> int:
     a = json.loads(argv[0])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
-        skipped = attach(Paths(**a["paths"]), MapSizes(**a["sizes"]), a["strict"])
+        skipped = attach(Paths(**a["paths"]), MapSizes(**a["sizes"]), a["strict"],
+                         ConntrackSettings(**a.get("conntrack", {})))
     except DatapathError as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 1

@@ -48,6 +48,20 @@ class MapSizes:
 
 
 @dataclass(frozen=True)
+class ConntrackSettings:
+    """How long a UDP flow (socket, frontend) keeps its backend: what conntrack keeps under kube-proxy.
+    kube-proxy leaves the kernel's values by default (--conntrack-udp-timeout and
+    --conntrack-udp-timeout-stream are 0, "leave as-is"), so these are the kernel's defaults
+    (nf_conntrack_udp_timeout 30 s, nf_conntrack_udp_timeout_stream 120 s). Compiled into the datapath."""
+    udp_timeout: float = 30.0
+    """--conntrack-udp-timeout: seconds a UDP flow without replies, or one that is a single quick exchange
+    (replied within its first 2 s, as DNS), keeps its backend after its last datagram."""
+    udp_stream_timeout: float = 120.0
+    """--conntrack-udp-timeout-stream: seconds a UDP flow with replies still active after 2 s keeps its
+    backend after its last datagram."""
+
+
+@dataclass(frozen=True)
 class Paths:
     cgroup_root: str = field(default_factory=default_cgroup_root)
     """--cgroup-root: cgroup2 directory the socket programs attach to (every process below it is served)."""
@@ -127,6 +141,7 @@ class Settings:
     """--poll-interval: seconds between scans of the manifest folder for changes."""
     paths: Paths = field(default_factory=Paths)
     maps: MapSizes = field(default_factory=MapSizes)
+    conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
 

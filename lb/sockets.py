@@ -8,6 +8,14 @@ touched: a socket is destroyed only if lb_sock_revnat holds (its cookie, the bac
 
 sock_diag works per network namespace, so every namespace of a process below the cgroup root is
 visited (a thread joins it with setns just long enough to open a netlink socket there).
+
+Unconnected UDP sockets are never destroyed: they have no peer (their flows live in the datapath,
+which moves a flow off a removed backend at its next datagram), and destroying one would take its
+local port from under the application.
+
+The walk runs in a worker thread (lb/syncer.py) and is bounded by a deadline it checks between
+namespaces and between sockets, with every netlink read under a timeout: a thread cannot be cancelled
+from outside, so it stops itself, and the next sync's walk never finds the last one still running.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from typing import Iterable
 
 from . import netns
@@ -35,10 +44,26 @@ _REQ = struct.Struct("=BBBxI")  # inet_diag_req_v2 head; then inet_diag_sockid (
 _SOCKID = struct.Struct("=2s2s16s16sIQ")  # sport, dport (network order), src, dst, if, cookie
 
 
-def namespaces_below(cgroup_root: str) -> dict[tuple[int, int], int]:
-    """(dev, inode) of each network namespace used by a process below the cgroup -> one pid in it."""
+class DestroyTimeout(Exception):
+    """The deadline passed; ``destroyed`` sockets were destroyed before it."""
+
+    def __init__(self, destroyed: int) -> None:
+        super().__init__(f"deadline passed after {destroyed} socket(s) destroyed")
+        self.destroyed = destroyed
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until the deadline (None: no deadline); 0 once it passed."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def namespaces_below(cgroup_root: str, deadline: float | None = None) -> dict[tuple[int, int], int]:
+    """(dev, inode) of each network namespace used by a process below the cgroup -> one pid in it.
+    Stops at the deadline with what it found so far."""
     out: dict[tuple[int, int], int] = {}
     for dirpath, _dirs, files in os.walk(cgroup_root):
+        if _left(deadline) == 0:
+            break
         if "cgroup.procs" not in files:
             continue
         try:
@@ -61,7 +86,13 @@ def _netlink_in(pid: int) -> socket.socket:
                         lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG))
 
 
-def _request(nl: socket.socket, msg_type: int, flags: int, family: int, sockid: bytes, states: int = 0xFFFFFFFF) -> list[bytes]:
+def _request(nl: socket.socket, msg_type: int, flags: int, family: int, sockid: bytes, states: int = 0xFFFFFFFF,
+             deadline: float | None = None) -> list[bytes]:
+    """One request and its answer; socket.timeout (an OSError) if the deadline passes while waiting."""
+    left = _left(deadline)
+    if left == 0:
+        raise socket.timeout("deadline passed")
+    nl.settimeout(left)
     body = _REQ.pack(family, socket.IPPROTO_UDP, 0, states) + sockid
     nl.send(_NLH.pack(_NLH.size + len(body), msg_type, flags, 1, 0) + body)
     msgs = []
@@ -96,9 +127,12 @@ def _peer(family: int, dst: bytes, dport: bytes) -> tuple[Address, int]:
     return ip, int.from_bytes(dport, "big")
 
 
-def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Backend]]) -> int:
+def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Backend]],
+                timeout: float | None = None) -> int:
     """Destroy UDP sockets that frontend ``id`` translated to ``backend``, for each (id, backend) in
-    ``removed`` (a socket of another frontend still using that backend is left alone); returns how many."""
+    ``removed`` (a socket of another frontend still using that backend is left alone); returns how many.
+    With a timeout, stops once it has passed and raises DestroyTimeout (which says how many went)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     targets: dict[tuple[Address, int], set[int]] = {}  # compared as addresses, not as text
     for rid, b in removed:
         if b.protocol == "UDP":
@@ -107,7 +141,12 @@ def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Ba
         return 0
     destroyed = 0
     with SocketRevNatMap(bpf_root) as revnat:
-        for pid in namespaces_below(cgroup_root).values():
+        pids = namespaces_below(cgroup_root, deadline).values()
+        if _left(deadline) == 0:
+            raise DestroyTimeout(0)  # the cgroup walk took it all: not every namespace was found
+        for pid in pids:
+            if _left(deadline) == 0:
+                raise DestroyTimeout(destroyed)
             try:
                 nl = _netlink_in(pid)
             except OSError:
@@ -115,7 +154,10 @@ def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Ba
             with nl:
                 for family in (socket.AF_INET, socket.AF_INET6):
                     try:
-                        msgs = _request(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, bytes(48))
+                        msgs = _request(nl, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, family, bytes(48),
+                                        deadline=deadline)
+                    except socket.timeout:
+                        raise DestroyTimeout(destroyed) from None
                     except OSError:
                         continue
                     for m in msgs:
@@ -128,9 +170,11 @@ def destroy_udp(cgroup_root: str, bpf_root: str, removed: Iterable[tuple[int, Ba
                         if revnat.frontend_of(cookie, ip, port) not in targets[peer]:
                             continue  # not translated by that frontend (or a direct connection): leave it
                         try:
-                            _request(nl, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, family, sockid)
+                            _request(nl, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, family, sockid, deadline=deadline)
                             destroyed += 1
                             revnat.forget(cookie, ip, port)
+                        except socket.timeout:
+                            raise DestroyTimeout(destroyed) from None
                         except OSError as e:
                             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                                 log.warning("cannot destroy UDP sockets (kernel without INET_DIAG_DESTROY): %s", e)

@@ -25,7 +25,7 @@ from .model import Frontend, FrontendState, ObjKey, Service
 from .reconcile import Reconciler
 from .service_table import ServiceTable
 from .settings import Settings
-from .sockets import destroy_udp
+from .sockets import DestroyTimeout, destroy_udp
 from .tracker import Tracker
 from .translate import NodeView, frontend_count, translate_service
 
@@ -211,12 +211,13 @@ class Syncer:
         udp_gone = {(rid, b) for rid, b in stats.removed if b.protocol == "UDP"}
         if udp_gone:
             paths = self.settings.paths
-            try:
-                n = await asyncio.wait_for(asyncio.to_thread(destroy_udp, paths.cgroup_root, paths.bpf_root, udp_gone),
-                                           self.settings.sync.socket_destroy_timeout)
-            except asyncio.TimeoutError:
-                log.warning("destroying UDP sockets of removed backends took over %.0f s; left running",
-                            self.settings.sync.socket_destroy_timeout)
+            timeout = self.settings.sync.socket_destroy_timeout
+            try:  # the walk stops itself at the timeout (a thread cannot be cancelled); wait_for is the backstop
+                n = await asyncio.wait_for(asyncio.to_thread(destroy_udp, paths.cgroup_root, paths.bpf_root, udp_gone,
+                                                             timeout=timeout), timeout + 1.0)
+            except (asyncio.TimeoutError, DestroyTimeout) as e:
+                done = f"{e.destroyed} destroyed before it stopped" if isinstance(e, DestroyTimeout) else "still running"
+                log.warning("destroying UDP sockets of removed backends took over %.0f s; %s", timeout, done)
             else:
                 if n:
                     log.info("destroyed %d connected UDP socket(s) of removed backends", n)
