@@ -172,8 +172,9 @@ class Reconciler:
         self.backend_of: dict[int, Backend] = {}
         self.refs: dict[int, int] = {}  # backend ID -> readable slots naming it; 0 for an unused backend
         self.orphan_candidates: set[int] = set()  # backends that may have refs 0: step 7 deletes those that do
-        self.revnat: dict[int, tuple[str, int]] = {}  # reverse-NAT ID -> frontend address
-        self.spare: dict[int, Frontend | None] = {}  # reverse-NAT IDs no master names -> whose (if known)
+        self.revnat: set[int] = set()  # reverse-NAT IDs
+        # Reverse-NAT IDs no master names -> the frontend it was written for, or (restored) its address.
+        self.spare: dict[int, Frontend | tuple[str, int]] = {}
         self.revnat_ids = IDAllocator(revnat_limit)
         self.backend_ids = IDAllocator(backend_limit)
         # Not the kernel's: what is still to do.
@@ -202,11 +203,12 @@ class Reconciler:
                 if bid:
                     refs[bid] = refs.get(bid, 0) + 1
         self.orphan_candidates = {bid for bid, n in refs.items() if not n}
-        self.revnat = dict(self.maps.dump_revnat())
+        revnat = self.maps.dump_revnat()
+        self.revnat = set(revnat)
         named = {p.rev_nat_id for p in self.have.values() if p.rev_nat_id}
-        self.spare = dict.fromkeys(sorted(self.revnat.keys() - named))
+        self.spare = {rid: revnat[rid] for rid in sorted(self.revnat - named)}
         self.revnat_ids = IDAllocator(self.revnat_ids.limit)
-        for rid in named | self.revnat.keys():
+        for rid in named | self.revnat:
             self.revnat_ids.take(rid)
         self.backend_ids = IDAllocator(self.backend_ids.limit)
         for bid in refs:
@@ -334,11 +336,11 @@ class Reconciler:
     def _spare_claims(self) -> Callable[[Frontend], int]:
         """Reverse-NAT entries no master names are reused by a frontend that needs an ID: the one
         written for it (a failed sync's), else one with its address (restored): no rewrite needed."""
-        mine = {fe: rid for rid, fe in self.spare.items() if fe is not None}
+        mine = {fe: rid for rid, fe in self.spare.items() if isinstance(fe, Frontend)}
         by_addr: dict[tuple[str, int], list[int]] = {}
-        for rid, fe in sorted(self.spare.items()):
-            if fe is None:
-                by_addr.setdefault(self.revnat[rid], []).append(rid)
+        for rid, addr in sorted(self.spare.items()):
+            if not isinstance(addr, Frontend):
+                by_addr.setdefault(addr, []).append(rid)
 
         def claim(fe: Frontend) -> int:
             rid = mine.pop(fe, 0)
@@ -375,11 +377,17 @@ class Reconciler:
 
     def _backends_written(self, items: list[tuple[int, Backend]], fresh: dict[Backend, int]) -> None:
         """``fresh``: the sync's new backends (``items`` of them were written)."""
-        whole = len(items) == len(fresh)
-        self.backend_id.update(fresh if whole else ((be, bid) for bid, be in items))  # fresh: no hashing again
+        if len(items) < len(fresh):
+            self.backend_id.update((be, bid) for bid, be in items)
+        elif len(fresh) > len(self.backend_id):  # the larger dict takes the smaller: no Backend hashed
+            fresh.update(self.backend_id)        # again, and no second copy of a first sync's backends
+            self.backend_id = fresh
+        else:
+            self.backend_id.update(fresh)
         self.backend_of.update(items)
-        # Orphan candidates only if the sync fails: it names them all.
-        self.refs.update(dict.fromkeys(fresh.values() if whole else (bid for bid, _ in items), 0))
+        refs = self.refs
+        for bid, _ in items:
+            refs[bid] = 0  # orphan candidates only if the sync fails: it names them all
 
     def _slots_written(self, items: list[tuple[Frontend, int, int, int]]) -> None:
         have, refs = self.have, self.refs
@@ -406,7 +414,7 @@ class Reconciler:
 
     def _revnat_written(self, items: list[tuple[int, Frontend]]) -> None:
         for rid, fe in items:
-            self.revnat[rid] = (fe.ip, fe.port)
+            self.revnat.add(rid)
             self.spare[rid] = fe  # until its master names it
 
     def _masters_written(self, items: list[tuple[Frontend, Master]]) -> None:
@@ -415,9 +423,9 @@ class Reconciler:
             prog = have.get(fe)
             if prog is None:  # a frontend without backends: no slots
                 prog = have[fe] = Programmed(0, [], None)
-            old, count = prog.count, m.count
-            for bid in prog.slots[old:count]:  # now readable
-                refs[bid] += 1
+            old, count, slots = prog.count, m.count, prog.slots
+            for i in range(old, count):  # now readable
+                refs[slots[i]] += 1
             if count < old:
                 self._unref(prog.slots[count:old])
             if prog.rev_nat_id != m.rev_nat_id:
@@ -481,7 +489,7 @@ class Reconciler:
 
     def _revnat_deleted(self, rids: list[int]) -> None:
         for rid in rids:
-            self.revnat.pop(rid, None)
+            self.revnat.discard(rid)
             self.spare.pop(rid, None)
             self.revnat_ids.release(rid)
 
