@@ -1,4 +1,4 @@
-"""One Service that does not fit is refused alone (issue: a 17 KB Service with 260 ports and 261
+"""Hostile or unusual objects. One Service that does not fit is refused alone (issue: a 17 KB Service with 260 ports and 261
 externalIPs used to stop programming for everyone). On the real datapath, with the real agent: the
 hostile Service is refused with its limit named (log, `bpflb service list`, metrics), health stays
 200, and every other Service keeps following changes."""
@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 import urllib.request
+
+import pytest
 
 from conftest import BE4, PORT, ROOT, backends_of, make_service, make_slice, programmed, wait_for, write_manifests
 
@@ -98,3 +100,29 @@ def test_a_full_map_refuses_the_newest_service_and_keeps_the_older_ones(bed, age
     wait_for(lambda: set(programmed(bed)) == {"10.96.0.2:80/TCP", "10.96.0.3:80/TCP"}, what="newest programmed")
     r = bed.run_client("10.96.0.3:80", "--count", "20")
     assert r["errors"] == {}
+
+
+@pytest.mark.parametrize("external, tenant_vip", [
+    pytest.param(NORMAL_VIP, "10.96.0.66", id="plain externalIP, older tenant, tenant's file first"),
+    pytest.param(f"::ffff:{NORMAL_VIP}", "fd00:96::66", id="IPv4-mapped externalIP on an IPv6 Service"),
+])
+def test_an_external_ip_claim_never_takes_a_clusterip(bed, agent, external, tenant_vip):
+    """CVE-2020-8554 class: an older Service claims another's ClusterIP as its externalIP, plainly or
+    IPv4-mapped (which Go's ParseIP reads as the same IPv4 address, and which packs to the same map key).
+    The ClusterIP owner keeps it whatever the file order; the tenant keeps its own ClusterIP."""
+    bed.servers(BE4, PORT)
+    victim = [make_service("ns", "victim", lambda s: s["metadata"].update(creationTimestamp="2026-06-01T00:00:00Z")),
+              make_slice("ns", "victim-1", "victim", BE4[:1])]
+    tenant = [make_service("evil", "tenant", lambda s: (
+                  s["spec"].update(clusterIP=tenant_vip, clusterIPs=[tenant_vip], externalIPs=[external]),
+                  s["metadata"].update(creationTimestamp="2020-01-01T00:00:00Z"))),
+              make_slice("evil", "tenant-1", "tenant", BE4[2:3])]
+    write_manifests(agent.folder, "a.json", tenant)  # the tenant's file first
+    write_manifests(agent.folder, "b.json", victim)
+    agent()
+    r = bed.run_client(f"{NORMAL_VIP}:80", "--count", "20")
+    assert r["errors"] == {} and set(r["answered"]) == {f"{BE4[0]}:{PORT}"}, r
+    if ":" not in tenant_vip:
+        r = bed.run_client(f"{tenant_vip}:80", "--count", "20")
+        assert r["errors"] == {} and set(r["answered"]) == {f"{BE4[2]}:{PORT}"}, r
+    assert backends_of(bed, f"{NORMAL_VIP}:80/TCP") == {f"{BE4[0]}:{PORT}"}
