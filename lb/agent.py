@@ -127,7 +127,7 @@ class Agent:
         sizes = self.settings.maps
         for name, fill in ((SERVICES_MAP, lambda r: sum(len(p.slots) + 1 for p in r.have.values()) / sizes.services),
                            (BACKENDS_MAP, lambda r: len(r.backend_of) / sizes.backends),
-                           (REVNAT_MAP, lambda r: len(r.have) / sizes.revnat)):
+                           (REVNAT_MAP, lambda r: len(r.revnat) / sizes.revnat)):
             self.metrics.map_fill.labels(map=name).set_function(
                 lambda fill=fill: fill(self.syncer.reconciler) if self.syncer is not None else 0.0)
 

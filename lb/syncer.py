@@ -18,7 +18,7 @@ from typing import Callable
 
 from . import nodenet
 from .health import HealthState
-from .maps.services import MapFullError
+from .maps.services import MapFullError, MapWriteError
 from .metrics import AgentMetrics
 from .atomicfile import write_atomic
 from .model import Frontend, FrontendState, ObjKey, Service
@@ -117,7 +117,7 @@ class Syncer:
             self.metrics.sync_errors.inc()
             # A map write failure leaves the reconciler equal to the kernel: the retry redoes what
             # failed. Anything else (a bug, a kernel surprise): the retry re-reads the kernel.
-            if not isinstance(e, MapFullError) and not getattr(e, "map_write", False):
+            if not isinstance(e, MapWriteError):
                 self.need_full = True
             if not self.failing:
                 if isinstance(e, MapFullError):
