@@ -27,10 +27,53 @@ from .metrics import AgentMetrics
 from .reconcile import Reconciler
 from .runner import BoundedFrequencyRunner
 from .settings import Settings
-from .syncer import Syncer
+from .syncer import NorthSouth, Syncer
 from .tracker import Tracker
 
 log = logging.getLogger("bpflb.agent")
+
+
+class PinnedNorthSouth:
+    """The tc datapath's side of a sync (issue 10 contract): lb/maps/nodeaddrs.py, lb/maps/srcranges.py
+    and lb/datapath.attach_tc. A build without them (the tc datapath not merged) serves east-west only:
+    said once, and nothing is written."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        try:
+            from .maps.nodeaddrs import PinnedNodeAddrs
+            from .maps.srcranges import PinnedSourceRanges
+
+            self.attach_tc = datapath.attach_tc
+        except (ImportError, AttributeError):
+            log.warning("this build has no tc datapath: NodePort, LoadBalancer and externalIP traffic from outside "
+                        "the node is not served")
+            self.available = False
+            return
+        self.available = True
+        self.node_addrs, self.src_ranges = PinnedNodeAddrs, PinnedSourceRanges
+
+    def write_node_addrs(self, local: set[str], remote: set[str]) -> None:
+        if self.available:
+            m = self.node_addrs(self.settings.paths.bpf_root)
+            try:
+                m.replace(local, remote)
+            finally:
+                m.close()
+
+    def write_src_ranges(self, ranges: dict[int, tuple[str, ...]]) -> None:
+        if self.available:
+            m = self.src_ranges(self.settings.paths.bpf_root)
+            try:
+                m.replace(ranges)
+            finally:
+                m.close()
+
+    def attach(self, devices: list[str]) -> list[str]:
+        if not self.available:
+            return ["tc datapath (not in this build)"]
+        s = self.settings
+        return self.attach_tc(s.paths, s.maps, devices, s.strict, s.conntrack)
 
 
 class Agent:
@@ -87,14 +130,18 @@ class Agent:
         self.attaching = datapath.start_attach_child(self.settings.paths, self.settings.maps, strict=self.settings.strict,
                                                      conntrack=self.settings.conntrack)
 
-    def use_maps(self, reconciler: Reconciler) -> None:
-        """The datapath's maps are there: the syncer can program them."""
-        self.syncer = Syncer(self.settings, self.tracker, reconciler, self.metrics, self.health, self.clock, self.wall)
+    def use_maps(self, reconciler: Reconciler, north_south: NorthSouth | None = None, interfaces=None) -> None:
+        """The datapath's maps are there: the syncer can program them (``north_south``: the tc
+        datapath's maps and loader; None: east-west only)."""
+        extra = {"interfaces": interfaces} if interfaces is not None else {}
+        self.syncer = Syncer(self.settings, self.tracker, reconciler, self.metrics, self.health, self.clock, self.wall,
+                             north_south=north_south, **extra)
 
     async def finish_datapath(self) -> None:
         """The datapath is attached and its maps pinned: reconcile can adopt them."""
         await asyncio.to_thread(datapath.finish_attach_child, self.attaching)
-        self.use_maps(Reconciler(PinnedServiceMaps(self.settings.paths.bpf_root), revnat_limit=self.settings.maps.revnat))
+        self.use_maps(Reconciler(PinnedServiceMaps(self.settings.paths.bpf_root), revnat_limit=self.settings.maps.revnat),
+                      PinnedNorthSouth(self.settings))
         log.info("datapath attached to %s, maps pinned under %s", self.settings.paths.cgroup_root,
                  self.settings.paths.bpf_root)
 
@@ -165,6 +212,8 @@ class Agent:
                 log.error("task %s ended unexpectedly", t.get_name())
         self.stop.set()
         http.close()
+        if self.syncer is not None:
+            await self.syncer.close()  # the healthCheckNodePort servers
         for t in tasks + [stop_wait]:
             t.cancel()
         _, pending = await asyncio.wait(tasks + [stop_wait], timeout=5)
@@ -179,6 +228,12 @@ def run(settings: Settings) -> None:
     # The first list builds ~10 objects per endpoint, all long-lived: with the default thresholds
     # the collector rescans them over and over (half of a 10k-Service initial sync, measured).
     gc.set_threshold(50_000, 20, 20)
+    from .settings import nodeport_address_list
+
+    try:
+        nodeport_address_list(settings.nodeport_addresses)
+    except ValueError as e:
+        raise datapath.DatapathError(str(e)) from None
     agent = Agent(settings)
     agent.start_datapath()
     try:

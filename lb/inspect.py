@@ -6,6 +6,7 @@ import os
 
 from .maps.services import PinnedServiceMaps
 from .maps.structs import SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY
+from .reconcile import SVC_F_NODEPORT, SVC_F_SNAT, SVC_F_SRC_RANGES
 
 
 def service_rows(bpf_root: str) -> list[dict]:
@@ -34,8 +35,13 @@ def service_rows(bpf_root: str) -> list[dict]:
             action = "load-balance"
         else:
             action = "drop" if flags & SVC_F_DROP_EMPTY else "reject"
-        rows.append({"frontend": str(fe), "ip": fe.ip, "port": fe.port, "protocol": fe.protocol,
-                     "scope": "external" if fe.scope == SCOPE_EXTERNAL else "internal",
+        external = fe.scope == SCOPE_EXTERNAL
+        # An address served in both scopes has two rows; the one for traffic arriving at the node says so.
+        name = (f"*:{fe.port}/{fe.protocol}" if flags & SVC_F_NODEPORT else str(fe)) + (" (external)" if external else "")
+        rows.append({"frontend": name, "ip": fe.ip, "port": fe.port, "protocol": fe.protocol,
+                     "scope": "external" if external else "internal",
+                     "nodeport": bool(flags & SVC_F_NODEPORT), "snat": bool(flags & SVC_F_SNAT),
+                     "source_ranges": bool(flags & SVC_F_SRC_RANGES),
                      "id": master.rev_nat_id if master else None, "action": action,
                      "affinity_timeout": master.affinity_timeout if master and flags & SVC_F_AFFINITY else 0,
                      "revnat_ok": rn == (fe.ip, fe.port), "backends": bes})
@@ -46,6 +52,8 @@ def format_rows(rows: list[dict]) -> str:
     lines = [f"{'ID':>5}  {'FRONTEND':<42} {'ACTION':<13} BACKENDS"]
     for r in rows:
         extra = f" affinity={r['affinity_timeout']}s" if r["affinity_timeout"] else ""
+        extra += " snat" if r.get("snat") else ""
+        extra += " source-ranges" if r.get("source_ranges") else ""
         bes = ", ".join(f"{b['slot']}:{b['address'] or 'MISSING'}" for b in r["backends"]) or "-"
         warn = "" if r["revnat_ok"] else "  (reverse NAT entry missing)"
         lines.append(f"{r['id'] or '-':>5}  {r['frontend']:<42} {r['action'] + extra:<13} {bes}{warn}")

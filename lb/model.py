@@ -43,9 +43,11 @@ class Service(Struct, frozen=True, gc=False):
     lb_ingress_ips: tuple[str, ...] = ()  # ipMode Proxy entries already removed
     affinity_timeout: int = 0  # sessionAffinity ClientIP timeout in seconds; 0 = no affinity
     internal_local: bool = False  # internalTrafficPolicy: Local
-    external_local: bool = False  # externalTrafficPolicy: Local
+    external_local: bool = False  # externalTrafficPolicy: Local (as written; translate applies ExternalPolicyLocal)
     skip: str = ""  # why the proxy ignores this Service ("" = it does not)
     created: str = ""  # metadata.creationTimestamp (RFC 3339, UTC): the older of two claims wins a frontend
+    health_check_node_port: int = 0  # spec.healthCheckNodePort (0: none)
+    lb_source_ranges: tuple[str, ...] = ()  # spec.loadBalancerSourceRanges: canonical CIDRs, unparsable ones left out
 
 
 class Endpoint(Struct, frozen=True, gc=False):
@@ -117,3 +119,6 @@ class FrontendState(Struct, frozen=True, gc=False):
     drop_empty: bool = False  # no backends: drop (True) or reject with ECONNREFUSED (False)
     affinity_timeout: int = 0
     service: str = ""  # "ns/name:port" for display
+    snat: bool = False  # external traffic masqueraded to the node (externalTrafficPolicy Cluster)
+    nodeport: bool = False  # a wildcard node-address frontend (ip "0.0.0.0" / "::", port = nodePort)
+    src_ranges: tuple[str, ...] = ()  # loadBalancerSourceRanges this frontend is filtered by (empty: none)

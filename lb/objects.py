@@ -181,6 +181,37 @@ def _service_skip(labels: dict[str, str], svc_type: str, cluster_ips: list) -> s
     return ""
 
 
+def _source_range(value: str) -> str | None:
+    """One loadBalancerSourceRanges entry as kube-proxy reads it (serviceport.go newBaseServiceInfo,
+    util.MapCIDRsByIPFamily): surrounding whitespace trimmed, parsed by ParseCIDRSloppy (IPv4 octets
+    may carry leading zeros, host bits are masked off), an entry that does not parse ignored (None)."""
+    text = value.strip()
+    ip, sep, bits = text.partition("/")
+    if not sep or not bits.isascii() or not bits.isdigit() or len(bits) > 7:  # the prefix may have leading zeros
+        return None
+    try:
+        addr = parse_ip_sloppy(ip, "")
+    except ObjectError:
+        return None
+    if ":" in ip and ":" not in addr:
+        return None  # an IPv4-mapped IPv6 prefix ("::ffff:10.0.0.0/104"): left out (the API refuses it anyway)
+    try:
+        return str(ipaddress.ip_network(f"{addr}/{int(bits)}", strict=False))
+    except ValueError:
+        return None
+
+
+def _source_ranges(values: list, field: str) -> tuple[str, ...]:
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise ObjectError(f"{field}[{i}]", f"expected a string, got {type(v).__name__}")
+        cidr = _source_range(v)
+        if cidr is not None:
+            out.append(cidr)
+    return tuple(out)
+
+
 def _cluster_ips(ips: list, field: str) -> tuple[str, ...]:
     if field == "spec.clusterIP":
         return tuple(parse_ip_sloppy(ip, field) for ip in ips)
@@ -263,10 +294,13 @@ def parse_service(obj: dict) -> Service:
         if ing.get("ipMode", "VIP") == "Proxy":
             continue  # kube-proxy: ipMode Proxy means the load balancer itself proxies; no rule
         ingress.append(parse_ip_sloppy(ing["ip"], f"status.loadBalancer.ingress[{i}].ip"))
+    hc_port = _int(_get(obj, "spec.healthCheckNodePort", object, 0), "spec.healthCheckNodePort", 0, 65535)
+    ranges = _source_ranges(_get(obj, "spec.loadBalancerSourceRanges", list, []), "spec.loadBalancerSourceRanges")
     return Service(key=key, type=svc_type, cluster_ips=ips, ports=tuple(ports), external_ips=external,
                    lb_ingress_ips=tuple(ingress), affinity_timeout=timeout, internal_local=internal_local,
                    external_local=external_local, skip=skip,
-                   created=_get(obj, "metadata.creationTimestamp", str, ""))
+                   created=_get(obj, "metadata.creationTimestamp", str, ""),
+                   health_check_node_port=hc_port, lb_source_ranges=ranges)
 
 
 def _hints(hints: Any, kind: str, field: str) -> tuple[str, ...] | None:
@@ -436,6 +470,8 @@ class _SvcSpec(Struct, frozen=True, gc=False):
     sessionAffinityConfig: _AffinityConfig = _AffinityConfig()
     internalTrafficPolicy: str = "Cluster"
     externalTrafficPolicy: str = "Cluster"
+    healthCheckNodePort: int = 0
+    loadBalancerSourceRanges: list[str] = []
 
 
 class _Ingress(Struct, frozen=True, gc=False):
@@ -548,8 +584,11 @@ def _service_of(raw: _Service) -> Service:
     external = tuple([parse_ip_sloppy(ip, "spec.externalIPs") for ip in spec.externalIPs])
     ingress = tuple(parse_ip_sloppy(ing.ip, "status.loadBalancer.ingress")
                     for ing in raw.status.loadBalancer.ingress if ing.ip and ing.ipMode != "Proxy")
+    if not 0 <= spec.healthCheckNodePort <= 65535:
+        raise _Undecided
+    ranges = _source_ranges(spec.loadBalancerSourceRanges, "spec.loadBalancerSourceRanges")
     return Service(key, svc_type, ips, tuple(ports), external, ingress, timeout, internal_local, external_local,
-                   skip, raw.metadata.creationTimestamp)
+                   skip, raw.metadata.creationTimestamp, spec.healthCheckNodePort, ranges)
 
 
 def _hint_names(items: list[_HintName] | None) -> tuple[str, ...] | None:

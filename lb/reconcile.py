@@ -40,6 +40,7 @@ from operator import attrgetter
 from typing import Callable, Iterable, Sequence
 
 from .maps.services import MapWriteError, Master, ServiceMaps
+from .maps import structs as _structs
 from .maps.structs import SVC_F_AFFINITY, SVC_F_DROP_EMPTY
 from .model import Backend, Frontend, FrontendState
 
@@ -111,9 +112,19 @@ class IDAllocator:
             self.release(i)
 
 
+# The north-south flags (docs: /work/issue10-contract.md), from lb/maps/structs.py once the tc
+# datapath defines them there; the contract's values until then.
+SVC_F_SNAT = getattr(_structs, "SVC_F_SNAT", 1 << 2)
+SVC_F_SRC_RANGES = getattr(_structs, "SVC_F_SRC_RANGES", 1 << 3)
+SVC_F_NODEPORT = getattr(_structs, "SVC_F_NODEPORT", 1 << 4)
+
+
 def master_of(state: FrontendState, rev_nat_id: int, count: int) -> Master:
     flags = (SVC_F_DROP_EMPTY if state.drop_empty and count == 0 else 0) | \
-        (SVC_F_AFFINITY if state.affinity_timeout else 0)
+        (SVC_F_AFFINITY if state.affinity_timeout else 0) | \
+        (SVC_F_SNAT if state.snat else 0) | \
+        (SVC_F_SRC_RANGES if state.src_ranges else 0) | \
+        (SVC_F_NODEPORT if state.nodeport else 0)
     return Master(rev_nat_id, count, flags, state.affinity_timeout)
 
 

@@ -8,6 +8,10 @@ which Services arrive (a set, a file, a relist):
      Service's traffic);
   2. between two claims of the same kind, the older Service wins (metadata.creationTimestamp, then
      namespace/name).
+A claim is on an address (ip, port, protocol) in both scopes at once: the Service that owns an
+address owns its frontend for local callers and its frontend for traffic arriving at the node, so a
+tenant's externalIP equal to another Service's ClusterIP cannot capture the traffic that arrives at
+the node for it either.
 A Service that loses a frontend keeps its others, is logged once, and is re-translated whenever a
 frontend is freed (it may win it then).
 """
@@ -20,6 +24,11 @@ from .model import Backend, Frontend, FrontendState, ObjKey, Service
 log = logging.getLogger("bpflb.service_table")
 
 Claim = tuple[int, str, str, str]  # (0 ClusterIP | 1 external, creationTimestamp, namespace, name)
+Addr = tuple[str, int, str]  # (ip, port, protocol): what a claim is on, whatever the scope
+
+
+def addr_of(fe: Frontend) -> Addr:
+    return (fe.ip, fe.port, fe.protocol)
 
 
 def claim_of(svc: Service, fe: Frontend) -> Claim:
@@ -36,10 +45,14 @@ class ServiceTable:
         self.conflicts: dict[ObjKey, set[Frontend]] = {}  # Service -> frontends it wants but does not own
         self.entries = 0  # lb_services entries the owned frontends need (master + one per backend slot)
         self.backend_refs: dict[Backend, int] = {}  # distinct backends (lb_backends entries) and their users
+        self.addr_owner: dict[Addr, tuple[ObjKey, Claim, int]] = {}  # address -> (owner, its claim, its frontends there)
 
     # ---- usage (admission: does a Service fit the maps?) ----------------------------------------
     def _own(self, fe: Frontend, key: ObjKey, state: FrontendState, claim: Claim) -> None:
         self.owner[fe], self.want[fe], self.claim[fe] = key, state, claim
+        a = addr_of(fe)
+        held = self.addr_owner.get(a)
+        self.addr_owner[a] = (key, min(claim, held[1]) if held else claim, held[2] + 1 if held else 1)
         self.entries += 1 + len(state.backends)
         refs = self.backend_refs
         for b in state.backends:
@@ -48,6 +61,12 @@ class ServiceTable:
     def _disown(self, fe: Frontend) -> None:
         state = self.want.pop(fe)
         del self.owner[fe], self.claim[fe]
+        a = addr_of(fe)
+        key, claim, n = self.addr_owner[a]
+        if n > 1:
+            self.addr_owner[a] = (key, claim, n - 1)
+        else:
+            del self.addr_owner[a]
         self.entries -= 1 + len(state.backends)
         refs = self.backend_refs
         for b in state.backends:
@@ -92,22 +111,33 @@ class ServiceTable:
         had_conflicts = self.conflicts.pop(key, set())
         mine: set[Frontend] = set()
         lost: set[Frontend] = set()
-        for fe, state in frontends.items():
+        # A Service's claim on an address is its best claim on any frontend there (a ClusterIP's
+        # frontend for local callers ranks its frontend for arriving traffic too).
+        best: dict[Addr, Claim] = {}
+        for fe in frontends:
             c = claim_of(svc, fe) if svc is not None else (1, "", key.namespace, key.name)
-            other = self.owner.get(fe)
+            a = addr_of(fe)
+            best[a] = min(c, best.get(a, c))
+        for fe, state in frontends.items():
+            a = addr_of(fe)
+            c = best[a]
+            held = self.addr_owner.get(a)
+            other = held[0] if held else None
             if other is not None and other != key:
-                if self.claim[fe] <= c:
+                if held[1] <= c:
                     lost.add(fe)
                     if fe not in had_conflicts:
                         log.warning("frontend %s of Service %s is Service %s's (%s); ignored", fe, key, other,
-                                    _why(self.claim[fe], c))
+                                    _why(held[1], c))
                     continue
-                # This claim wins: the other Service loses this frontend (and keeps its others).
+                # This claim wins: the other Service loses the address (and keeps its others).
                 log.warning("frontend %s taken from Service %s by Service %s (%s)", fe, other, key,
-                            _why(c, self.claim[fe]))
-                self.frontends_of[other].discard(fe)
-                self.conflicts.setdefault(other, set()).add(fe)
-                self._disown(fe)
+                            _why(c, held[1]))
+                for ofe in [f for f in self.frontends_of[other] if addr_of(f) == a]:
+                    self.frontends_of[other].discard(ofe)
+                    self.conflicts.setdefault(other, set()).add(ofe)
+                    self._disown(ofe)
+                    touched.add(ofe)
             self._own(fe, key, state, c)
             mine.add(fe)
             touched.add(fe)
@@ -116,7 +146,8 @@ class ServiceTable:
         if lost:
             self.conflicts[key] = lost
         if freed:
-            retry = {k for k, fes in self.conflicts.items() if k != key and fes & touched}
+            gone = {addr_of(fe) for fe in touched}
+            retry = {k for k, fes in self.conflicts.items() if k != key and any(addr_of(fe) in gone for fe in fes)}
         return touched, retry
 
 

@@ -139,11 +139,43 @@ class Settings:
     alone, logged and counted; everything else keeps syncing."""
     poll_interval: float = 0.2
     """--poll-interval: seconds between scans of the manifest folder for changes."""
+    nodeport_addresses: str = "primary"
+    """--nodeport-addresses: the node addresses NodePorts (and healthCheckNodePorts) are served on, as
+    kube-proxy's nodePortAddresses: comma-separated CIDRs (a family without one, or with a /0, uses every
+    address of the node of that family), or "primary": the Node object's InternalIP/ExternalIP of each
+    family (kube-proxy's nftables default)."""
+    devices: str = ""
+    """--devices: comma-separated devices the tc programs attach to (traffic arriving at the node);
+    empty: the devices carrying the Node object's InternalIP and ExternalIP addresses."""
     paths: Paths = field(default_factory=Paths)
     maps: MapSizes = field(default_factory=MapSizes)
     conntrack: ConntrackSettings = field(default_factory=ConntrackSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+
+
+def nodeport_address_list(value: str) -> tuple[str, ...]:
+    """--nodeport-addresses as a list; raises ValueError naming what is wrong (kube-proxy's
+    validation.go validateNodePortAddresses: CIDRs, or "primary" alone)."""
+    import ipaddress
+
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if "primary" in items:
+        if items != ("primary",):
+            raise ValueError("--nodeport-addresses: \"primary\" must be the only value")
+        return items
+    out = []
+    for v in items:
+        try:
+            out.append(str(ipaddress.ip_network(v, strict=False)))
+        except ValueError:
+            raise ValueError(f"--nodeport-addresses: {v!r} is not a CIDR (or \"primary\")") from None
+    return tuple(out)
+
+
+def device_list(value: str) -> list[str]:
+    """--devices as a list (empty: from the Node object)."""
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def flag_of(cls: type, name: str) -> str | None:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 from . import nodenet
 from .health import HealthState
@@ -27,17 +27,56 @@ from .service_table import ServiceTable
 from .settings import Settings
 from .sockets import DestroyTimeout, destroy_udp
 from .tracker import Tracker
-from .translate import NodeView, frontend_count, translate_service
+from .healthcheck import ServiceHealthServer
+from .model import IPV4, IPV6
+from .objects import family_of
+from .settings import device_list, nodeport_address_list
+from .translate import (NodeView, default_devices, frontend_count, health_check_addresses, local_ready_endpoints,
+                        needs_health_check, node_addresses, nodeport_cidrs, translate_service)
 
 log = logging.getLogger("bpflb.syncer")
 
 REFUSED_FILE = "refused.json"  # in Paths.state_dir: Services refused admission (read by `service list`)
 
 
+class NorthSouth(Protocol):
+    """What a sync writes for traffic arriving at the node besides the service maps: the tc datapath's
+    node-address and source-range maps and its attachment (lb/maps/nodeaddrs.py, lb/maps/srcranges.py,
+    lb/datapath.attach_tc). PinnedNorthSouth in lb/agent.py is the real one; tests use a fake."""
+    def write_node_addrs(self, local: set[str], remote: set[str]) -> None: ...
+    def write_src_ranges(self, ranges: dict[int, tuple[str, ...]]) -> None: ...
+    def attach(self, devices: list[str]) -> list[str]: ...
+
+
+def read_interfaces() -> dict[str, tuple[str, ...]]:
+    """This network namespace's devices and their addresses (netlink): device name -> addresses."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        out: dict[str, list[str]] = {}
+        for a in ipr.get_addr():
+            ip = a.get_attr("IFA_ADDRESS")
+            if ip and a["index"] in names:
+                out.setdefault(names[a["index"]], []).append(ip.split("%")[0])
+    return {dev: tuple(ips) for dev, ips in out.items()}
+
+
+def remote_node_addresses(nodes: dict, me: str) -> set[str]:
+    """Other nodes' InternalIP/ExternalIP addresses: a local caller dialling one of them on a nodePort
+    is translated at its socket (no packet hairpins through that node)."""
+    out = set()
+    for name, node in nodes.items():
+        if name != me and node is not None:
+            out.update(ip for typ, ip in node.addresses if typ in ("InternalIP", "ExternalIP"))
+    return out
+
+
 class Syncer:
     def __init__(self, settings: Settings, tracker: Tracker, reconciler: Reconciler, metrics: AgentMetrics,
                  health: HealthState, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, north_south: NorthSouth | None = None,
+                 interfaces: Callable[[], dict[str, tuple[str, ...]]] = read_interfaces) -> None:
         self.settings, self.tracker, self.reconciler = settings, tracker, reconciler
         self.metrics, self.health = metrics, health
         self.clock, self.wall = clock, wall
@@ -50,6 +89,18 @@ class Syncer:
         self.failing = False
         self.refused: dict[ObjKey, tuple[str, str]] = {}  # Service -> (limit, why): not admitted
         self.refused_written: dict | None = None  # what the state file holds
+        # North-south: what the tc datapath's maps and attachment hold, and the health-check servers.
+        self.north_south, self.interfaces = north_south, interfaces
+        self.nodeport_setting = nodeport_address_list(settings.nodeport_addresses)
+        self.node_view: NodeView | None = None
+        self.nodes_seen: int | None = None  # hash of every Node when the addresses were last computed
+        self.node_addrs: tuple[set[str], set[str]] | None = None  # (this node's, other nodes') written
+        self.devices: list[str] | None = None  # attached
+        self.src_ranges: dict[int, tuple[str, ...]] | None = None  # written
+        self.hc_addresses: dict[str, tuple[str, ...]] = {}
+        self.hc_wanted: dict[ObjKey, tuple[int, dict[str, int]]] = {}  # Service -> (port, family -> local count)
+        self.hc_servers: dict[str, ServiceHealthServer] = {}  # by family
+        self.ns_due = True  # node addresses / devices to recompute
 
     # ---- admission: one Service that does not fit is refused alone -----------------------------
     def refusal(self, key: ObjKey, svc: Service) -> tuple[str, str] | None:
@@ -153,6 +204,15 @@ class Syncer:
             else:
                 todo = set(dirty)
             node = NodeView.of(self.settings.node_name, tracker.node)
+            if node != self.node_view:  # the node IPs rank source ranges (allowFromNode): everything again
+                if self.node_view is not None and node.ips != self.node_view.ips:
+                    todo = set(tracker.services) | set(self.table.frontends_of)
+                self.node_view = node
+            nodes_seen = hash(frozenset(tracker.nodes.items()))
+            if nodes_seen != self.nodes_seen:
+                self.nodes_seen, self.ns_due = nodes_seen, True
+            if full:
+                self.ns_due = True  # interfaces re-read at every full resync
             scope: set[Frontend] = set()
             synced = set(todo)
             refused_retried = False
@@ -165,6 +225,7 @@ class Syncer:
                     svc = tracker.services.get(key)
                     if svc is None:
                         self.refused.pop(key, None)
+                        self.hc_wanted.pop(key, None)
                         fes: dict[Frontend, FrontendState] = {}
                     else:
                         refusal = self.refusal(key, svc)
@@ -175,6 +236,7 @@ class Syncer:
                             self.refuse(key, *refusal)
                             continue  # its last admitted frontends stay as they are
                         self.admit(key)
+                        self.note_health_check(key, svc, node)
                     touched, again = self.table.update(key, fes, svc)
                     scope |= touched
                     retry |= again
@@ -205,9 +267,85 @@ class Syncer:
                      len(scope), stats.backends_written, stats.slots_written, stats.masters_written, stats.deleted)
         return stats
 
+    # ---- north-south: node addresses, devices, source ranges, health checks -------------------------
+    def note_health_check(self, key: ObjKey, svc: Service, node: NodeView) -> None:
+        """servicechangetracker.go HealthCheckNodePorts and LocalReadyEndpoints, per family proxier (a
+        family takes the Service when it has a ClusterIP of it)."""
+        if needs_health_check(svc) and svc.health_check_node_port:
+            slices = self.tracker.slices_for(key)
+            families = dict.fromkeys(family_of(ip) for ip in svc.cluster_ips)
+            self.hc_wanted[key] = (svc.health_check_node_port,
+                                   {f: local_ready_endpoints(svc, slices, node, f) for f in families})
+        else:
+            self.hc_wanted.pop(key, None)
+
+    def wanted_src_ranges(self) -> dict[int, tuple[str, ...]]:
+        """loadBalancerSourceRanges by the reverse-NAT ID reconcile gave each filtered frontend."""
+        have = self.reconciler.have
+        out = {}
+        for fe, st in self.table.want.items():
+            if st.src_ranges:
+                prog = have.get(fe)
+                if prog is not None and prog.rev_nat_id:
+                    out[prog.rev_nat_id] = st.src_ranges
+        return out
+
+    async def sync_north_south(self) -> None:
+        """After a reconcile: node addresses and devices (when a Node or, at a full resync, the
+        interfaces may have changed), the source ranges by frontend ID, the health-check servers."""
+        ns = self.north_south
+        if self.ns_due:
+            ifaces = await asyncio.to_thread(self.interfaces)
+            ips = [ip for addrs in ifaces.values() for ip in addrs]
+            cidrs = nodeport_cidrs(self.nodeport_setting, self.node_view or NodeView(self.settings.node_name))
+            local = node_addresses(cidrs, ips)
+            remote = remote_node_addresses(self.tracker.nodes, self.settings.node_name) - local
+            if ns is not None and (local, remote) != self.node_addrs:
+                await asyncio.to_thread(ns.write_node_addrs, local, remote)
+                log.info("NodePorts served on %s", ", ".join(sorted(local)) or "(no address)")
+                self.node_addrs = (local, remote)
+            devices = device_list(self.settings.devices) or default_devices(self.tracker.node, ifaces)
+            if ns is not None and devices != self.devices:
+                if devices:
+                    skipped = await asyncio.to_thread(ns.attach, devices)
+                    log.info("tc programs attached to %s%s", ", ".join(devices),
+                             f" (skipped: {'; '.join(skipped)})" if skipped else "")
+                else:
+                    log.warning("no device to attach the tc programs to: the Node object has no address on this "
+                                "node's devices (pass --devices)")
+                self.devices = devices
+            self.hc_addresses = health_check_addresses(cidrs, ips)
+            self.ns_due = False
+        if ns is not None:
+            ranges = self.wanted_src_ranges()
+            if ranges != self.src_ranges:
+                await asyncio.to_thread(ns.write_src_ranges, ranges)
+                self.src_ranges = ranges
+        await self.sync_health_checks()
+
+    async def sync_health_checks(self) -> None:
+        healthy = lambda: self.health.healthy()[0]  # noqa: E731 - kube-proxy: healthzServer.Health().Healthy
+        for family in (IPV4, IPV6):
+            ports = {k: port for k, (port, counts) in self.hc_wanted.items() if family in counts}
+            server = self.hc_servers.get(family)
+            if not ports and server is None:
+                continue
+            addresses = self.hc_addresses.get(family, ())
+            if server is None:
+                server = self.hc_servers[family] = ServiceHealthServer(addresses, healthy, self.settings.node_name)
+            await server.set_addresses(addresses)
+            await server.sync_services(ports)
+            server.sync_endpoints({k: counts[family] for k, (_, counts) in self.hc_wanted.items() if family in counts})
+
+    async def close(self) -> None:
+        for server in self.hc_servers.values():
+            await server.close()
+
     async def after_reconcile(self, stats) -> None:
         """Off the event loop: connected UDP sockets still aimed at a removed backend are destroyed
-        (kube-proxy flushes conntrack for the same reason), and the pod network plan is applied."""
+        (kube-proxy flushes conntrack for the same reason), the north-south maps and health checks
+        follow, and the pod network plan is applied."""
+        await self.sync_north_south()
         udp_gone = {(rid, b) for rid, b in stats.removed if b.protocol == "UDP"}
         if udp_gone:
             paths = self.settings.paths

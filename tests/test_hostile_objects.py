@@ -19,7 +19,7 @@ HOSTILE_VIP = "10.96.7.7"
 
 
 def hostile():
-    """260 ports x (1 ClusterIP + 261 externalIPs) = 68 120 frontends, in about 17 KB of JSON."""
+    """260 ports x (1 ClusterIP + 261 externalIPs x 2 scopes) = 135 980 frontends, in about 17 KB of JSON."""
     def m(s):
         s["spec"].update(clusterIP=HOSTILE_VIP, clusterIPs=[HOSTILE_VIP],
                          externalIPs=[f"172.30.{i // 250}.{i % 250 + 1}" for i in range(261)],
@@ -52,7 +52,7 @@ def test_a_service_too_wide_is_refused_alone_and_the_rest_keeps_syncing(bed, age
     state = tmp_path / "state"
     a = agent(["--state-dir", str(state)])
     line = a.wait_log("Service evil/wide refused")
-    assert "68120 frontends" in line and "--max-frontends-per-service 4096" in line
+    assert "135980 frontends" in line and "--max-frontends-per-service 4096" in line
     assert backends_of(bed, f"{NORMAL_VIP}:80/TCP") == {f"{ip}:{PORT}" for ip in BE4[:2]}
     assert not any(HOSTILE_VIP in fe for fe in programmed(bed))
     r = bed.run_client(f"{NORMAL_VIP}:80", "--count", "50")
@@ -64,7 +64,7 @@ def test_a_service_too_wide_is_refused_alone_and_the_rest_keeps_syncing(bed, age
     assert "bpflb_services_refused 1.0" in metrics
     out = subprocess.run([sys.executable, "-m", "lb.cli", "service", "list", "--bpf-root", bed.bpf_root,
                           "--state-dir", str(state)], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert "REFUSED" in out and "evil/wide: 68120 frontends" in out
+    assert "REFUSED" in out and "evil/wide: 135980 frontends" in out
     # the others keep following changes
     write_manifests(agent.folder, "b-web.json", normal(BE4[:3]))
     wait_for(lambda: backends_of(bed, f"{NORMAL_VIP}:80/TCP") == {f"{ip}:{PORT}" for ip in BE4[:3]},

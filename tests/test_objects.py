@@ -61,8 +61,15 @@ def test_an_ipv4_mapped_external_ip_is_ipv4_and_cannot_take_an_ipv4_clusterip():
     (lambda s: s["spec"]["ports"].append(dict(s["spec"]["ports"][0])), "spec.ports", "unique"),
     (lambda s: s["metadata"].pop("name"), "metadata.name", "missing"),
     (lambda s: s["spec"].update(externalIPs=["x"]), "spec.externalIPs[0]", "not an IP address"),
+    (lambda s: s["spec"].update(healthCheckNodePort=70000), "spec.healthCheckNodePort", "between 0 and 65535"),
+    (lambda s: s["spec"].update(healthCheckNodePort="30000"), "spec.healthCheckNodePort", "expected an integer"),
+    (lambda s: s["spec"].update(loadBalancerSourceRanges="10.0.0.0/8"), "spec.loadBalancerSourceRanges",
+     "expected list"),
+    (lambda s: s["spec"].update(loadBalancerSourceRanges=["10.0.0.0/8", 7]), "spec.loadBalancerSourceRanges[1]",
+     "expected a string"),
 ], ids=["port-zero", "port-string", "protocol", "second-cluster-ip", "cluster-ip", "type", "affinity",
-        "affinity-timeout", "itp", "duplicate-port-names", "no-name", "external-ip"])
+        "affinity-timeout", "itp", "duplicate-port-names", "no-name", "external-ip", "health-check-port-range",
+        "health-check-port-string", "source-ranges-not-a-list", "source-range-not-a-string"])
 def test_bad_service_names_the_field(mutate, field, reason):
     with pytest.raises(ObjectError) as e:
         parse_service(make_service("ns", "svc", mutate))
@@ -118,6 +125,23 @@ def test_services_kube_proxy_skips(mutate, skip):
 ], ids=["fqdn", "no-service-name", "proxy-name-label"])
 def test_slices_kube_proxy_skips(mutate, skip):
     assert skip in parse_endpoint_slice(make_slice("ns", "s", "svc", ["10.1.1.1"], mutate)).skip
+
+
+@pytest.mark.parametrize("ranges,want", [
+    ([" 10.0.0.0/8 "], ("10.0.0.0/8",)),  # serviceport.go: whitespace padding trimmed
+    (["10.1.2.3/16"], ("10.1.0.0/16",)),  # ParseCIDRSloppy masks the host bits
+    (["010.001.0.0/016"], ("10.1.0.0/16",)),  # leading zeros are decimal, in the address and the prefix
+    (["fd00::1/64", "0.0.0.0/0"], ("fd00::/64", "0.0.0.0/0")),
+    (["nope", "", "10.0.0.0/33", "10.0.0.0"], ()),  # MapCIDRsByIPFamily: what does not parse is ignored
+], ids=["trimmed", "host-bits-masked", "leading-zeros", "both-families-and-zero", "unparsable-ignored"])
+def test_source_ranges_are_read_as_kube_proxy_reads_them(ranges, want):
+    svc = parse_service(make_service("ns", "svc", lambda s: s["spec"].update(loadBalancerSourceRanges=ranges)))
+    assert svc.lb_source_ranges == want
+
+
+def test_health_check_node_port_is_read():
+    svc = parse_service(make_service("ns", "svc", lambda s: s["spec"].update(healthCheckNodePort=31234)))
+    assert svc.health_check_node_port == 31234
 
 
 def test_lb_ingress_ip_mode_proxy_gets_no_rule():
@@ -203,7 +227,8 @@ def rich_service() -> dict:
         s["metadata"]["labels"] = {"app": "x"}
         s["spec"].update(type="LoadBalancer", clusterIPs=["10.96.0.10", "fd00:96::10"], externalIPs=["192.0.2.1"],
                          sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
-                         internalTrafficPolicy="Local", externalTrafficPolicy="Cluster")
+                         internalTrafficPolicy="Local", externalTrafficPolicy="Cluster", healthCheckNodePort=30999,
+                         loadBalancerSourceRanges=["10.0.0.0/8", " 192.168.07.0/24 ", "fd00::/64", "bogus"])
         s["spec"]["ports"].append({"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053})
         s["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.9", "ipMode": "VIP"}, {"hostname": "h"}]}}
     return make_service("ns", "svc", mutate)

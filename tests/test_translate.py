@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_endpoint, make_service, make_slice
+from lb.maps.structs import SCOPE_EXTERNAL
 from lb.model import Backend, Frontend
 from lb.objects import parse_endpoint_slice, parse_node, parse_service
 from lb.translate import NodeView, translate_service
@@ -118,7 +119,7 @@ def test_single_stack_service_ignores_other_family_slices_and_external_ips():
     def ext(s):
         s["spec"]["externalIPs"] = ["192.168.50.1", "fd00:50::1"]
     out = run(ext, slices=[make_slice("ns", "v6", "svc", ["fd00:1::1"]), make_slice("ns", "v4", "svc", ["10.0.0.1"])])
-    assert set(out) == {FE, Frontend("192.168.50.1", 80, "TCP")}
+    assert set(out) == {FE, Frontend("192.168.50.1", 80, "TCP"), Frontend("192.168.50.1", 80, "TCP", SCOPE_EXTERNAL)}
 
 
 @pytest.mark.parametrize("mutate", [
