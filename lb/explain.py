@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from .model import SCTP, EndpointSlice, Service
+from .maps.structs import SCOPE_EXTERNAL
 from .objects import family_of
 from .translate import (NodeView, externally_accessible, port_endpoints, select_endpoints, translate_service,
                         uses_cluster_endpoints, uses_local_endpoints)
@@ -54,16 +55,30 @@ def explain(svc: Service, slices: Iterable[EndpointSlice], node: NodeView, port_
                 out += [f"      + {_hp(ep.ip, targets[ep.ip])}" for ep in sel.local]
                 out += [f"      - {ip}  {why}" for ip, why in sel.excluded_local.items()]
             for fe, st in sorted(frontends.items()):
-                if fe.port != port.port or fe.protocol != port.protocol or family_of(fe.ip) != family:
+                if fe.protocol != port.protocol or family_of(fe.ip) != family:
                     continue
-                kind = "ClusterIP" if fe.ip in svc.cluster_ips else "external IP (from this node: cluster set)"
+                nodeport = st.nodeport
+                if fe.port != (port.node_port if nodeport else port.port):
+                    continue
+                external = fe.scope == SCOPE_EXTERNAL
+                if nodeport:
+                    kind = "NodePort " + ("(arriving at the node)" if external else "(from this node: cluster set)")
+                elif fe.ip in svc.cluster_ips:
+                    kind = "ClusterIP"
+                elif external:
+                    kind = "external/LB IP (arriving at the node)"
+                else:
+                    kind = "external/LB IP (from this node: cluster set)"
                 if st.backends:
                     action = f"-> {len(st.backends)} backend(s): {', '.join(map(str, st.backends))}"
                 elif st.drop_empty:
                     action = "-> DROP: endpoints exist, but the Local policy leaves none on this node"
                 else:
                     action = "-> REJECT (ECONNREFUSED): no serving endpoint anywhere"
-                out.append(f"    {kind} {fe} uses the {'local' if svc.internal_local and kind == 'ClusterIP' else 'cluster'} set {action}")
+                if external and st.snat:
+                    action += " (source NAT to the node: externalTrafficPolicy Cluster)"
+                local = (svc.internal_local and kind == "ClusterIP") or (external and svc.external_local)
+                out.append(f"    {kind} {fe} uses the {'local' if local else 'cluster'} set {action}")
     return "\n".join(out)
 
 

@@ -46,3 +46,14 @@ def test_explain_command_reads_the_manifest_folder(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lb.cli", "explain", "ns/nope", "--manifests", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "Service ns/nope not found" in r.stderr
+
+
+def test_explain_names_nodeport_and_external_frontends_with_their_policy():
+    def m(s):
+        s["spec"].update(type="NodePort", externalTrafficPolicy="Local")
+        s["spec"]["ports"][0]["nodePort"] = 30080
+    svc = parse_service(make_service("ns", "web", m))
+    remote = parse_endpoint_slice(make_slice("ns", "w", "web", ["10.0.0.2"], node="node-b"))
+    text = explain(svc, [remote], NodeView("node-a"))
+    assert "NodePort (arriving at the node) 0.0.0.0:30080/TCP uses the local set -> DROP" in text
+    assert "NodePort (from this node: cluster set) 0.0.0.0:30080/TCP uses the cluster set -> 1 backend(s)" in text
