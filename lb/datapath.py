@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .maps import bpfsys
-from .maps.structs import DEV_ADDRS_MAP, MAPS
+from .maps.structs import DEV_ADDRS_MAP, MAPS, SOCK_REVNAT_MAP
 from .settings import ConntrackSettings, MapSizes, Paths
 
 log = logging.getLogger("bpflb.datapath")
@@ -379,8 +379,10 @@ def _tc_progs_adoptable(paths: Paths, sizes: MapSizes, conntrack: ConntrackSetti
     d = _tc_dir(paths)
     if _marks(d) != [BUILD_MARK + tc_build_id(paths, sizes, conntrack)]:
         return False
+    # The maps tc_lb.c declares (bpf/lb_maps.h): every shared one but the socket programs' own.
+    tc_maps = [m for m in MAPS if m != SOCK_REVNAT_MAP] + [DEV_ADDRS_MAP]
     return all(os.path.exists(os.path.join(d, "prog_" + p.pin)) for p in TC_PROGS) and \
-        all(os.path.exists(os.path.join(paths.bpf_root, m)) for m in (*MAPS, *DATAPATH_MAPS))
+        all(os.path.exists(os.path.join(paths.bpf_root, m)) for m in tc_maps)
 
 
 def _ifindex(ifname: str) -> int:
