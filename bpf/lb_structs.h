@@ -152,7 +152,8 @@ struct lb_endpoint {
 /* ---- north-south (tc) --------------------------------------------------------------------------- */
 
 /* lb_node_addr.flags */
-#define LB_NODE_ADDR_F_NODEPORT (1 << 0) /* NodePorts are served on this address (--nodeport-addresses) */
+#define LB_NODE_ADDR_F_NODEPORT (1 << 0) /* this node's: NodePorts are served on it (--nodeport-addresses), tc and sockets */
+#define LB_NODE_ADDR_F_REMOTE   (1 << 1) /* another node's: only local callers' sockets translate its NodePorts */
 
 /* The node's own addresses, written by the agent: a packet (tc) or a connect (socket) to one of them
  * on a NodePort finds the wildcard frontend (0.0.0.0 / :: , LB_SVC_F_NODEPORT). */

@@ -569,7 +569,8 @@ def test_cleanup_removes_only_what_bpflb_added():
         b.up()
         tc = ["ip", "netns", "exec", b.ns["n1"], "tc"]
         subprocess.run([*tc, "qdisc", "add", "dev", "eth0", "clsact"], check=True)
-        subprocess.run([*tc, "filter", "add", "dev", "eth0", "ingress", "prio", "10", "matchall", "action", "pass"],
+        # Someone else's classic filter (cBPF "return 0": no verdict, packets go on to tcx and the stack).
+        subprocess.run([*tc, "filter", "add", "dev", "eth0", "ingress", "prio", "10", "bpf", "bytecode", "1,6 0 0 0,"],
                        check=True)
         assert tcx_programs(b, "eth0") and tcx_programs(b, "vpod")
         removed = datapath.cleanup(b.paths)
@@ -578,6 +579,52 @@ def test_cleanup_removes_only_what_bpflb_added():
         assert not os.path.exists(b.bpf_root)
         qdiscs = subprocess.run([*tc, "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout
         filters = subprocess.run([*tc, "filter", "show", "dev", "eth0", "ingress"], capture_output=True, text=True).stdout
-        assert "clsact" in qdiscs and "matchall" in filters  # not ours: left alone
+        assert "clsact" in qdiscs and "bytecode '1,6 0 0 0'" in filters  # not ours: left alone
     finally:
         b.down()
+
+
+# ---- local callers: the socket programs' wildcard NodePort lookup ---------------------------------
+
+ASK = r"""
+import socket, sys
+ip, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((ip, port), timeout=2)
+s.sendall(b"?\n")
+print(s.makefile().readline().strip(), "%s:%d" % s.getpeername()[:2])
+"""
+
+
+@pytest.mark.parametrize("dial", [NODE1_4, NODE2_4], ids=["this-node", "another-node"])
+def test_a_local_caller_dialling_a_node_address_nodeport_is_translated_at_its_socket(tcbed, maps, dial):
+    from lb.settings import default_cgroup_root
+
+    cgroup = os.path.join(default_cgroup_root(), f"bpflb-tctest-{uuid.uuid4().hex[:6]}")
+    os.mkdir(cgroup)
+    paths = Paths(cgroup_root=cgroup, bpf_root=tcbed.bpf_root)
+    try:
+        datapath.attach(paths, SIZES)
+        program(maps, Frontend("0.0.0.0", NODEPORT, TCP), 5, [POD1_4], SVC_F_NODEPORT)  # scope INTERNAL
+        with PinnedNodeAddrs(tcbed.bpf_root) as m:
+            m.replace({NODE1_4, NODE1_6}, remote={NODE2_4})
+
+        def enter():
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write("0")
+            netns_.enter(tcbed.path("n1"))
+        out = subprocess.run([sys.executable, "-c", ASK, dial, str(NODEPORT)], capture_output=True, text=True,
+                             preexec_fn=enter, timeout=10)
+        assert out.returncode == 0, out.stderr
+        name, seen, peer = out.stdout.split()
+        # Connected straight to the pod (it sees the node's address on the pod side, not a masquerade),
+        # and the application sees the address it dialled.
+        assert (name, seen, peer) == ("pod1", GW4, f"{dial}:{NODEPORT}")
+        assert ct_rows(tcbed.bpf_root) == []  # no packet went through the tc path
+    finally:
+        with PinnedNodeAddrs(tcbed.bpf_root) as m:
+            m.replace({NODE1_4, NODE1_6})
+        for name in datapath.attached(paths):
+            os.unlink(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, name))
+        for mark in os.listdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR)):
+            os.rmdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, mark))
+        os.rmdir(cgroup)
