@@ -16,6 +16,9 @@
 /* lb_svc_val.flags */
 #define LB_SVC_F_DROP_EMPTY   (1 << 0) /* count == 0: drop (Local policy, none here), not reject */
 #define LB_SVC_F_AFFINITY     (1 << 1) /* sessionAffinity: ClientIP */
+#define LB_SVC_F_SNAT         (1 << 2) /* EXTERNAL, externalTrafficPolicy Cluster: masquerade to the node address */
+#define LB_SVC_F_SRC_RANGES   (1 << 3) /* loadBalancerSourceRanges: lb_src_ranges decides who may connect */
+#define LB_SVC_F_NODEPORT     (1 << 4) /* a wildcard node-address frontend (addr 0.0.0.0 / ::) */
 
 /* lb_svc_key.scope */
 #define LB_SCOPE_INTERNAL 0 /* traffic from inside the cluster (socket hooks) */
@@ -144,6 +147,100 @@ struct lb_endpoint {
 	__u32 ifindex;          /* host end of the pod's veth pair */
 	__u8  mac[6];           /* the pod's eth0 MAC, for a redirect that rewrites L2 */
 	__u16 flags;
+};
+
+/* ---- north-south (tc) --------------------------------------------------------------------------- */
+
+/* lb_node_addr.flags */
+#define LB_NODE_ADDR_F_NODEPORT (1 << 0) /* this node's: NodePorts are served on it (--nodeport-addresses), tc and sockets */
+#define LB_NODE_ADDR_F_REMOTE   (1 << 1) /* another node's: only local callers' sockets translate its NodePorts */
+
+/* The node's own addresses, written by the agent: a packet (tc) or a connect (socket) to one of them
+ * on a NodePort finds the wildcard frontend (0.0.0.0 / :: , LB_SVC_F_NODEPORT). */
+struct lb_node_addr_key {
+	__u32 addr[4];
+};
+
+struct lb_node_addr {
+	__u32 flags;            /* LB_NODE_ADDR_F_* */
+};
+
+/* loadBalancerSourceRanges, an LPM trie: (frontend, client prefix). prefixlen counts the bits after
+ * itself: 32 (rev_nat_id) + 96 + the IPv4 prefix length for IPv4 (mapped), 32 + the IPv6 one. */
+struct lb_src_range_key {
+	__u32 prefixlen;
+	__u32 rev_nat_id;
+	__u32 addr[4];
+};
+
+struct lb_src_range {
+	__u8 allow;
+	__u8 pad[3];
+};
+
+/* sessionAffinity ClientIP for traffic from outside: keyed by the client's real address. */
+struct lb_ext_affinity_key {
+	__u32 client[4];
+	__u32 rev_nat_id;
+	__u32 pad;
+};
+
+/* A device's own addresses (ifindex -> its first global IPv4, IPv6), written by the loader: the
+ * masquerade source of a flow leaving through that device. Zero = none. */
+struct lb_dev_addr {
+	__u32 v4[4];            /* IPv4-mapped */
+	__u32 v6[4];
+};
+
+/*
+ * Connection tracking of the flows the tc programs translate. One tuple layout, as a packet shows it
+ * on the wire: lb_ct is keyed by the client's packet (client -> frontend as dialled: a node address
+ * for a NodePort), lb_nat by the backend's reply (backend -> the client, or -> the masquerade address
+ * and port under SNAT). Both LRU: a flow that goes quiet is forgotten first.
+ */
+struct lb_ct_tuple {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  pad[3];
+};
+
+/* lb_ct_val.flags / lb_nat_val.flags */
+#define LB_CT_F_SNAT     (1 << 0) /* masqueraded: nat_addr:nat_port is the source the backend sees */
+#define LB_CT_F_LOCAL    (1 << 1) /* backend is a local pod: delivered to ifindex_out */
+#define LB_CT_F_REPLIED  (1 << 2) /* a reply was seen */
+#define LB_CT_F_CLOSING  (1 << 3) /* TCP FIN or RST seen: short timeout, a new SYN starts a new flow */
+#define LB_CT_F_NODEPORT (1 << 4) /* the frontend is the wildcard NodePort one */
+
+struct lb_ct_val {
+	__u32 backend[4];
+	__u32 nat_addr[4];      /* masquerade source (LB_CT_F_SNAT) */
+	__u16 backend_port;
+	__u16 nat_port;
+	__u32 backend_id;
+	__u32 rev_nat_id;
+	__u32 ifindex_in;       /* device the flow arrived on: replies leave through it */
+	__u32 ifindex_out;      /* local backend's host veth (LB_CT_F_LOCAL) */
+	__u16 slot;             /* where backend_id sat: the flow holds while it still sits there */
+	__u16 flags;            /* LB_CT_F_* */
+	__u8  mac[6];           /* local backend's MAC (from lb_endpoints) */
+	__u16 pad;
+	__u64 created_ns;       /* bpf_ktime_get_boot_ns() */
+	__u64 last_ns;
+};
+
+struct lb_nat_val {
+	__u32 client[4];        /* what the reply's destination becomes */
+	__u32 frontend[4];      /* what the reply's source becomes */
+	__u16 client_port;
+	__u16 frontend_port;
+	__u32 ifindex_in;       /* where the reply goes out */
+	__u16 flags;            /* LB_CT_F_* of the flow */
+	__u16 pad;
+	__u32 rev_nat_id;
+	__u64 last_ns;
 };
 
 #endif /* BPFLB_LB_STRUCTS_H */

@@ -35,12 +35,9 @@
 /* Draws a new UDP flow makes to find a backend no other live flow of the socket uses. */
 #define UDP_AVOID_TRIES 4
 
-#define PIN(name) PIN_ROOT "/" #name
+/* Shared with tc_lb.c: services, backends, reverse NAT, affinity, endpoints, node addresses, ... */
+#include "lb_maps.h"
 
-/* Datapath reads only slots 1..master.count; the agent writes in make-before-break order. */
-BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_val, lb_services_v1, SVC_MAP_SIZE, PIN(lb_services_v1));
-BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends_v1, BACKEND_MAP_SIZE, PIN(lb_backends_v1));
-BPF_TABLE_PINNED("hash", __u32, struct lb_revnat, lb_revnat_v1, REVNAT_MAP_SIZE, PIN(lb_revnat_v1));
 /* UDP sockets' reverse NAT; also read by the agent (lb/sockets.py) to find the sockets to destroy. */
 BPF_TABLE_PINNED("lru_hash", struct lb_sock_key, struct lb_sock_val, lb_sock_revnat_v1, SOCK_REVNAT_SIZE, PIN(lb_sock_revnat_v1));
 /* TCP sockets' reverse NAT: a slot per socket cookie, and the socket's own storage when its slot is taken
@@ -49,9 +46,6 @@ BPF_TABLE_PINNED("array", __u32, struct lb_sock_peer, lb_sock_peer_v1, SOCK_REVN
 BPF_TABLE_PINNED("sk_storage", int, struct lb_sock_peer, lb_sock_peer_sk_v1, 0, PIN(lb_sock_peer_sk_v1), BPF_F_NO_PREALLOC);
 /* UDP sockets' flows (socket, frontend) -> backend, in the socket's storage: freed with the socket. */
 BPF_TABLE_PINNED("sk_storage", int, struct lb_udp_flows, lb_udp_flows_v1, 0, PIN(lb_udp_flows_v1), BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_val, lb_affinity_v1, AFFINITY_MAP_SIZE, PIN(lb_affinity_v1));
-/* Created and pinned here with the others; read by the node datapath (tc), written by the CNI plugin. */
-BPF_TABLE_PINNED("hash", struct lb_endpoint_key, struct lb_endpoint, lb_endpoints_v1, ENDPOINT_MAP_SIZE, PIN(lb_endpoints_v1));
 
 /* The return value of a sock_addr program: 1 lets the syscall go on, 0 fails it with the
  * errno given to bpf_set_retval (EPERM if none). */
@@ -411,8 +405,20 @@ static __always_inline int sock_xlate_fwd(struct bpf_sock_addr *ctx, struct lb_a
 	key.proto = proto;
 	key.scope = LB_SCOPE_INTERNAL;
 	svc = lb_services_v1.lookup(&key);
-	if (!svc)
-		return 0; /* not a frontend (or a wrong port on a VIP): leave it alone */
+	if (!svc) {
+		/* A node's address on a NodePort (this node's or another's, as lb_node_addrs lists them):
+		 * the wildcard frontend, translated here like a ClusterIP so that no packet hairpins
+		 * (Cilium's surrogate lookup). Only on a miss: the ClusterIP hit path pays nothing. */
+		struct lb_node_addr *na = lb_node_addrs_v1.lookup((struct lb_node_addr_key *)key.addr);
+		if (!na)
+			return 0; /* not a frontend (or a wrong port on a VIP): leave it alone */
+		key.addr[0] = 0;
+		key.addr[1] = 0;
+		key.addr[3] = 0; /* addr[2] stays ::ffff for IPv4 (0.0.0.0 mapped), 0 for IPv6 (::) */
+		svc = lb_services_v1.lookup(&key);
+		if (!svc)
+			return 0;
+	}
 
 	__u16 count = svc->count;
 	__u16 flags = svc->flags;
@@ -533,7 +539,10 @@ static __always_inline int frontend_live(__u32 rev_nat_id, const __u32 *addr, __
 {
 	struct lb_revnat *rn = lb_revnat_v1.lookup(&rev_nat_id);
 
-	return rn && rn->port == port && addr_eq(rn->addr, addr);
+	if (!rn || rn->port != port)
+		return 0;
+	/* A NodePort's frontend is the wildcard (0.0.0.0 / ::): the socket dialled a node address. */
+	return addr_eq(rn->addr, addr) || (rn->addr[0] == 0 && rn->addr[1] == 0 && rn->addr[3] == 0);
 }
 
 /*

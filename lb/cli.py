@@ -78,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("--bpf-root", default=Paths.bpf_root, help=field_docs(Paths)["bpf_root"].split(":", 1)[1].strip())
     ls.add_argument("--state-dir", default=Paths.state_dir, help=field_docs(Paths)["state_dir"].split(":", 1)[1].strip())
 
+    for cmd, what in (("ct", "connections from outside the node the tc programs translate (lb_ct)"),
+                      ("nat", "reply tuples and masquerade ports of those connections (lb_nat)")):
+        sp = sub.add_parser(cmd, help=f"inspect {what}")
+        spsub = sp.add_subparsers(dest=f"{cmd}_cmd", required=True)
+        sl = spsub.add_parser("list", help=what)
+        sl.add_argument("-o", "--output", choices=["text", "json"], default="text")
+        sl.add_argument("--bpf-root", default=Paths.bpf_root,
+                        help=field_docs(Paths)["bpf_root"].split(":", 1)[1].strip())
+
     ex = sub.add_parser("explain", help="why each endpoint of a Service is or is not used on this node")
     ex.add_argument("service", metavar="NAMESPACE/NAME[:PORT]")
     ex.add_argument("--manifests", metavar="DIR", required=True)
@@ -125,6 +134,20 @@ def main(argv: list[str] | None = None) -> int:
 
         for item in cleanup(settings_from_flags(Paths, a)):
             print(f"removed {item}")
+        return 0
+
+    if a.cmd in ("ct", "nat"):
+        from .maps import conntrack
+
+        try:
+            rows = (conntrack.ct_rows if a.cmd == "ct" else conntrack.nat_rows)(a.bpf_root)
+        except FileNotFoundError as e:
+            print(f"bpflb: {e}", file=sys.stderr)
+            return 1
+        if a.output == "json":
+            print(json.dumps(rows, indent=2))
+        else:
+            print((conntrack.format_ct if a.cmd == "ct" else conntrack.format_nat)(rows))
         return 0
 
     if a.cmd == "explain":

@@ -11,6 +11,14 @@ the link pins, ``links/build-<id>`` (an empty bpffs directory) names the build t
 where the ID hashes everything that decides the programs (the bpf/ sources, the compiler flags, which
 include the pin root and map sizes, the kernel release and the hook list). It is removed before any
 link is swapped and written after every hook is attached, so a crash in between means "recompile".
+
+tc programs (bpf/tc_lb.c, north-south traffic) attach the same way, by tcx bpf_links (kernel 6.6+),
+pinned under ``<bpf-root>/tc``: ``ext_<ifindex>`` on the ingress of each external device (--devices),
+``pod_<ifindex>`` on the ingress of each local pod's host veth (the ifindexes lb_endpoints holds).
+The programs themselves are pinned there too (``prog_ext``, ``prog_pod``) with their own build mark,
+so a restarted agent adopts them, and pod veths come and go (``sync_tc_endpoints``) without a compiler.
+tcx needs no qdisc: bpflb adds none, and removing the pins detaches everything it attached, leaving
+any other tc filter or qdisc on those devices as it was.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .maps import bpfsys
-from .maps.structs import MAPS
+from .maps.structs import DEV_ADDRS_MAP, MAPS, SOCK_REVNAT_MAP
 from .settings import ConntrackSettings, MapSizes, Paths
 
 log = logging.getLogger("bpflb.datapath")
@@ -32,7 +40,7 @@ log = logging.getLogger("bpflb.datapath")
 # bpf/ next to lb/ in a checkout (pip install -e); an installed image points at its copy.
 BPF_DIR = Path(os.environ.get("BPFLB_BPF_DIR") or Path(__file__).resolve().parent.parent / "bpf")
 LINKS_DIR = "links"
-DATAPATH_MAPS = ("lb_sock_peer_v1", "lb_sock_peer_sk_v1", "lb_udp_flows_v1")  # pinned maps only the programs read (not in maps.structs.MAPS)
+DATAPATH_MAPS = ("lb_sock_peer_v1", "lb_sock_peer_sk_v1", "lb_udp_flows_v1", DEV_ADDRS_MAP)  # pinned maps only the programs read (not in maps.structs.MAPS)
 BUILD_MARK = "build-"  # + build ID (bpffs names may not contain a dot): the directory under LINKS_DIR naming the attached build
 LINK_TYPE_CGROUP = 3  # enum bpf_link_type
 
@@ -257,7 +265,7 @@ def attached(paths: Paths) -> list[str]:
 
 def cleanup(paths: Paths) -> list[str]:
     """Remove every attachment and pin bpflb made under these paths; returns what was removed."""
-    removed = []
+    removed = cleanup_tc(paths)
     links = os.path.join(paths.bpf_root, LINKS_DIR)
     if os.path.isdir(links):
         for mark in _marks(links):
@@ -307,17 +315,308 @@ def cleanup(paths: Paths) -> list[str]:
     return removed
 
 
+# ---- tc (north-south) -----------------------------------------------------------------------------
+
+TC_DIR = "tc"
+LINK_TYPE_TCX = 11  # enum bpf_link_type
+TCX_INGRESS = 46  # enum bpf_attach_type BPF_TCX_INGRESS (kernel 6.6+)
+
+
+@dataclass(frozen=True)
+class TcProg:
+    func: str  # function in bpf/tc_lb.c
+    pin: str  # program pin (and link-name prefix) under <bpf-root>/tc
+    what: str
+
+
+TC_PROGS = (
+    TcProg("bpflb_tc_ext", "ext", "tc ingress of external devices (NodePort, LoadBalancer, ExternalIP)"),
+    TcProg("bpflb_tc_pod", "pod", "tc ingress of pod veths (replies of translated flows)"),
+)
+
+
+def compile_tc_lb(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()):
+    """Compile bpf/tc_lb.c against the same pinned maps as the socket programs."""
+    import bcc
+
+    ensure_headers()
+    ensure_bpffs(paths.bpf_root)
+    try:
+        return bcc.BPF(src_file=str(BPF_DIR / "tc_lb.c").encode(), cflags=cflags(paths, sizes, conntrack))
+    except Exception as e:
+        raise DatapathError(f"compiling bpf/tc_lb.c failed: {e}") from None
+
+
+def tc_build_id(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()) -> str:
+    return hashlib.sha256((build_id(paths, sizes, conntrack) + repr(TC_PROGS)).encode()).hexdigest()[:32]
+
+
+def _tc_dir(paths: Paths) -> str:
+    return os.path.join(paths.bpf_root, TC_DIR)
+
+
+def tcx_link_info(fd: int) -> tuple[int, int, int, int]:
+    """(link type, program ID, ifindex, attach type) of a tcx link; ifindex 0 once its device is gone."""
+    import ctypes
+
+    info = ctypes.create_string_buffer(64)
+    n = ctypes.c_uint32(64)
+    bpfsys._check(bpfsys._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(n)), "link info")
+    u32 = lambda off: ctypes.c_uint32.from_buffer(info, off).value  # noqa: E731
+    return u32(0), u32(8), u32(16), u32(20)
+
+
+def _prog_id(fd: int) -> int:
+    import ctypes
+
+    info = ctypes.create_string_buffer(256)
+    n = ctypes.c_uint32(256)
+    bpfsys._check(bpfsys._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(n)), "program info")
+    return ctypes.c_uint32.from_buffer(info, 4).value  # struct bpf_prog_info: type, id
+
+
+def _tc_progs_adoptable(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings) -> bool:
+    d = _tc_dir(paths)
+    if _marks(d) != [BUILD_MARK + tc_build_id(paths, sizes, conntrack)]:
+        return False
+    # The maps tc_lb.c declares (bpf/lb_maps.h): every shared one but the socket programs' own.
+    tc_maps = [m for m in MAPS if m != SOCK_REVNAT_MAP] + [DEV_ADDRS_MAP]
+    return all(os.path.exists(os.path.join(d, "prog_" + p.pin)) for p in TC_PROGS) and \
+        all(os.path.exists(os.path.join(paths.bpf_root, m)) for m in tc_maps)
+
+
+def _ifindex(ifname: str) -> int:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise DatapathError(f"--devices: no device {ifname} in this network namespace")
+    return found[0]
+
+
+def _tc_links(paths: Paths) -> dict[str, str]:
+    """Link pin name -> path, of every tc link pinned under <bpf-root>/tc."""
+    d = _tc_dir(paths)
+    if not os.path.isdir(d):
+        return {}
+    return {n: os.path.join(d, n) for n in os.listdir(d)
+            if any(n.startswith(p.pin + "_") for p in TC_PROGS)}
+
+
+def _link_ok(pin: str, ifindex: int) -> tuple[bool, int]:
+    """(alive on ifindex as a tcx ingress link, its program ID)."""
+    try:
+        fd = bpfsys.obj_get(pin)
+    except OSError:
+        return False, 0
+    try:
+        ltype, prog_id, ifi, at = tcx_link_info(fd)
+        return ltype == LINK_TYPE_TCX and ifi == ifindex and at == TCX_INGRESS, prog_id
+    except OSError:
+        return False, 0
+    finally:
+        os.close(fd)
+
+
+def _sync_tc_links(paths: Paths, want: dict[str, tuple[int, int]]) -> list[str]:
+    """Make the pinned tc links exactly ``want`` (pin name -> (ifindex, program fd)): stale ones are
+    removed (detached), live ones moved to the program given (BPF_LINK_UPDATE), missing ones created.
+    Returns the pins that failed to attach, with the reason."""
+    failed = []
+    for name, pin in _tc_links(paths).items():
+        if name not in want:
+            os.unlink(pin)
+    for name, (ifindex, prog_fd) in want.items():
+        pin = os.path.join(_tc_dir(paths), name)
+        ok, prog_id = _link_ok(pin, ifindex)
+        if ok:
+            if prog_id != _prog_id(prog_fd):
+                link = bpfsys.obj_get(pin)
+                try:
+                    bpfsys.link_update(link, prog_fd)
+                finally:
+                    os.close(link)
+            continue
+        if os.path.exists(pin):
+            os.unlink(pin)  # its device went away (or it is not ours): attach again
+        try:
+            link = bpfsys.link_create(prog_fd, ifindex, TCX_INGRESS)
+        except OSError as e:
+            failed.append(f"{name} (ifindex {ifindex}): tcx attach failed: {e.strerror} (kernel 6.6+ needed)")
+            continue
+        try:
+            bpfsys.obj_pin(link, pin)
+        finally:
+            os.close(link)
+    return failed
+
+
+def _endpoint_ifindexes(paths: Paths) -> set[int]:
+    from pyroute2 import IPRoute
+
+    from .maps.endpoints import PinnedEndpointMap
+
+    with PinnedEndpointMap(paths.bpf_root) as m:
+        wanted = {ifindex for ifindex, _ in m.dump().values()}
+    with IPRoute() as ipr:
+        present = {link["index"] for link in ipr.get_links()}
+    return wanted & present
+
+
+def write_device_addrs(paths: Paths) -> dict[int, tuple[str, str]]:
+    """lb_dev_addrs: each device's first global IPv4 and IPv6 address, the masquerade source of
+    flows leaving through it. Exact set (devices without a global address are removed)."""
+    import socket
+
+    from pyroute2 import IPRoute
+
+    from .maps.addr import pack_ip
+    from .maps.structs import DevAddr, packer
+
+    val = packer(DevAddr)
+    found: dict[int, list[str]] = {}
+    with IPRoute() as ipr:
+        for a in ipr.get_addr():
+            if a["scope"] != 0:  # RT_SCOPE_UNIVERSE only
+                continue
+            ip = a.get_attr("IFA_ADDRESS")
+            fam = 0 if a["family"] == socket.AF_INET else 1
+            slot = found.setdefault(a["index"], ["", ""])
+            if not slot[fam]:
+                slot[fam] = ip
+    fd = bpfsys.obj_get(os.path.join(paths.bpf_root, DEV_ADDRS_MAP))
+    try:
+        for k, _ in bpfsys.dump(fd, 4, val.size):
+            if int.from_bytes(k, "little") not in found:
+                bpfsys.delete(fd, k)
+        for ifindex, (v4, v6) in found.items():
+            bpfsys.update(fd, ifindex.to_bytes(4, "little"),
+                          val.pack(pack_ip(v4) if v4 else b"\0" * 16, pack_ip(v6) if v6 else b"\0" * 16))
+    finally:
+        os.close(fd)
+    return {i: (v4, v6) for i, (v4, v6) in found.items()}
+
+
+def attach_tc(paths: Paths, sizes: MapSizes, devices: list[str], strict: bool = True,
+              conntrack: ConntrackSettings = ConntrackSettings()) -> list[str]:
+    """Attach bpflb_tc_ext to the ingress of each device in ``devices`` and bpflb_tc_pod to each local pod's
+    veth (lb_endpoints), by pinned tcx links; links on devices no longer listed are removed. Adopts the
+    pinned programs when they are this very build (nothing compiled, links untouched). Strict: a program
+    the kernel refuses or a device it cannot attach to stops with DatapathError naming it; not strict:
+    returns what was skipped. Run in the node's network namespace (device names and ifindexes are its)."""
+    ifindexes = {name: _ifindex(name) for name in devices}
+    d = _tc_dir(paths)
+    ensure_bpffs(paths.bpf_root)
+    os.makedirs(d, exist_ok=True)
+    skipped: list[str] = []
+    if not _tc_progs_adoptable(paths, sizes, conntrack):
+        import bcc
+
+        b = compile_tc_lb(paths, sizes, conntrack)
+        fds = {}
+        for p in TC_PROGS:
+            try:
+                fds[p.pin] = b.load_func(p.func.encode(), bcc.BPF.SCHED_CLS).fd
+            except Exception as e:
+                if strict:
+                    raise DatapathError(f"strict mode: kernel refused the {p.what} program: {e}; refusing to start "
+                                        f"(--no-strict runs without it)") from None
+                skipped.append(p.what)
+        for mark in _marks(d):
+            os.rmdir(os.path.join(d, mark))
+        for p in TC_PROGS:
+            pin = os.path.join(d, "prog_" + p.pin)
+            if os.path.exists(pin):
+                os.unlink(pin)
+            if p.pin in fds:
+                bpfsys.obj_pin(fds[p.pin], pin)
+        prog_fds = {pin: bpfsys.obj_get(os.path.join(d, "prog_" + pin)) for pin in fds}
+        b.cleanup()
+        adopted = False
+    else:
+        prog_fds = {p.pin: bpfsys.obj_get(os.path.join(d, "prog_" + p.pin)) for p in TC_PROGS}
+        adopted = True
+    try:
+        write_device_addrs(paths)
+        want = {}
+        if "ext" in prog_fds:
+            want.update({f"ext_{i}": (i, prog_fds["ext"]) for i in ifindexes.values()})
+        if "pod" in prog_fds:
+            want.update({f"pod_{i}": (i, prog_fds["pod"]) for i in _endpoint_ifindexes(paths)})
+        failed = _sync_tc_links(paths, want)
+    finally:
+        for fd in prog_fds.values():
+            os.close(fd)
+    if failed and strict:
+        raise DatapathError("strict mode: " + "; ".join(failed) + "; refusing to start (--no-strict runs without it)")
+    skipped += failed
+    if not adopted and not skipped:
+        os.mkdir(os.path.join(d, BUILD_MARK + tc_build_id(paths, sizes, conntrack)))
+    elif adopted:
+        log.info("tc programs are build %s: adopted, not recompiled", tc_build_id(paths, sizes, conntrack))
+    return skipped
+
+
+def sync_tc_endpoints(paths: Paths) -> list[str]:
+    """Attach the pinned pod program to every local pod veth lb_endpoints names, and drop the links of
+    veths that are gone; no compiler. Call after the CNI plugin added or removed an endpoint.
+    Returns the veths that failed to attach (empty if the pod program is not loaded)."""
+    pin = os.path.join(_tc_dir(paths), "prog_pod")
+    if not os.path.exists(pin):
+        return []
+    fd = bpfsys.obj_get(pin)
+    try:
+        want = {n: (int(n[4:]), fd) for n in _tc_links(paths) if n.startswith("ext_")}
+        ext_fd = None
+        if want:
+            ext_fd = bpfsys.obj_get(os.path.join(_tc_dir(paths), "prog_ext"))
+            want = {n: (i, ext_fd) for n, (i, _) in want.items()}
+        want.update({f"pod_{i}": (i, fd) for i in _endpoint_ifindexes(paths)})
+        try:
+            return _sync_tc_links(paths, want)
+        finally:
+            if ext_fd is not None:
+                os.close(ext_fd)
+    finally:
+        os.close(fd)
+
+
+def tc_attached(paths: Paths) -> dict[str, bool]:
+    """tc link pin -> still attached to a device."""
+    out = {}
+    for name, pin in sorted(_tc_links(paths).items()):
+        out[name] = _link_ok(pin, int(name.split("_", 1)[1]))[0]
+    return out
+
+
+def cleanup_tc(paths: Paths) -> list[str]:
+    """Remove every tc link and program bpflb pinned (the links detach; bpflb added no qdisc)."""
+    removed = []
+    d = _tc_dir(paths)
+    if not os.path.isdir(d):
+        return removed
+    for mark in _marks(d):
+        os.rmdir(os.path.join(d, mark))
+    for name in sorted(os.listdir(d)):
+        os.unlink(os.path.join(d, name))
+        removed.append(f"tc {name}")
+    os.rmdir(d)
+    return removed
+
+
 def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True,
-                       conntrack: ConntrackSettings = ConntrackSettings()) -> subprocess.Popen:
+                       conntrack: ConntrackSettings = ConntrackSettings(),
+                       devices: list[str] | None = None) -> subprocess.Popen:
     """attach() in a short-lived child process. bcc and LLVM stay resident once loaded (~130 MB
     measured); the agent only needs the pinned maps and links, so it never imports them. The agent
-    reads its sources while the child compiles (0.7 s here)."""
+    reads its sources while the child compiles (0.7 s here). ``devices`` (not None): attach_tc too."""
     import json
     import sys
     from dataclasses import asdict
 
     args = json.dumps({"paths": asdict(paths), "sizes": asdict(sizes), "strict": strict,
-                       "conntrack": asdict(conntrack)})
+                       "conntrack": asdict(conntrack), "devices": devices})
     return subprocess.Popen([sys.executable, "-m", "lb.datapath", args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -337,8 +636,9 @@ def finish_attach_child(proc: subprocess.Popen) -> list[str]:
 
 
 def attach_in_child(paths: Paths, sizes: MapSizes, strict: bool = True,
-                    conntrack: ConntrackSettings = ConntrackSettings()) -> list[str]:
-    return finish_attach_child(start_attach_child(paths, sizes, strict, conntrack))
+                    conntrack: ConntrackSettings = ConntrackSettings(),
+                    devices: list[str] | None = None) -> list[str]:
+    return finish_attach_child(start_attach_child(paths, sizes, strict, conntrack, devices))
 
 
 def _main(argv: list[str]) -> int:
@@ -348,8 +648,10 @@ def _main(argv: list[str]) -> int:
     a = json.loads(argv[0])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
-        skipped = attach(Paths(**a["paths"]), MapSizes(**a["sizes"]), a["strict"],
-                         ConntrackSettings(**a.get("conntrack", {})))
+        paths, sizes, conntrack = Paths(**a["paths"]), MapSizes(**a["sizes"]), ConntrackSettings(**a.get("conntrack", {}))
+        skipped = attach(paths, sizes, a["strict"], conntrack)
+        if a.get("devices") is not None:
+            skipped += attach_tc(paths, sizes, a["devices"], a["strict"], conntrack)
     except DatapathError as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 1

@@ -108,8 +108,66 @@ def probe(cgroup_parent: str) -> list[Result]:
                 for f in files:
                     os.unlink(os.path.join(dirpath, f))
                 os.rmdir(dirpath)
+    results += _probe_tc(pins_root="/sys/fs/bpf")
     results += _probe_tc_xdp()
     return results
+
+
+def _probe_tc(pins_root: str) -> list[Result]:
+    """The real tc programs (bpf/tc_lb.c) loaded, and a tcx link on a scratch veth in a scratch network
+    namespace. Required: a node without them serves no NodePort, LoadBalancer or ExternalIP."""
+    import subprocess
+
+    from . import netns
+
+    out = []
+    pins = tempfile.mkdtemp(prefix="bpflb-probe-tc-", dir=pins_root) if os.path.isdir(pins_root) else None
+    ns = f"bpflb-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        if pins is None:
+            raise datapath.DatapathError("bpffs is not mounted at /sys/fs/bpf")
+        import bcc
+
+        b = datapath.compile_tc_lb(Paths(cgroup_root="/nonexistent", bpf_root=os.path.join(pins, "maps")),
+                                   MapSizes(services=64, backends=64, revnat=64, sock_revnat=64, affinity=64,
+                                            endpoints=64, node_addrs=8, src_ranges=8, ext_affinity=64, ct=64,
+                                            nat=64))
+        try:
+            fds = {}
+            for p in datapath.TC_PROGS:
+                try:
+                    fds[p.func] = b.load_func(p.func.encode(), bcc.BPF.SCHED_CLS).fd
+                    out.append(Result(p.what, True))
+                except Exception as e:
+                    out.append(Result(p.what, False, str(e)))
+            if fds:
+                subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+
+                def attach() -> None:
+                    from pyroute2 import IPRoute
+
+                    with IPRoute() as ipr:
+                        ipr.link("add", ifname="probe0", kind="veth", peer="probe1")
+                        idx = ipr.link_lookup(ifname="probe0")[0]
+                    link = bpfsys.link_create(next(iter(fds.values())), idx, datapath.TCX_INGRESS)
+                    os.close(link)
+                try:
+                    netns.run_in(f"/run/netns/{ns}", attach)
+                    out.append(Result("tcx links (kernel 6.6+)", True))
+                except OSError as e:
+                    out.append(Result("tcx links (kernel 6.6+)", False, e.strerror or str(e)))
+        finally:
+            b.cleanup()
+    except (datapath.DatapathError, subprocess.CalledProcessError, OSError) as e:
+        out += [Result(p.what, False, str(e)) for p in datapath.TC_PROGS]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if pins:
+            for dirpath, dirs, files in os.walk(pins, topdown=False):
+                for f in files:
+                    os.unlink(os.path.join(dirpath, f))
+                os.rmdir(dirpath)
+    return out
 
 
 _TC_XDP = r"""
@@ -126,7 +184,7 @@ def _probe_tc_xdp() -> list[Result]:
         b = bcc.BPF(text=_TC_XDP)
     except Exception as e:
         return [Result("tc sched_cls", False, str(e), False), Result("XDP", False, str(e), False)]
-    for name, ptype, what in (("tc_probe", bcc.BPF.SCHED_CLS, "tc sched_cls (NodePort, later)"),
+    for name, ptype, what in (("tc_probe", bcc.BPF.SCHED_CLS, "tc sched_cls"),
                               ("xdp_probe", bcc.BPF.XDP, "XDP")):
         try:
             b.load_func(name.encode(), ptype)

@@ -43,6 +43,17 @@ class MapSizes:
     """--affinity-map-size: (client, frontend) session-affinity entries (LRU)."""
     endpoints: int = 65536
     """--endpoint-map-size: local pod endpoints (written by the CNI plugin)."""
+    node_addrs: int = 256
+    """--node-addr-map-size: node addresses NodePorts are served on (this node's, and other nodes' for
+    local callers)."""
+    src_ranges: int = 16384
+    """--src-range-map-size: loadBalancerSourceRanges entries (frontend, CIDR) in the LPM trie."""
+    ext_affinity: int = 65536
+    """--ext-affinity-map-size: (outside client IP, frontend) session-affinity entries (LRU)."""
+    ct: int = 65536
+    """--ct-map-size: connections from outside the node tc keeps translated (LRU)."""
+    nat: int = 65536
+    """--nat-map-size: reply tuples of those connections, masquerade ports included (LRU)."""
 
 
 

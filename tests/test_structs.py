@@ -11,11 +11,19 @@ import pytest
 
 from lb import datapath
 from lb.maps.services import MapFullError
-from lb.maps.structs import MAPS, packer
+from lb.maps.structs import (CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_SNAT, DEV_ADDRS_MAP,
+                             DEV_ADDRS_SIZE, MAPS, NODE_ADDR_F_NODEPORT, SOCK_REVNAT_MAP, SVC_F_NODEPORT, SVC_F_SNAT,
+                             SVC_F_SRC_RANGES, DevAddr, packer)
 from lb.settings import MAP_SIZE_FLAGS, MapSizes, Paths
 
 # A distinct size per map, so a macro passed to the wrong map shows.
-SIZES = MapSizes(services=8, backends=9, revnat=10, sock_revnat=11, affinity=12, endpoints=13)
+SIZES = MapSizes(services=8, backends=9, revnat=10, sock_revnat=11, affinity=12, endpoints=13, node_addrs=14,
+                 src_ranges=15, ext_affinity=16, ct=17, nat=18)
+
+
+def sources() -> str:
+    """Every map declaration: sock_lb.c's own and the shared ones (lb_maps.h, also read by tc_lb.c)."""
+    return "".join((datapath.BPF_DIR / f).read_text() for f in ("lb_maps.h", "sock_lb.c"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def test_map_names_carry_the_header_version():
     header = (datapath.BPF_DIR / "lb_structs.h").read_text()
     version = header.split('#define LB_MAP_VERSION "')[1].split('"')[0]
     assert all(n.endswith("_" + version) for n in MAPS)
-    src = (datapath.BPF_DIR / "sock_lb.c").read_text()
+    src = sources()
     assert all(n in src for n in MAPS)
 
 
@@ -73,7 +81,7 @@ def test_every_size_field_sizes_one_map_and_has_a_flag():
 
 @pytest.mark.parametrize("name", sorted(MAPS))
 def test_the_c_declaration_uses_the_macro_the_loader_passes(name):
-    src = (datapath.BPF_DIR / "sock_lb.c").read_text()
+    src = sources()
     decl = re.search(rf"BPF_TABLE_PINNED\([^;]*\b{name}, (\w+),", src)
     assert decl and decl.group(1) == MAPS[name].macro
     assert f"-D{MAPS[name].macro}={getattr(SIZES, MAPS[name].size)}" in datapath.cflags(Paths(bpf_root="/x"), SIZES)
@@ -82,3 +90,35 @@ def test_the_c_declaration_uses_the_macro_the_loader_passes(name):
 @pytest.mark.parametrize("name", sorted(MAPS))
 def test_a_full_map_names_the_flag_that_sizes_it(name):
     assert MAP_SIZE_FLAGS[MAPS[name].size] in str(MapFullError(name))
+
+
+@pytest.fixture(scope="module")
+def compiled_tc():
+    root = f"/sys/fs/bpf/bpflb-structs-tc-{uuid.uuid4().hex[:6]}"
+    b = datapath.compile_tc_lb(Paths(cgroup_root="/nonexistent", bpf_root=root), SIZES)
+    try:
+        yield b
+    finally:
+        b.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MAPS if n != SOCK_REVNAT_MAP) + [DEV_ADDRS_MAP])
+def test_tc_program_sees_the_same_layouts(compiled_tc, name):
+    table = compiled_tc[name.encode()]
+    if name == DEV_ADDRS_MAP:
+        key, value, size = ctypes.c_uint32, DevAddr, DEV_ADDRS_SIZE
+    else:
+        key, value, size = MAPS[name].key, MAPS[name].value, getattr(SIZES, MAPS[name].size)
+    assert layout(table.Key) == layout(key) and layout(table.Leaf) == layout(value)
+    assert table.max_entries == size
+
+
+def test_flags_match_the_header():
+    header = (datapath.BPF_DIR / "lb_structs.h").read_text()
+    for c, py in (("LB_SVC_F_SNAT", SVC_F_SNAT), ("LB_SVC_F_SRC_RANGES", SVC_F_SRC_RANGES),
+                  ("LB_SVC_F_NODEPORT", SVC_F_NODEPORT), ("LB_CT_F_SNAT", CT_F_SNAT), ("LB_CT_F_LOCAL", CT_F_LOCAL),
+                  ("LB_CT_F_REPLIED", CT_F_REPLIED), ("LB_CT_F_CLOSING", CT_F_CLOSING),
+                  ("LB_CT_F_NODEPORT", CT_F_NODEPORT), ("LB_NODE_ADDR_F_NODEPORT", NODE_ADDR_F_NODEPORT)):
+        m = re.search(rf"#define {c}\s+\(1 << (\d+)\)", header)
+        assert m and 1 << int(m.group(1)) == py, c

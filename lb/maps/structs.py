@@ -16,6 +16,16 @@ MAP_VERSION = "v1"
 # Flags and scopes, as in lb_structs.h.
 SVC_F_DROP_EMPTY = 1 << 0
 SVC_F_AFFINITY = 1 << 1
+SVC_F_SNAT = 1 << 2
+SVC_F_SRC_RANGES = 1 << 3
+SVC_F_NODEPORT = 1 << 4
+NODE_ADDR_F_NODEPORT = 1 << 0
+NODE_ADDR_F_REMOTE = 1 << 1
+CT_F_SNAT = 1 << 0
+CT_F_LOCAL = 1 << 1
+CT_F_REPLIED = 1 << 2
+CT_F_CLOSING = 1 << 3
+CT_F_NODEPORT = 1 << 4
 SCOPE_INTERNAL = 0
 SCOPE_EXTERNAL = 1
 
@@ -66,6 +76,52 @@ class Endpoint(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("mac", ctypes.c_uint8 * 6), ("flags", ctypes.c_uint16)]
 
 
+_A16 = ctypes.c_uint32 * 4  # a 16-byte address
+
+
+class NodeAddrKey(ctypes.Structure):
+    _fields_ = [("addr", _A16)]
+
+
+class NodeAddr(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+class SrcRangeKey(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("rev_nat_id", ctypes.c_uint32), ("addr", _A16)]
+
+
+class SrcRange(ctypes.Structure):
+    _fields_ = [("allow", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class ExtAffinityKey(ctypes.Structure):
+    _fields_ = [("client", _A16), ("rev_nat_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class DevAddr(ctypes.Structure):
+    _fields_ = [("v4", _A16), ("v6", _A16)]
+
+
+class CtTuple(ctypes.Structure):
+    _fields_ = [("saddr", _A16), ("daddr", _A16), ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class CtVal(ctypes.Structure):
+    _fields_ = [("backend", _A16), ("nat_addr", _A16), ("backend_port", ctypes.c_uint16),
+                ("nat_port", ctypes.c_uint16), ("backend_id", ctypes.c_uint32), ("rev_nat_id", ctypes.c_uint32),
+                ("ifindex_in", ctypes.c_uint32), ("ifindex_out", ctypes.c_uint32), ("slot", ctypes.c_uint16),
+                ("flags", ctypes.c_uint16), ("mac", ctypes.c_uint8 * 6), ("pad", ctypes.c_uint16),
+                ("created_ns", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
+class NatVal(ctypes.Structure):
+    _fields_ = [("client", _A16), ("frontend", _A16), ("client_port", ctypes.c_uint16),
+                ("frontend_port", ctypes.c_uint16), ("ifindex_in", ctypes.c_uint32), ("flags", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16), ("rev_nat_id", ctypes.c_uint32), ("last_ns", ctypes.c_uint64)]
+
+
 _FMT = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}
 
 
@@ -77,7 +133,7 @@ def packer(cls: type[ctypes.Structure]) -> struct.Struct:
         field = getattr(cls, name)
         if field.offset > offset:
             fmt += f"{field.offset - offset}x"
-        if name == "addr":
+        if ctype is _A16 or name == "addr":
             fmt += "16s"
         elif issubclass(ctype, ctypes.Array):
             fmt += f"{ctype._length_}{_FMT[ctype._type_]}"
@@ -110,5 +166,13 @@ MAPS = {
     f"lb_sock_revnat_{MAP_VERSION}": MapSpec(SockKey, SockVal, "sock_revnat", "SOCK_REVNAT_SIZE"),
     f"lb_affinity_{MAP_VERSION}": MapSpec(AffinityKey, AffinityVal, "affinity", "AFFINITY_MAP_SIZE"),
     f"lb_endpoints_{MAP_VERSION}": MapSpec(EndpointKey, Endpoint, "endpoints", "ENDPOINT_MAP_SIZE"),
+    f"lb_node_addrs_{MAP_VERSION}": MapSpec(NodeAddrKey, NodeAddr, "node_addrs", "NODE_ADDR_MAP_SIZE"),
+    f"lb_src_ranges_{MAP_VERSION}": MapSpec(SrcRangeKey, SrcRange, "src_ranges", "SRC_RANGE_MAP_SIZE"),
+    f"lb_ext_affinity_{MAP_VERSION}": MapSpec(ExtAffinityKey, AffinityVal, "ext_affinity", "EXT_AFFINITY_MAP_SIZE"),
+    f"lb_ct_{MAP_VERSION}": MapSpec(CtTuple, CtVal, "ct", "CT_MAP_SIZE"),
+    f"lb_nat_{MAP_VERSION}": MapSpec(CtTuple, NatVal, "nat", "NAT_MAP_SIZE"),
 }
-SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP, ENDPOINTS_MAP = MAPS
+(SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP, ENDPOINTS_MAP, NODE_ADDRS_MAP, SRC_RANGES_MAP,
+ EXT_AFFINITY_MAP, CT_MAP, NAT_MAP) = MAPS
+DEV_ADDRS_MAP = f"lb_dev_addrs_{MAP_VERSION}"  # written by the loader only (lb/datapath.py); fixed size
+DEV_ADDRS_SIZE = 1024

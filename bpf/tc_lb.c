@@ -1,0 +1,733 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * North-south load balancing: tc programs for traffic arriving at the node from outside.
+ *
+ * bpflb_tc_ext   tcx ingress of each external device (--devices). A packet to an EXTERNAL frontend
+ *                (an LB ingress IP or ExternalIP, or a node address lb_node_addrs marks on a NodePort,
+ *                which finds the wildcard frontend) picks a backend from the same master/slot maps as
+ *                the socket programs, is DNATed (and masqueraded under LB_SVC_F_SNAT) and leaves at once:
+ *                to the local pod's veth (lb_endpoints: ifindex, MAC) or, for a remote backend, to the
+ *                next hop bpf_fib_lookup names (pod network, overlay or direct). lb_ct remembers the
+ *                flow, so its later packets take the same backend; lb_nat remembers the reply tuple.
+ *                Replies of masqueraded flows to remote backends come back here (to the node address
+ *                and the masquerade port) and are reverse-translated before the stack sees them.
+ * bpflb_tc_pod   tcx ingress of a local pod's host veth (what the pod sends): replies of translated
+ *                flows are reverse-translated here, before anything else on the node sees them, and sent
+ *                out towards the client. No egress program is needed: every reply is caught at the
+ *                ingress of the device it arrives on, and a reply must never reach the stack untranslated
+ *                (its source may be a node address, which the stack drops as a martian).
+ *
+ * Not translated, passed on to the stack as they are (documented in docs, see also lb/datapath.py):
+ *  - IPv4 fragments and IPv6 packets with extension headers (no ports to match). Only the first
+ *    fragment carries ports; a client that fragments a datagram to a frontend is not served.
+ *  - ICMP errors about a translated flow (e.g. "fragmentation needed" from a router towards the
+ *    client): they reach the stack untranslated; PMTU discovery across the node relies on the MSS.
+ * Rules as kube-proxy nftables applies them: no endpoints at all -> reject (ICMP port unreachable, as
+ * nft "reject" does: the client's connect fails at once with ECONNREFUSED); LB_SVC_F_DROP_EMPTY
+ * (externalTrafficPolicy Local, none here) -> silent drop; LB_SVC_F_SRC_RANGES -> the client must be in
+ * lb_src_ranges for the frontend, else drop.
+ *
+ * Masquerade ports (lb_nat) come from NAT_PORT_MIN..NAT_PORT_MAX, outside the kernel's ephemeral range
+ * (ip_local_port_range 32768-60999 by default) and the NodePort range (30000-32767), so the kernel never
+ * picks one for a local connection; a candidate is skipped if it is a NodePort frontend, if a local
+ * socket (listener or connection) owns the reply tuple, or if another flow holds it (insert NOEXIST).
+ *
+ * Loaded by lb/datapath.py with the same -D flags as sock_lb.c (shared maps, lb_maps.h).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include "lb_maps.h"
+
+#ifndef UDP_TIMEOUT_NS
+#define UDP_TIMEOUT_NS (30ULL * 1000000000ULL)
+#endif
+#ifndef UDP_STREAM_TIMEOUT_NS
+#define UDP_STREAM_TIMEOUT_NS (120ULL * 1000000000ULL)
+#endif
+#define UDP_STREAM_AFTER_NS (2ULL * 1000000000ULL)
+/* kube-proxy sets nf_conntrack_tcp_timeout_established to 86400 s; after a FIN or RST, 10 s. */
+#define TCP_TIMEOUT_NS (86400ULL * 1000000000ULL)
+#define TCP_CLOSE_TIMEOUT_NS (10ULL * 1000000000ULL)
+
+#ifndef NAT_PORT_MIN
+#define NAT_PORT_MIN 61000
+#endif
+#ifndef NAT_PORT_MAX
+#define NAT_PORT_MAX 65535
+#endif
+#define NAT_TRIES 16
+
+/* bcc's declaration predates the params argument (kernel 5.10 has 4). */
+static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+
+#define AF_INET 2
+#define AF_INET6 10
+#define ETH_HLEN_ 14
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+struct pkt {
+	struct lb_ct_tuple t;   /* as the packet is now (updated by each rewrite) */
+	__u32 l4;               /* offset of the L4 header (the IP header is at ETH_HLEN_) */
+	__u16 tot_len;          /* IP total length, for the FIB's MTU check */
+	__u8 v6;
+	__u8 tcp_flags;
+};
+
+static __always_inline int is_v4_mapped(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+/* Parse Ethernet + IPv4/IPv6 + TCP/UDP. 0 if the packet is one we may translate. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u32 l4;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > end)
+			return -1;
+		if (ip->ihl != 5)
+			return -1; /* IP options: not translated */
+		if (ip->frag_off & bpf_htons(0x3fff))
+			return -1; /* a fragment (MF or an offset): no ports to match, left to the stack */
+		p->t.proto = ip->protocol;
+		p->t.saddr[2] = bpf_htonl(0xffff);
+		p->t.daddr[2] = bpf_htonl(0xffff);
+		p->t.saddr[3] = ip->saddr;
+		p->t.daddr[3] = ip->daddr;
+		p->tot_len = bpf_ntohs(ip->tot_len);
+		l4 = ETH_HLEN_ + sizeof(*ip);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > end)
+			return -1;
+		p->v6 = 1;
+		p->t.proto = ip6->nexthdr; /* an extension header (fragment, ...) is not TCP/UDP: left alone */
+		__builtin_memcpy(p->t.saddr, ip6->saddr.in6_u.u6_addr32, 16);
+		__builtin_memcpy(p->t.daddr, ip6->daddr.in6_u.u6_addr32, 16);
+		p->tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+		l4 = ETH_HLEN_ + sizeof(*ip6);
+	} else {
+		return -1;
+	}
+	p->l4 = l4;
+	if (p->t.proto == IPPROTO_TCP) {
+		struct tcphdr *th = data + l4;
+
+		if ((void *)(th + 1) > end)
+			return -1;
+		p->t.sport = th->source;
+		p->t.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		return 0;
+	}
+	if (p->t.proto == IPPROTO_UDP) {
+		struct udphdr *uh = data + l4;
+
+		if ((void *)(uh + 1) > end)
+			return -1;
+		p->t.sport = uh->source;
+		p->t.dport = uh->dest;
+		return 0;
+	}
+	return -1;
+}
+
+/* ---- rewriting, with the L3/L4 checksums kept right ---------------------------------------------- */
+
+static __always_inline __u32 csum_off(const struct pkt *p)
+{
+	return p->l4 + (p->t.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
+}
+
+/* Rewrite the destination (dst=1) or source (dst=0) address and port of the packet. 0 or -1. */
+static __always_inline int rewrite(struct __sk_buff *skb, struct pkt *p, int dst, const __u32 *addr, __u16 port)
+{
+	__u32 coff = csum_off(p);
+	/* IPv4 UDP may carry no checksum (0): keep it 0 rather than "fix" it. */
+	__u64 mangled = (p->t.proto == IPPROTO_UDP && !p->v6) ? BPF_F_MARK_MANGLED_0 : 0;
+	__u32 *cur = dst ? p->t.daddr : p->t.saddr;
+	__u16 old_port = dst ? p->t.dport : p->t.sport;
+	__u32 na[4];
+
+	__builtin_memcpy(na, addr, sizeof(na));
+	if (p->v6) {
+		__u32 off = ETH_HLEN_ + (dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+		__s64 diff = bpf_csum_diff(cur, 16, na, 16, 0);
+
+		if (bpf_l4_csum_replace(skb, coff, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, off, na, 16, 0) < 0)
+			return -1;
+	} else {
+		__u32 off = ETH_HLEN_ + (dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+		__u32 old = cur[3], new = na[3];
+
+		if (bpf_l4_csum_replace(skb, coff, old, new, BPF_F_PSEUDO_HDR | mangled | 4) < 0)
+			return -1;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN_ + offsetof(struct iphdr, check), old, new, 4) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, off, &new, 4, 0) < 0)
+			return -1;
+	}
+	if (old_port != port) {
+		if (bpf_l4_csum_replace(skb, coff, old_port, port, mangled | 2) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, p->l4 + (dst ? 2 : 0), &port, 2, 0) < 0)
+			return -1;
+	}
+	__builtin_memcpy(cur, na, sizeof(na));
+	if (dst)
+		p->t.dport = port;
+	else
+		p->t.sport = port;
+	return 0;
+}
+
+/*
+ * Send the (rewritten) packet to its next hop without the stack: bpf_fib_lookup from the device it
+ * arrived on, MACs rewritten, redirected out of the device the route names; when the neighbour is
+ * not resolved yet, bpf_redirect_neigh resolves it. ``fallback`` is the device to try when the FIB
+ * has no answer (0: drop).
+ */
+static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt *p, __u32 fallback)
+{
+	struct bpf_fib_lookup fib = {};
+	int rc;
+
+	fib.ifindex = skb->ifindex;
+	fib.l4_protocol = p->t.proto;
+	fib.sport = p->t.sport;
+	fib.dport = p->t.dport;
+	fib.tot_len = p->tot_len;
+	if (p->v6) {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, p->t.saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, p->t.daddr, 16);
+	} else {
+		fib.family = AF_INET;
+		fib.ipv4_src = p->t.saddr[3];
+		fib.ipv4_dst = p->t.daddr[3];
+	}
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) < 0 || bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return redirect_neigh(fib.ifindex, 0, 0, 0);
+	if (fallback)
+		return redirect_neigh(fallback, 0, 0, 0);
+	return TC_ACT_SHOT;
+}
+
+/* ---- conntrack ------------------------------------------------------------------------------------ */
+
+static __always_inline int ct_live(__u8 proto, __u16 flags, __u64 created, __u64 last, __u64 now)
+{
+	__u64 timeout;
+
+	if (proto == IPPROTO_TCP)
+		timeout = (flags & LB_CT_F_CLOSING) ? TCP_CLOSE_TIMEOUT_NS : TCP_TIMEOUT_NS;
+	else if ((flags & LB_CT_F_REPLIED) && last - created > UDP_STREAM_AFTER_NS)
+		timeout = UDP_STREAM_TIMEOUT_NS;
+	else
+		timeout = UDP_TIMEOUT_NS;
+	return now - last <= timeout;
+}
+
+/* The reply tuple of a flow: backend -> the masquerade address and port, or -> the client. */
+static __always_inline void reply_tuple(struct lb_ct_tuple *r, const struct lb_ct_tuple *orig, const struct lb_ct_val *ct)
+{
+	__builtin_memcpy(r->saddr, ct->backend, 16);
+	r->sport = ct->backend_port;
+	if (ct->flags & LB_CT_F_SNAT) {
+		__builtin_memcpy(r->daddr, ct->nat_addr, 16);
+		r->dport = ct->nat_port;
+	} else {
+		__builtin_memcpy(r->daddr, orig->saddr, 16);
+		r->dport = orig->sport;
+	}
+	r->proto = orig->proto;
+}
+
+static __always_inline void wildcard(__u32 *addr, int v6)
+{
+	addr[0] = 0;
+	addr[1] = 0;
+	addr[2] = v6 ? 0 : bpf_htonl(0xffff);
+	addr[3] = 0;
+}
+
+/* Does backend_id still sit in slot ``slot`` of the flow's frontend? (The agent keeps a surviving
+ * backend in its slot, so a flow keeps its backend through a backend-set change until it is removed.) */
+static __always_inline int ct_backend_holds(const struct pkt *p, const struct lb_ct_val *ct)
+{
+	struct lb_svc_key key = {};
+	struct lb_svc_val *s;
+	__u16 count;
+
+	if (ct->flags & LB_CT_F_NODEPORT)
+		wildcard(key.addr, p->v6);
+	else
+		__builtin_memcpy(key.addr, p->t.daddr, 16);
+	key.dport = p->t.dport;
+	key.proto = p->t.proto;
+	key.scope = LB_SCOPE_EXTERNAL;
+	s = lb_services_v1.lookup(&key);
+	if (!s || s->rev_nat_id != ct->rev_nat_id)
+		return 0;
+	count = s->count;
+	if (ct->slot == 0 || ct->slot > count)
+		return 0;
+	key.slot = ct->slot;
+	s = lb_services_v1.lookup(&key);
+	return s && s->backend_id == ct->backend_id;
+}
+
+/* DNAT (and SNAT) a client's packet by its flow's entry, and send it to the backend. */
+static __always_inline int forward(struct __sk_buff *skb, struct pkt *p, const struct lb_ct_val *ct)
+{
+	if (rewrite(skb, p, 1, ct->backend, ct->backend_port) < 0)
+		return TC_ACT_SHOT;
+	if ((ct->flags & LB_CT_F_SNAT) && rewrite(skb, p, 0, ct->nat_addr, ct->nat_port) < 0)
+		return TC_ACT_SHOT;
+	if (ct->flags & LB_CT_F_LOCAL) {
+		/* Straight into the pod: its MAC from lb_endpoints, out of its host veth. */
+		if (bpf_skb_store_bytes(skb, 0, (void *)ct->mac, 6, 0) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect(ct->ifindex_out, 0);
+	}
+	return redirect_fib(skb, p, 0);
+}
+
+static __always_inline void note_tcp(struct pkt *p, __u16 *flags)
+{
+	if (p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		*flags |= LB_CT_F_CLOSING;
+}
+
+/* A backend's reply to a translated flow: source back to the frontend, destination back to the client. */
+static __always_inline int reply(struct __sk_buff *skb, struct pkt *p, struct lb_nat_val *nv)
+{
+	__u64 now = bpf_ktime_get_boot_ns();
+	struct lb_ct_tuple orig = {};
+	struct lb_ct_val *ct;
+	__u32 ifindex_in = nv->ifindex_in;
+
+	nv->last_ns = now;
+	note_tcp(p, &nv->flags);
+	__builtin_memcpy(orig.saddr, nv->client, 16);
+	__builtin_memcpy(orig.daddr, nv->frontend, 16);
+	orig.sport = nv->client_port;
+	orig.dport = nv->frontend_port;
+	orig.proto = p->t.proto;
+	ct = lb_ct_v1.lookup(&orig);
+	if (ct) {
+		ct->flags |= LB_CT_F_REPLIED; /* a reply refreshes the flow, as it does a conntrack entry */
+		note_tcp(p, &ct->flags);
+		ct->last_ns = now;
+	}
+	if (rewrite(skb, p, 0, orig.daddr, orig.dport) < 0 || rewrite(skb, p, 1, orig.saddr, orig.sport) < 0)
+		return TC_ACT_SHOT;
+	return redirect_fib(skb, p, ifindex_in);
+}
+
+/* ---- reject: what nft "reject" sends for a Service without endpoints ---------------------------- */
+
+static __always_inline __u16 csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+static __always_inline int swap_macs(struct __sk_buff *skb)
+{
+	__u8 mac[12];
+
+	if (bpf_skb_load_bytes(skb, 0, mac, 12) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, mac + 6, 6, 0) < 0 || bpf_skb_store_bytes(skb, 6, mac, 6, 0) < 0)
+		return -1;
+	return 0;
+}
+
+/* ICMP port unreachable quoting the IP header and 8 bytes of the offending packet, sent back out of
+ * the device it came in on, from the frontend address. */
+static __always_inline int reject4(struct __sk_buff *skb)
+{
+	struct {
+		struct iphdr ip;
+		struct icmphdr icmp;
+		__u8 quote[28];
+	} __attribute__((packed)) m = {};
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, m.quote, sizeof(m.quote)) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN_ + sizeof(m.quote), 0) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_adjust_room(skb, sizeof(m.ip) + sizeof(m.icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
+		return TC_ACT_SHOT;
+	struct iphdr *q = (struct iphdr *)m.quote;
+	m.ip.version = 4;
+	m.ip.ihl = 5;
+	m.ip.tot_len = bpf_htons(sizeof(m));
+	m.ip.ttl = 64;
+	m.ip.protocol = IPPROTO_ICMP;
+	m.ip.saddr = q->daddr;
+	m.ip.daddr = q->saddr;
+	m.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&m.ip, sizeof(m.ip), 0));
+	m.icmp.type = ICMP_DEST_UNREACH;
+	m.icmp.code = ICMP_PORT_UNREACH;
+	m.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&m.icmp, sizeof(m.icmp) + sizeof(m.quote), 0));
+	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &m, sizeof(m), 0) < 0 || swap_macs(skb) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+static __always_inline int reject6(struct __sk_buff *skb)
+{
+	struct {
+		struct ipv6hdr ip;
+		struct icmp6hdr icmp;
+		__u8 quote[48];
+	} __attribute__((packed)) m = {};
+	struct {
+		__u32 len;
+		__u32 nexthdr;
+	} pseudo = {};
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, m.quote, sizeof(m.quote)) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN_ + sizeof(m.quote), 0) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_adjust_room(skb, sizeof(m.ip) + sizeof(m.icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
+		return TC_ACT_SHOT;
+	struct ipv6hdr *q = (struct ipv6hdr *)m.quote;
+	m.ip.version = 6;
+	m.ip.payload_len = bpf_htons(sizeof(m.icmp) + sizeof(m.quote));
+	m.ip.nexthdr = IPPROTO_ICMPV6;
+	m.ip.hop_limit = 64;
+	m.ip.saddr = q->daddr;
+	m.ip.daddr = q->saddr;
+	m.icmp.icmp6_type = ICMPV6_DEST_UNREACH;
+	m.icmp.icmp6_code = ICMPV6_PORT_UNREACH;
+	pseudo.len = bpf_htonl(sizeof(m.icmp) + sizeof(m.quote));
+	pseudo.nexthdr = bpf_htonl(IPPROTO_ICMPV6);
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&m.ip.saddr, 32, 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&pseudo, sizeof(pseudo), sum);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&m.icmp, sizeof(m.icmp) + sizeof(m.quote), sum);
+	m.icmp.icmp6_cksum = csum_fold(sum);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &m, sizeof(m), 0) < 0 || swap_macs(skb) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* ---- a new flow ------------------------------------------------------------------------------------ */
+
+/* A local socket owns the reply tuple (a listener on the port, or a connection with that peer)? */
+static __always_inline int port_owned_locally(struct __sk_buff *skb, const struct lb_ct_tuple *r, int v6)
+{
+	struct bpf_sock_tuple st = {};
+	struct bpf_sock *sk;
+	__u32 len;
+
+	if (v6) {
+		__builtin_memcpy(st.ipv6.saddr, r->saddr, 16);
+		__builtin_memcpy(st.ipv6.daddr, r->daddr, 16);
+		st.ipv6.sport = r->sport;
+		st.ipv6.dport = r->dport;
+		len = sizeof(st.ipv6);
+	} else {
+		st.ipv4.saddr = r->saddr[3];
+		st.ipv4.daddr = r->daddr[3];
+		st.ipv4.sport = r->sport;
+		st.ipv4.dport = r->dport;
+		len = sizeof(st.ipv4);
+	}
+	if (r->proto == IPPROTO_TCP)
+		sk = bpf_skc_lookup_tcp(skb, &st, len, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_sk_lookup_udp(skb, &st, len, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
+/* Claim a masquerade port for the reply tuple *r (daddr = the masquerade address): writes r->dport
+ * and the lb_nat entry. 0, or -1 if every try was taken. */
+static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *r, struct lb_nat_val *nv, int v6)
+{
+	struct lb_svc_key np = {};
+
+	wildcard(np.addr, v6);
+	np.proto = r->proto;
+	np.scope = LB_SCOPE_EXTERNAL;
+#pragma unroll
+	for (int i = 0; i < NAT_TRIES; i++) {
+		__u16 port = NAT_PORT_MIN + bpf_get_prandom_u32() % (NAT_PORT_MAX - NAT_PORT_MIN + 1);
+
+		r->dport = bpf_htons(port);
+		np.dport = r->dport;
+		if (lb_services_v1.lookup(&np))
+			continue; /* a NodePort (outside the default range, but the range is the cluster's choice) */
+		if (port_owned_locally(skb, r, v6))
+			continue;
+		if (lb_nat_v1.insert(r, nv) == 0)
+			return 0;
+	}
+	return -1;
+}
+
+static __always_inline struct lb_svc_val *frontend_of(struct pkt *p, struct lb_svc_key *key, __u16 *ct_flags)
+{
+	struct lb_svc_val *svc;
+	struct lb_node_addr *na;
+
+	__builtin_memcpy(key->addr, p->t.daddr, 16);
+	key->dport = p->t.dport;
+	key->proto = p->t.proto;
+	key->scope = LB_SCOPE_EXTERNAL;
+	svc = lb_services_v1.lookup(key);
+	if (svc)
+		return svc;
+	na = lb_node_addrs_v1.lookup((struct lb_node_addr_key *)p->t.daddr);
+	if (!na || !(na->flags & LB_NODE_ADDR_F_NODEPORT))
+		return 0;
+	wildcard(key->addr, p->v6);
+	*ct_flags |= LB_CT_F_NODEPORT;
+	return lb_services_v1.lookup(key);
+}
+
+static __always_inline struct lb_backend *pick(struct lb_svc_key *key, __u16 count, __u32 *backend_id, __u16 *slot)
+{
+	struct lb_svc_val *s;
+
+	key->slot = (bpf_get_prandom_u32() % count) + 1;
+	*slot = key->slot;
+	s = lb_services_v1.lookup(key);
+	if (!s)
+		return 0;
+	*backend_id = s->backend_id;
+	return lb_backends_v1.lookup(backend_id);
+}
+
+static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 now)
+{
+	struct lb_svc_key key = {};
+	struct lb_svc_val *svc;
+	struct lb_ct_val ct = {};
+	struct lb_backend *be = 0;
+	__u32 backend_id = 0;
+	__u16 slot = 0;
+
+	svc = frontend_of(p, &key, &ct.flags);
+	if (!svc)
+		return TC_ACT_OK; /* not a frontend: the stack's */
+	__u16 count = svc->count;
+	__u16 flags = svc->flags;
+	__u32 rev_nat_id = svc->rev_nat_id;
+	__u32 affinity_timeout = svc->affinity_timeout;
+
+	if (flags & LB_SVC_F_SRC_RANGES) {
+		struct lb_src_range_key rk = { .prefixlen = 32 + 128, .rev_nat_id = rev_nat_id };
+
+		__builtin_memcpy(rk.addr, p->t.saddr, 16);
+		if (!lb_src_ranges_v1.lookup(&rk))
+			return TC_ACT_SHOT; /* outside loadBalancerSourceRanges: dropped, as kube-proxy's firewall */
+	}
+	if (count == 0) {
+		if (flags & LB_SVC_F_DROP_EMPTY)
+			return TC_ACT_SHOT;
+		return p->v6 ? reject6(skb) : reject4(skb);
+	}
+
+	struct lb_ext_affinity_key ak = {};
+	if (flags & LB_SVC_F_AFFINITY) {
+		__builtin_memcpy(ak.client, p->t.saddr, 16);
+		ak.rev_nat_id = rev_nat_id;
+		struct lb_affinity_val *av = lb_ext_affinity_v1.lookup(&ak);
+		if (av && now - av->last_used_ns <= (__u64)affinity_timeout * 1000000000ULL && av->slot > 0 &&
+		    av->slot <= count) {
+			key.slot = av->slot;
+			struct lb_svc_val *s = lb_services_v1.lookup(&key);
+			if (s && s->backend_id == av->backend_id) {
+				backend_id = av->backend_id;
+				slot = av->slot;
+				be = lb_backends_v1.lookup(&backend_id);
+			}
+		}
+	}
+	if (!be) {
+		be = pick(&key, count, &backend_id, &slot);
+		if (!be) {
+			/* The agent shrank the frontend between our two reads: read the master again. */
+			key.slot = 0;
+			svc = lb_services_v1.lookup(&key);
+			if (!svc || svc->count == 0)
+				return TC_ACT_SHOT;
+			be = pick(&key, svc->count, &backend_id, &slot);
+			if (!be)
+				return TC_ACT_SHOT;
+		}
+	}
+	if (is_v4_mapped(be->addr) == p->v6)
+		return TC_ACT_SHOT; /* another family: the agent programs none (no NAT46/64) */
+	if (flags & LB_SVC_F_AFFINITY) {
+		struct lb_affinity_val av = { .backend_id = backend_id, .slot = slot, .last_used_ns = now };
+		lb_ext_affinity_v1.update(&ak, &av);
+	}
+
+	__builtin_memcpy(ct.backend, be->addr, 16);
+	ct.backend_port = be->port;
+	ct.backend_id = backend_id;
+	ct.rev_nat_id = rev_nat_id;
+	ct.slot = slot;
+	ct.ifindex_in = skb->ifindex;
+	ct.created_ns = now;
+	ct.last_ns = now;
+
+	struct lb_endpoint *ep = lb_endpoints_v1.lookup((struct lb_endpoint_key *)be->addr);
+	__u32 out_dev = skb->ifindex;
+	if (ep) {
+		ct.flags |= LB_CT_F_LOCAL;
+		ct.ifindex_out = ep->ifindex;
+		__builtin_memcpy(ct.mac, ep->mac, 6);
+	} else if (flags & LB_SVC_F_SNAT) {
+		/* The device the backend is reached through decides the masquerade address. */
+		struct bpf_fib_lookup fib = {};
+		fib.ifindex = skb->ifindex;
+		if (p->v6) {
+			fib.family = AF_INET6;
+			__builtin_memcpy(fib.ipv6_src, p->t.saddr, 16);
+			__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
+		} else {
+			fib.family = AF_INET;
+			fib.ipv4_src = p->t.saddr[3];
+			fib.ipv4_dst = be->addr[3];
+		}
+		int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+			out_dev = fib.ifindex;
+	}
+
+	struct lb_nat_val nv = {};
+	__builtin_memcpy(nv.client, p->t.saddr, 16);
+	__builtin_memcpy(nv.frontend, p->t.daddr, 16);
+	nv.client_port = p->t.sport;
+	nv.frontend_port = p->t.dport;
+	nv.ifindex_in = skb->ifindex;
+	nv.rev_nat_id = rev_nat_id;
+	nv.last_ns = now;
+
+	struct lb_ct_tuple r = {};
+	__builtin_memcpy(r.saddr, ct.backend, 16);
+	r.sport = ct.backend_port;
+	r.proto = p->t.proto;
+	if (flags & LB_SVC_F_SNAT) {
+		/* Masquerade to the address of the device the backend is reached through; a local pod is
+		 * reached through its veth, so it sees the address the client came in on. */
+		struct lb_dev_addr *da = lb_dev_addrs_v1.lookup(&out_dev);
+		if (!da || (da->v4[3] == 0 && !p->v6) || (da->v6[0] == 0 && p->v6)) {
+			__u32 in_dev = skb->ifindex;
+			da = lb_dev_addrs_v1.lookup(&in_dev);
+		}
+		if (!da)
+			return TC_ACT_SHOT;
+		if (p->v6)
+			__builtin_memcpy(ct.nat_addr, da->v6, 16);
+		else
+			__builtin_memcpy(ct.nat_addr, da->v4, 16);
+		if (ct.nat_addr[0] == 0 && ct.nat_addr[3] == 0)
+			return TC_ACT_SHOT; /* no address of this family to masquerade to */
+		ct.flags |= LB_CT_F_SNAT;
+		nv.flags = ct.flags;
+		__builtin_memcpy(r.daddr, ct.nat_addr, 16);
+		if (nat_claim(skb, &r, &nv, p->v6) < 0)
+			return TC_ACT_SHOT;
+		ct.nat_port = r.dport;
+	} else {
+		nv.flags = ct.flags;
+		__builtin_memcpy(r.daddr, p->t.saddr, 16);
+		r.dport = p->t.sport;
+		lb_nat_v1.update(&r, &nv);
+	}
+	note_tcp(p, &ct.flags);
+	lb_ct_v1.update(&p->t, &ct);
+	return forward(skb, p, &ct);
+}
+
+/* ---- entry points ---------------------------------------------------------------------------------- */
+
+int bpflb_tc_ext(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct lb_nat_val *nv;
+	struct lb_ct_val *ct;
+
+	if (parse(skb, &p) < 0)
+		return TC_ACT_OK;
+	/* A remote backend's reply to a masqueraded flow. */
+	nv = lb_nat_v1.lookup(&p.t);
+	if (nv)
+		return reply(skb, &p, nv);
+
+	__u64 now = bpf_ktime_get_boot_ns();
+	ct = lb_ct_v1.lookup(&p.t);
+	if (ct) {
+		int syn = p.t.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+
+		if (ct_live(p.t.proto, ct->flags, ct->created_ns, ct->last_ns, now) &&
+		    !(syn && (ct->flags & LB_CT_F_CLOSING)) && ct_backend_holds(&p, ct)) {
+			ct->last_ns = now;
+			note_tcp(&p, &ct->flags);
+			struct lb_ct_val c = *ct;
+			return forward(skb, &p, &c);
+		}
+		/* Expired, a new connection on an old tuple, or its backend was removed: the flow ends here
+		 * (a TCP segment goes to a new backend, which resets it; a UDP flow picks a new backend, as
+		 * kube-proxy flushes a removed UDP endpoint's conntrack entries). */
+		struct lb_ct_tuple r = {};
+		reply_tuple(&r, &p.t, ct);
+		lb_nat_v1.delete(&r);
+		lb_ct_v1.delete(&p.t);
+	}
+	return new_flow(skb, &p, now);
+}
+
+int bpflb_tc_pod(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct lb_nat_val *nv;
+
+	if (parse(skb, &p) < 0)
+		return TC_ACT_OK;
+	nv = lb_nat_v1.lookup(&p.t);
+	if (!nv)
+		return TC_ACT_OK; /* the pod's own traffic: the stack's */
+	return reply(skb, &p, nv);
+}

@@ -1,0 +1,630 @@
+"""The tc datapath (bpf/tc_lb.c) on the real kernel: NodePort, LoadBalancer IP and ExternalIP from a
+client outside the node.
+
+Topology (namespaces made here, all removed at the end; names carry a random tag):
+
+    client ns --+                          node1 ns: eth0 (tc ingress: bpflb_tc_ext)
+                |-- bridge ns (br0) --+--  node1 ns --vpod (tc ingress: bpflb_tc_pod)-- pod1 ns
+    node2 ns ---+                                                       (lb_endpoints: vpod ifindex, MAC)
+    node2 ns --vpod-- pod2 ns     (node1 routes 10.244.2.0/24 via node2: a remote backend, direct routing)
+
+The client has routes to the LAN and to the LB/External IPs via node1 only: no default route, so a
+packet the datapath fails to translate never leaves these namespaces. Checksum offload is off on the
+client's and the pods' interfaces, so every receiver verifies the L3/L4 checksums the programs wrote.
+Frontends are written here with scope EXTERNAL and the flags translate would set (the translate
+helper's rules are tested with translate). Each backend answers a line with "<pod> <source it saw>".
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from pyroute2 import IPRoute, netns
+
+from conftest import ROOT, wait_for
+from lb import datapath
+from lb import netns as netns_
+from lb.maps import bpfsys
+from lb.maps.conntrack import ct_rows, nat_rows
+from lb.maps.endpoints import PinnedEndpointMap
+from lb.maps.nodeaddrs import PinnedNodeAddrs
+from lb.maps.services import Master, PinnedServiceMaps
+from lb.maps.srcranges import PinnedSourceRanges
+from lb.maps.structs import (CT_MAP, EXT_AFFINITY_MAP, NAT_MAP, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY,
+                             SVC_F_NODEPORT, SVC_F_SNAT, SVC_F_SRC_RANGES, CtTuple, CtVal, NatVal, packer)
+from lb.model import TCP, UDP, Backend, Frontend
+from lb.settings import MapSizes, Paths
+
+# ---- the address plan of this test bed ------------------------------------------------------------
+CLIENT4, NODE1_4, NODE2_4 = "192.168.77.100", "192.168.77.1", "192.168.77.2"
+CLIENT6, NODE1_6, NODE2_6 = "fd00:77::100", "fd00:77::1", "fd00:77::2"
+POD1_4, POD2_4 = "10.244.1.10", "10.244.2.10"
+POD1_6, POD2_6 = "fd00:244:1::10", "fd00:244:2::10"
+LB4, EXT4, LB6 = "203.0.113.10", "203.0.113.20", "fd00:113::10"
+GW4, GW6 = "169.254.1.1", "fe80::1"  # the host veth's address, the pods' default gateway
+NODEPORT, PORT = 30080, 8080
+SIZES = MapSizes(services=256, backends=256, revnat=256, sock_revnat=256, affinity=256, endpoints=64,
+                 node_addrs=16, src_ranges=64, ext_affinity=256, ct=1024, nat=1024)
+
+SERVER = r"""
+import selectors, socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+sel = selectors.DefaultSelector()
+for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        s = socket.socket(fam, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(128)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, "listen" if kind == socket.SOCK_STREAM else "udp")
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        s = key.fileobj
+        if key.data == "listen":
+            c, _ = s.accept()
+            c.setblocking(False)
+            sel.register(c, selectors.EVENT_READ, "conn")
+        elif key.data == "udp":
+            data, peer = s.recvfrom(2048)
+            s.sendto(f"{name} {peer[0]}\n".encode(), peer)
+        else:
+            try:
+                data = s.recv(2048)
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(s)
+                s.close()
+                continue
+            s.sendall(f"{name} {s.getpeername()[0]}\n".encode() * data.count(b"\n"))
+"""
+
+
+def sysctl(ns_path: str, values: dict[str, str]) -> None:
+    def write():
+        for k, v in values.items():
+            with open("/proc/sys/" + k.replace(".", "/"), "w") as f:
+                f.write(v)
+    netns_.run_in(ns_path, write)
+
+
+def no_tx_csum(ns_path: str, ifname: str) -> None:
+    """Checksum offload off: packets carry full checksums and the receiver verifies them."""
+    def off():
+        from pyroute2.ethtool import Ethtool
+
+        e = Ethtool()
+        try:
+            feats = e.get_features(ifname)
+            for name in ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-checksum-ipv6"):
+                if name in feats.features:
+                    feats.features[name].enable = False
+            e.set_features(ifname, feats)
+        finally:
+            e.close()
+    netns_.run_in(ns_path, off)
+
+
+class TcBed:
+    def __init__(self):
+        tag = uuid.uuid4().hex[:5]
+        self.ns = {k: f"tc{tag}{k}" for k in ("c", "br", "n1", "n2", "p1", "p2")}
+        self.bpf_root = f"/sys/fs/bpf/bpflb-tctest-{tag}"
+        self.paths = Paths(cgroup_root="/nonexistent", bpf_root=self.bpf_root)
+        self.procs: list[subprocess.Popen] = []
+
+    def path(self, k: str) -> str:
+        return f"/run/netns/{self.ns[k]}"
+
+    def up(self) -> None:
+        for name in self.ns.values():
+            netns.create(name)
+        for k in ("c", "n1", "n2", "p1", "p2"):
+            sysctl(self.path(k), {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+                                  "net.ipv6.conf.default.accept_ra": "0"})
+        for k in ("n1", "n2"):
+            sysctl(self.path(k), {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
+        with IPRoute(netns=self.ns["br"]) as ipr:
+            ipr.link("add", ifname="br0", kind="bridge")
+            br = ipr.link_lookup(ifname="br0")[0]
+            for k in ("c", "n1", "n2"):
+                ipr.link("add", ifname=f"to{k}", kind="veth", peer={"ifname": "eth0", "net_ns_fd": self.ns[k]})
+                port = ipr.link_lookup(ifname=f"to{k}")[0]
+                ipr.link("set", index=port, master=br, state="up")
+            ipr.link("set", index=br, state="up")
+        for k, v4, v6 in (("c", CLIENT4, CLIENT6), ("n1", NODE1_4, NODE1_6), ("n2", NODE2_4, NODE2_6)):
+            with IPRoute(netns=self.ns[k]) as ipr:
+                eth = ipr.link_lookup(ifname="eth0")[0]
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                ipr.addr("add", index=eth, address=v4, prefixlen=24)
+                ipr.addr("add", index=eth, address=v6, prefixlen=64, flags=0x02)
+                ipr.link("set", index=eth, state="up")
+        for node, pod, v4, v6, other_net4, other_net6, other4, other6 in (
+                ("n1", "p1", POD1_4, POD1_6, "10.244.2.0/24", "fd00:244:2::/64", NODE2_4, NODE2_6),
+                ("n2", "p2", POD2_4, POD2_6, "10.244.1.0/24", "fd00:244:1::/64", NODE1_4, NODE1_6)):
+            with IPRoute(netns=self.ns[node]) as ipr:
+                ipr.link("add", ifname="vpod", kind="veth", peer={"ifname": "eth0", "net_ns_fd": self.ns[pod]})
+                vpod = ipr.link_lookup(ifname="vpod")[0]
+                ipr.addr("add", index=vpod, address=GW4, prefixlen=32)
+                ipr.addr("add", index=vpod, address=GW6, prefixlen=64, flags=0x02)
+                ipr.link("set", index=vpod, state="up")
+                ipr.route("add", dst=f"{v4}/32", oif=vpod, scope=253)
+                ipr.route("add", dst=f"{v6}/128", oif=vpod)
+                ipr.route("add", dst=other_net4, gateway=other4)
+                ipr.route("add", dst=other_net6, gateway=other6)
+            with IPRoute(netns=self.ns[pod]) as ipr:
+                eth = ipr.link_lookup(ifname="eth0")[0]
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                ipr.addr("add", index=eth, address=v4, prefixlen=32)
+                ipr.addr("add", index=eth, address=v6, prefixlen=128, flags=0x02)
+                ipr.link("set", index=eth, state="up")
+                ipr.route("add", dst=f"{GW4}/32", oif=eth, scope=253)
+                ipr.route("add", dst="0.0.0.0/0", gateway=GW4, oif=eth)
+                ipr.route("add", dst="::/0", gateway=GW6, oif=eth)
+            no_tx_csum(self.path(pod), "eth0")
+        with IPRoute(netns=self.ns["c"]) as ipr:
+            # LB and External IPs via node1; pod IPs via their node (the "direct" comparison). No default.
+            ipr.route("add", dst="203.0.113.0/24", gateway=NODE1_4)
+            ipr.route("add", dst="fd00:113::/64", gateway=NODE1_6)
+            ipr.route("add", dst="10.244.1.0/24", gateway=NODE1_4)
+            ipr.route("add", dst="10.244.2.0/24", gateway=NODE2_4)
+        no_tx_csum(self.path("c"), "eth0")
+        for pod, name in (("p1", "pod1"), ("p2", "pod2")):
+            p = subprocess.Popen([sys.executable, "-c", SERVER, name, str(PORT)], stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda k=pod: netns_.enter(self.path(k)))
+            self.procs.append(p)
+            assert p.stdout.readline().strip() == "ready"
+        # The datapath, attached inside node1 (device names and ifindexes are that namespace's).
+        netns_.run_in(self.path("n1"), lambda: datapath.attach_tc(self.paths, SIZES, ["eth0"]))
+        self.vpod, self.pod_mac = netns_.run_in(self.path("n1"), lambda: self._link("vpod")), self.mac("p1")
+        with PinnedEndpointMap(self.bpf_root) as m:
+            m.added(POD1_4, self.vpod, self.pod_mac)
+            m.added(POD1_6, self.vpod, self.pod_mac)
+        assert netns_.run_in(self.path("n1"), lambda: datapath.sync_tc_endpoints(self.paths)) == []
+        with PinnedNodeAddrs(self.bpf_root) as m:
+            m.replace({NODE1_4, NODE1_6})
+
+    def _link(self, name: str) -> int:
+        with IPRoute() as ipr:
+            return ipr.link_lookup(ifname=name)[0]
+
+    def mac(self, k: str) -> str:
+        with IPRoute(netns=self.ns[k]) as ipr:
+            return ipr.get_links(ipr.link_lookup(ifname="eth0")[0])[0].get_attr("IFLA_ADDRESS")
+
+    def down(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        datapath.cleanup(self.paths)
+        for name in self.ns.values():
+            try:
+                netns.remove(name)
+            except OSError:
+                pass
+
+    # ---- clients (sockets made in the client namespace; used from this thread) ----
+    def sock(self, ip: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        return netns_.run_in(self.path("c"), lambda: socket.socket(fam, kind))
+
+    def ask(self, ip: str, port: int, timeout: float = 2.0) -> tuple[str, str]:
+        """One TCP connection: (backend name, the source address it saw)."""
+        s = self.sock(ip)
+        s.settimeout(timeout)
+        try:
+            s.connect((ip, port))
+            s.sendall(b"?\n")
+            name, seen = s.makefile().readline().split()
+            return name, seen
+        finally:
+            s.close()
+
+    def ask_udp(self, ip: str, port: int, timeout: float = 2.0) -> tuple[str, str, tuple]:
+        """One datagram: (backend name, source it saw, the address the reply came from)."""
+        s = self.sock(ip, socket.SOCK_DGRAM)
+        s.settimeout(timeout)
+        try:
+            s.sendto(b"?\n", (ip, port))
+            data, src = s.recvfrom(2048)
+            name, seen = data.decode().split()
+            return name, seen, src[:2]
+        finally:
+            s.close()
+
+
+class Stream:
+    """A long-lived TCP connection from the client: each ask() is a line out and a line back."""
+
+    def __init__(self, bed: TcBed, ip: str, port: int):
+        self.s = bed.sock(ip)
+        self.s.settimeout(2.0)
+        self.s.connect((ip, port))
+        self.f = self.s.makefile()
+
+    def ask(self) -> tuple[str, str]:
+        self.s.sendall(b"?\n")
+        line = self.f.readline()
+        if not line:
+            raise ConnectionResetError("closed by the peer")
+        name, seen = line.split()
+        return name, seen
+
+    def close(self) -> None:
+        self.s.close()
+
+
+@pytest.fixture(scope="module")
+def tcbed():
+    b = TcBed()
+    try:
+        b.up()
+        yield b
+    finally:
+        b.down()
+
+
+BACKEND_IDS = {POD1_4: 1, POD2_4: 2, POD1_6: 3, POD2_6: 4}
+
+
+@pytest.fixture
+def maps(tcbed):
+    """The service maps, emptied before each test (frontends, backends, conntrack, affinity, ranges)."""
+    m = PinnedServiceMaps(tcbed.bpf_root)
+    try:
+        yield m
+    finally:
+        fronts = m.dump_frontends()
+        m.delete_slots([(fe, s) for fe, (master, slots) in fronts.items() for s in (0, *slots)])
+        m.delete_revnat(list(m.dump_revnat()))
+        m.delete_backends(list(m.dump_backends()))
+        m.close()
+        for name, key, val in ((CT_MAP, CtTuple, CtVal), (NAT_MAP, CtTuple, NatVal)):
+            clear(tcbed.bpf_root, name, ctypes.sizeof(key), ctypes.sizeof(val))
+        clear(tcbed.bpf_root, EXT_AFFINITY_MAP, 24, 16)
+        with PinnedSourceRanges(tcbed.bpf_root) as r:
+            r.replace({})
+
+
+def clear(root: str, name: str, ks: int, vs: int) -> None:
+    fd = bpfsys.obj_get(os.path.join(root, name))
+    try:
+        for k, _ in bpfsys.dump(fd, ks, vs):
+            bpfsys.delete(fd, k)
+    finally:
+        os.close(fd)
+
+
+def program(maps: PinnedServiceMaps, fe: Frontend, rid: int, backends: list[str], flags: int, affinity: int = 0,
+            port: int = PORT) -> None:
+    """Write one EXTERNAL frontend in the agent's order: backends, slots, reverse NAT, master, trim."""
+    items = [(BACKEND_IDS[ip], Backend(ip, port, fe.protocol)) for ip in backends]
+    maps.write_backends(items)
+    maps.write_slots([(fe, n + 1, bid, rid) for n, (bid, _) in enumerate(items)])
+    maps.write_revnat([(rid, fe)])
+    maps.write_masters([(fe, Master(rid, len(items), flags, affinity))])
+    old = maps.dump_frontends().get(fe, (None, {}))[1]
+    maps.delete_slots([(fe, s) for s in old if s > len(items)])
+
+
+def nodeport(proto: str = TCP, v6: bool = False) -> Frontend:
+    return Frontend("::" if v6 else "0.0.0.0", NODEPORT, proto, SCOPE_EXTERNAL)
+
+
+def names(bed: TcBed, ip: str, port: int, n: int = 24) -> dict[str, set[str]]:
+    """Backend name -> the sources it saw, over n connections."""
+    out: dict[str, set[str]] = {}
+    for _ in range(n):
+        name, seen = bed.ask(ip, port)
+        out.setdefault(name, set()).add(seen)
+    return out
+
+
+# ---- NodePort -------------------------------------------------------------------------------------
+
+def test_nodeport_cluster_policy_local_and_remote_backends_see_the_node_ip(tcbed, maps):
+    program(maps, nodeport(), 1, [POD1_4, POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    assert names(tcbed, NODE1_4, NODEPORT) == {"pod1": {NODE1_4}, "pod2": {NODE1_4}}
+    rows = ct_rows(tcbed.bpf_root)
+    assert rows and all(r["masquerade"] and r["masquerade"].startswith(NODE1_4 + ":") for r in rows)
+    ports = {int(r["masquerade"].rsplit(":", 1)[1]) for r in rows}
+    assert all(61000 <= p <= 65535 for p in ports)  # outside the ephemeral and NodePort ranges
+    assert {r["backend"] for r in rows} == {f"{POD1_4}:{PORT}", f"{POD2_4}:{PORT}"}
+    assert any(r["masquerade"] for r in nat_rows(tcbed.bpf_root))
+
+
+def test_nodeport_on_another_address_of_the_node_is_not_served(tcbed, maps):
+    program(maps, nodeport(), 1, [POD1_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    with PinnedNodeAddrs(tcbed.bpf_root) as m:
+        m.replace({NODE1_6})  # NODE1_4 no longer in --nodeport-addresses
+    try:
+        with pytest.raises(ConnectionRefusedError):  # the node's own stack: nothing listens there
+            tcbed.ask(NODE1_4, NODEPORT)
+    finally:
+        with PinnedNodeAddrs(tcbed.bpf_root) as m:
+            m.replace({NODE1_4, NODE1_6})
+
+
+def test_local_policy_preserves_the_client_ip_and_drops_silently_without_a_local_endpoint(tcbed, maps):
+    program(maps, nodeport(), 1, [POD1_4], SVC_F_NODEPORT)
+    assert names(tcbed, NODE1_4, NODEPORT, 6) == {"pod1": {CLIENT4}}
+    program(maps, nodeport(), 1, [], SVC_F_NODEPORT | SVC_F_DROP_EMPTY)
+    with pytest.raises(TimeoutError):  # a silent drop: no refusal, the SYN is never answered
+        tcbed.ask(NODE1_4, NODEPORT, timeout=1.0)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_no_endpoints_at_all_is_refused_at_once(tcbed, maps, v6):
+    program(maps, nodeport(v6=v6), 1, [], SVC_F_SNAT | SVC_F_NODEPORT)
+    # An ICMP port unreachable (nft "reject"): refused, not a timeout. (Over IPv6 it takes the SYN's
+    # first retransmit here: client and node share one softirq pass on this machine, so the first
+    # ICMPv6 reaches the socket while connect() still holds its lock and is kept as a soft error.)
+    with pytest.raises(ConnectionRefusedError):
+        tcbed.ask(NODE1_6 if v6 else NODE1_4, NODEPORT, timeout=3.0)
+
+
+def test_no_endpoints_udp_is_refused(tcbed, maps):
+    program(maps, nodeport(UDP), 1, [], SVC_F_SNAT | SVC_F_NODEPORT)
+    s = tcbed.sock(NODE1_4, socket.SOCK_DGRAM)
+    s.settimeout(2.0)
+    try:
+        s.connect((NODE1_4, NODEPORT))
+        s.send(b"?\n")
+        with pytest.raises(ConnectionRefusedError):
+            s.recv(100)
+    finally:
+        s.close()
+
+
+def test_udp_nodeport_replies_come_from_the_frontend(tcbed, maps):
+    program(maps, nodeport(UDP), 1, [POD1_4, POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    seen = set()
+    for _ in range(16):
+        name, src, reply_from = tcbed.ask_udp(NODE1_4, NODEPORT)
+        assert src == NODE1_4 and reply_from == (NODE1_4, NODEPORT)
+        seen.add(name)
+    assert seen == {"pod1", "pod2"}
+
+
+def test_ipv6_nodeport_local_and_remote(tcbed, maps):
+    program(maps, nodeport(v6=True), 1, [POD1_6, POD2_6], SVC_F_SNAT | SVC_F_NODEPORT)
+    assert names(tcbed, NODE1_6, NODEPORT) == {"pod1": {NODE1_6}, "pod2": {NODE1_6}}
+
+
+def test_ipv6_udp_local_policy(tcbed, maps):
+    program(maps, nodeport(UDP, v6=True), 1, [POD1_6], SVC_F_NODEPORT)
+    name, src, reply_from = tcbed.ask_udp(NODE1_6, NODEPORT)
+    assert (name, src, reply_from) == ("pod1", CLIENT6, (NODE1_6, NODEPORT))
+
+
+# ---- LoadBalancer IP, ExternalIP ------------------------------------------------------------------
+
+def test_lb_ip_without_and_with_source_ranges(tcbed, maps):
+    fe = Frontend(LB4, 80, TCP, SCOPE_EXTERNAL)
+    program(maps, fe, 7, [POD1_4, POD2_4], SVC_F_SNAT)
+    assert set(names(tcbed, LB4, 80, 8)) <= {"pod1", "pod2"}
+    program(maps, fe, 7, [POD1_4, POD2_4], SVC_F_SNAT | SVC_F_SRC_RANGES)
+    with PinnedSourceRanges(tcbed.bpf_root) as r:
+        r.replace({7: ("192.168.77.0/28", "10.0.0.0/8")})
+        assert r.dump() == {7: ("10.0.0.0/8", "192.168.77.0/28")}
+    with pytest.raises(TimeoutError):  # outside the ranges: dropped
+        tcbed.ask(LB4, 80, timeout=1.0)
+    with PinnedSourceRanges(tcbed.bpf_root) as r:
+        r.replace({7: ("192.168.77.96/29",)})
+    assert tcbed.ask(LB4, 80)[1] == NODE1_4
+
+
+def test_lb_ip_ipv6(tcbed, maps):
+    program(maps, Frontend(LB6, 80, TCP, SCOPE_EXTERNAL), 8, [POD1_6, POD2_6], SVC_F_SNAT)
+    assert set(names(tcbed, LB6, 80, 8)) <= {"pod1", "pod2"}
+
+
+def test_external_ip(tcbed, maps):
+    program(maps, Frontend(EXT4, 443, TCP, SCOPE_EXTERNAL), 9, [POD2_4], SVC_F_SNAT)
+    assert tcbed.ask(EXT4, 443) == ("pod2", NODE1_4)
+    with pytest.raises(OSError):  # another port of that IP is no frontend: not translated (node1 has no route)
+        tcbed.ask(EXT4, 444, timeout=0.5)
+
+
+def test_affinity_by_client_ip(tcbed, maps):
+    program(maps, nodeport(), 1, [POD1_4, POD2_4], SVC_F_SNAT | SVC_F_NODEPORT | SVC_F_AFFINITY, affinity=600)
+    assert len(names(tcbed, NODE1_4, NODEPORT, 16)) == 1
+
+
+# ---- conntrack ------------------------------------------------------------------------------------
+
+def test_a_flow_keeps_its_backend_across_a_change_and_ends_when_it_is_removed(tcbed, maps):
+    fe = nodeport()
+    program(maps, fe, 1, [POD1_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    stream = Stream(tcbed, NODE1_4, NODEPORT)
+    try:
+        assert stream.ask() == ("pod1", NODE1_4)
+        program(maps, fe, 1, [POD1_4, POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)  # pod1 keeps slot 1
+        assert all(stream.ask() == ("pod1", NODE1_4) for _ in range(10))
+        program(maps, fe, 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)  # pod1 removed
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):
+            stream.ask()  # its next segment goes to pod2, which knows no such connection: reset
+    finally:
+        stream.close()
+    assert tcbed.ask(NODE1_4, NODEPORT)[0] == "pod2"  # and new flows go elsewhere
+
+
+def test_a_udp_flow_keeps_its_backend(tcbed, maps):
+    fe = nodeport(UDP)
+    program(maps, fe, 1, [POD1_4, POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    s = tcbed.sock(NODE1_4, socket.SOCK_DGRAM)
+    s.settimeout(2.0)
+    try:
+        s.connect((NODE1_4, NODEPORT))
+        first = set()
+        for _ in range(8):
+            s.send(b"?\n")
+            first.add(s.recv(100).split()[0])
+        assert len(first) == 1
+        (kept,) = first
+        other = POD2_4 if kept == b"pod1" else POD1_4
+        program(maps, fe, 1, [POD1_4 if kept == b"pod1" else POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+        s.send(b"?\n")
+        assert s.recv(100).split()[0] == kept
+        program(maps, fe, 1, [other], SVC_F_SNAT | SVC_F_NODEPORT)  # its backend removed: the next goes elsewhere
+        s.send(b"?\n")
+        assert s.recv(100).split()[0] != kept
+    finally:
+        s.close()
+
+
+# ---- lifecycle ------------------------------------------------------------------------------------
+
+def tcx_links(bed: TcBed) -> dict[str, tuple[int, int]]:
+    """tc link pin -> (link ID, program ID)."""
+    out = {}
+    for name, pin in datapath._tc_links(bed.paths).items():
+        fd = bpfsys.obj_get(pin)
+        try:
+            info = ctypes.create_string_buffer(64)
+            n = ctypes.c_uint32(64)
+            assert bpfsys._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(n)) == 0
+            out[name] = (ctypes.c_uint32.from_buffer(info, 4).value, ctypes.c_uint32.from_buffer(info, 8).value)
+        finally:
+            os.close(fd)
+    return out
+
+
+def tcx_programs(bed: TcBed, ifname: str) -> list[int]:
+    """Program IDs attached at tcx ingress of a node1 device (bpf_prog_query)."""
+    def query():
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+        try:
+            return bpfsys.prog_query(idx, datapath.TCX_INGRESS)
+        except OSError:
+            return []
+    return netns_.run_in(bed.path("n1"), query)
+
+
+def test_attachments_survive_a_killed_loader_and_are_adopted(tcbed, maps, monkeypatch):
+    program(maps, nodeport(), 1, [POD1_4, POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    before = tcx_links(tcbed)
+    assert set(before) == {f"ext_{netns_.run_in(tcbed.path('n1'), lambda: tcbed._link('eth0'))}", f"pod_{tcbed.vpod}"}
+    stream = Stream(tcbed, NODE1_4, NODEPORT)
+    try:
+        backend = stream.ask()
+        # A loader that attaches (adopting) and then dies by SIGKILL, as an agent would.
+        code = (f"import json, time; from lb import datapath; from lb.settings import MapSizes, Paths; "
+                f"print(json.dumps(datapath.attach_tc(Paths(**{vars(tcbed.paths)!r}), MapSizes(**{vars(SIZES)!r}), "
+                f"['eth0'])), flush=True); time.sleep(60)")
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             preexec_fn=lambda: netns_.enter(tcbed.path("n1")))
+        assert json.loads(p.stdout.readline()) == []
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert all(stream.ask() == backend for _ in range(5))  # the flow never noticed
+        assert tcx_links(tcbed) == before  # same links, same programs
+        monkeypatch.setattr(datapath, "compile_tc_lb", lambda *a: pytest.fail("adopting must not compile"))
+        assert netns_.run_in(tcbed.path("n1"), lambda: datapath.attach_tc(tcbed.paths, SIZES, ["eth0"])) == []
+        assert tcx_links(tcbed) == before
+        assert stream.ask() == backend
+    finally:
+        stream.close()
+
+
+def test_ct_and_nat_list_commands(tcbed, maps):
+    program(maps, nodeport(), 1, [POD1_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    stream = Stream(tcbed, NODE1_4, NODEPORT)
+    try:
+        stream.ask()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-m", "lb.cli", "ct", "list", "-o", "json", "--bpf-root",
+                              tcbed.bpf_root], capture_output=True, text=True, env=env, check=True).stdout
+        rows = json.loads(out)
+        port = stream.s.getsockname()[1]
+        (row,) = [r for r in rows if r["client"] == f"{CLIENT4}:{port}"]
+        assert row["frontend"] == f"{NODE1_4}:{NODEPORT}" and row["backend"] == f"{POD1_4}:{PORT}"
+        assert "snat" in row["flags"] and "nodeport" in row["flags"] and "replied" in row["flags"]
+        text = subprocess.run([sys.executable, "-m", "lb.cli", "nat", "list", "--bpf-root", tcbed.bpf_root],
+                              capture_output=True, text=True, env=env, check=True).stdout
+        assert f"{CLIENT4}:{port}" in text and "(masq)" in text
+    finally:
+        stream.close()
+
+
+def test_cleanup_removes_only_what_bpflb_added():
+    """A bed of its own: a foreign clsact qdisc and filter on the device stay; every bpflb link goes."""
+    b = TcBed()
+    try:
+        b.up()
+        tc = ["ip", "netns", "exec", b.ns["n1"], "tc"]
+        subprocess.run([*tc, "qdisc", "add", "dev", "eth0", "clsact"], check=True)
+        # Someone else's classic filter (cBPF "return 0": no verdict, packets go on to tcx and the stack).
+        subprocess.run([*tc, "filter", "add", "dev", "eth0", "ingress", "prio", "10", "bpf", "bytecode", "1,6 0 0 0,"],
+                       check=True)
+        assert tcx_programs(b, "eth0") and tcx_programs(b, "vpod")
+        removed = datapath.cleanup(b.paths)
+        assert any(r.startswith("tc ext_") for r in removed) and any(r.startswith("tc pod_") for r in removed)
+        assert tcx_programs(b, "eth0") == [] and tcx_programs(b, "vpod") == []
+        assert not os.path.exists(b.bpf_root)
+        qdiscs = subprocess.run([*tc, "qdisc", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+        filters = subprocess.run([*tc, "filter", "show", "dev", "eth0", "ingress"], capture_output=True, text=True).stdout
+        assert "clsact" in qdiscs and "bytecode '1,6 0 0 0'" in filters  # not ours: left alone
+    finally:
+        b.down()
+
+
+# ---- local callers: the socket programs' wildcard NodePort lookup ---------------------------------
+
+ASK = r"""
+import socket, sys
+ip, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((ip, port), timeout=2)
+s.sendall(b"?\n")
+print(s.makefile().readline().strip(), "%s:%d" % s.getpeername()[:2])
+"""
+
+
+@pytest.mark.parametrize("dial", [NODE1_4, NODE2_4], ids=["this-node", "another-node"])
+def test_a_local_caller_dialling_a_node_address_nodeport_is_translated_at_its_socket(tcbed, maps, dial):
+    from lb.settings import default_cgroup_root
+
+    cgroup = os.path.join(default_cgroup_root(), f"bpflb-tctest-{uuid.uuid4().hex[:6]}")
+    os.mkdir(cgroup)
+    paths = Paths(cgroup_root=cgroup, bpf_root=tcbed.bpf_root)
+    try:
+        datapath.attach(paths, SIZES)
+        program(maps, Frontend("0.0.0.0", NODEPORT, TCP), 5, [POD1_4], SVC_F_NODEPORT)  # scope INTERNAL
+        with PinnedNodeAddrs(tcbed.bpf_root) as m:
+            m.replace({NODE1_4, NODE1_6}, remote={NODE2_4})
+
+        def enter():
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write("0")
+            netns_.enter(tcbed.path("n1"))
+        out = subprocess.run([sys.executable, "-c", ASK, dial, str(NODEPORT)], capture_output=True, text=True,
+                             preexec_fn=enter, timeout=10)
+        assert out.returncode == 0, out.stderr
+        name, seen, peer = out.stdout.split()
+        # Connected straight to the pod (it sees the node's address on the pod side, not a masquerade),
+        # and the application sees the address it dialled.
+        assert (name, seen, peer) == ("pod1", GW4, f"{dial}:{NODEPORT}")
+        assert ct_rows(tcbed.bpf_root) == []  # no packet went through the tc path
+    finally:
+        with PinnedNodeAddrs(tcbed.bpf_root) as m:
+            m.replace({NODE1_4, NODE1_6})
+        for name in datapath.attached(paths):
+            os.unlink(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, name))
+        for mark in os.listdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR)):
+            os.rmdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, mark))
+        os.rmdir(cgroup)
