@@ -34,46 +34,53 @@ log = logging.getLogger("bpflb.agent")
 
 
 class PinnedNorthSouth:
-    """The tc datapath's side of a sync (issue 10 contract): lb/maps/nodeaddrs.py, lb/maps/srcranges.py
-    and lb/datapath.attach_tc. A build without them (the tc datapath not merged) serves east-west only:
-    said once, and nothing is written."""
+    """The tc datapath's side of a sync (issue 10): lb/maps/nodeaddrs.py, lb/maps/srcranges.py and the
+    tc links (lb/datapath.py). The tc programs are compiled and pinned by their own short-lived child
+    (started with the socket programs' child, so both compiles overlap); every method here waits for
+    it first, then only adopts what it pinned: bcc never enters the agent."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        try:
-            from .maps.nodeaddrs import PinnedNodeAddrs
-            from .maps.srcranges import PinnedSourceRanges
+    def __init__(self, settings: Settings, child=None, on_fatal: Callable[[Exception], None] = lambda e: None) -> None:
+        from .maps.nodeaddrs import PinnedNodeAddrs
+        from .maps.srcranges import PinnedSourceRanges
 
-            self.attach_tc = datapath.attach_tc
-        except (ImportError, AttributeError):
-            log.warning("this build has no tc datapath: NodePort, LoadBalancer and externalIP traffic from outside "
-                        "the node is not served")
-            self.available = False
-            return
-        self.available = True
+        self.settings, self.child, self.on_fatal = settings, child, on_fatal
         self.node_addrs, self.src_ranges = PinnedNodeAddrs, PinnedSourceRanges
+        self.skipped: list[str] = []
+
+    def ready(self) -> None:
+        """Wait (in a worker thread) for the tc child; DatapathError if it failed (strict mode)."""
+        if self.child is not None:
+            child, self.child = self.child, None
+            try:
+                self.skipped = datapath.finish_attach_child(child)
+            except datapath.DatapathError as e:
+                self.on_fatal(e)  # strict mode: the agent stops and says why
+                raise
 
     def write_node_addrs(self, local: set[str], remote: set[str]) -> None:
-        if self.available:
-            m = self.node_addrs(self.settings.paths.bpf_root)
-            try:
-                m.replace(local, remote)
-            finally:
-                m.close()
+        self.ready()
+        m = self.node_addrs(self.settings.paths.bpf_root)
+        try:
+            m.replace(local, remote)
+        finally:
+            m.close()
+        datapath.write_device_addrs(self.settings.paths)  # the masquerade source of each device
 
     def write_src_ranges(self, ranges: dict[int, tuple[str, ...]]) -> None:
-        if self.available:
-            m = self.src_ranges(self.settings.paths.bpf_root)
-            try:
-                m.replace(ranges)
-            finally:
-                m.close()
+        self.ready()
+        m = self.src_ranges(self.settings.paths.bpf_root)
+        try:
+            m.replace(ranges)
+        finally:
+            m.close()
 
     def attach(self, devices: list[str]) -> list[str]:
-        if not self.available:
-            return ["tc datapath (not in this build)"]
+        self.ready()
         s = self.settings
-        return self.attach_tc(s.paths, s.maps, devices, s.strict, s.conntrack)
+        if datapath.tc_adoptable(s.paths, s.maps, s.conntrack):
+            return self.skipped + datapath.attach_tc(s.paths, s.maps, devices, s.strict, s.conntrack)
+        # Not pinned (not strict, and the child's compile failed): one more child, still no bcc here.
+        return datapath.attach_in_child(s.paths, s.maps, s.strict, s.conntrack, devices=devices)
 
 
 class Agent:
@@ -92,6 +99,8 @@ class Agent:
                                              on_error=lambda e: None)  # the syncer logs and counts
         self.informers: list = []
         self.attaching = None  # the child loading the datapath (start_datapath)
+        self.fatal: Exception | None = None  # why the agent stops (fatal_error), raised by run()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.datapath_task: asyncio.Task | None = None
 
     def changed(self) -> None:
@@ -127,8 +136,8 @@ class Agent:
     def start_datapath(self) -> None:
         """Refuse (strict) beside kube-proxy, then start loading the datapath in a child process."""
         self.check_kube_proxy()
-        self.attaching = datapath.start_attach_child(self.settings.paths, self.settings.maps, strict=self.settings.strict,
-                                                     conntrack=self.settings.conntrack)
+        s = self.settings
+        self.attaching = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack)
 
     def use_maps(self, reconciler: Reconciler, north_south: NorthSouth | None = None, interfaces=None) -> None:
         """The datapath's maps are there: the syncer can program them (``north_south``: the tc
@@ -140,10 +149,24 @@ class Agent:
     async def finish_datapath(self) -> None:
         """The datapath is attached and its maps pinned: reconcile can adopt them."""
         await asyncio.to_thread(datapath.finish_attach_child, self.attaching)
-        self.use_maps(Reconciler(PinnedServiceMaps(self.settings.paths.bpf_root), revnat_limit=self.settings.maps.revnat),
-                      PinnedNorthSouth(self.settings))
+        s = self.settings
+        # The tc programs compile in a child of their own now, beside the first sync (after the socket
+        # programs' child: both would otherwise race to create the maps they share).
+        tc_child = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack,
+                                               devices=[], tc_only=True)
+        self.use_maps(Reconciler(PinnedServiceMaps(s.paths.bpf_root), revnat_limit=s.maps.revnat),
+                      PinnedNorthSouth(s, tc_child, on_fatal=self.fatal_error))
         log.info("datapath attached to %s, maps pinned under %s", self.settings.paths.cgroup_root,
                  self.settings.paths.bpf_root)
+
+    def fatal_error(self, e: Exception) -> None:
+        """A part of the datapath strict mode requires failed after start: stop, and run() raises it."""
+        if self.fatal is None:
+            self.fatal = e
+        if self.loop is not None:  # called from a worker thread
+            self.loop.call_soon_threadsafe(self.stop.set)
+        else:
+            self.stop.set()
 
     async def datapath_ready(self) -> None:
         if self.syncer is None:
@@ -179,7 +202,7 @@ class Agent:
                 lambda fill=fill: fill(self.syncer.reconciler) if self.syncer is not None else 0.0)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         if self.syncer is None:
@@ -219,6 +242,7 @@ class Agent:
         _, pending = await asyncio.wait(tasks + [stop_wait], timeout=5)
         for t in pending:
             log.error("task %s did not stop", t.get_name())
+        failed = failed or self.fatal
         if failed:
             raise failed  # the CLI reports it (e.g. strict mode: a hook the kernel refused)
         log.info("agent stopped; the datapath stays programmed")

@@ -605,18 +605,25 @@ def cleanup_tc(paths: Paths) -> list[str]:
     return removed
 
 
+def tc_adoptable(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()) -> bool:
+    """The pinned tc programs are this build: attach_tc needs no compiler (nor bcc in the process)."""
+    return _tc_progs_adoptable(paths, sizes, conntrack)
+
+
 def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True,
                        conntrack: ConntrackSettings = ConntrackSettings(),
-                       devices: list[str] | None = None) -> subprocess.Popen:
+                       devices: list[str] | None = None, tc_only: bool = False) -> subprocess.Popen:
     """attach() in a short-lived child process. bcc and LLVM stay resident once loaded (~130 MB
     measured); the agent only needs the pinned maps and links, so it never imports them. The agent
-    reads its sources while the child compiles (0.7 s here). ``devices`` (not None): attach_tc too."""
+    reads its sources while the child compiles (0.7 s here). ``devices`` (not None): attach_tc too;
+    ``tc_only``: attach_tc alone (the agent runs it beside the socket programs' child, so the two
+    compiles overlap and the tc one is not on the way to the first sync)."""
     import json
     import sys
     from dataclasses import asdict
 
     args = json.dumps({"paths": asdict(paths), "sizes": asdict(sizes), "strict": strict,
-                       "conntrack": asdict(conntrack), "devices": devices})
+                       "conntrack": asdict(conntrack), "devices": devices, "tc_only": tc_only})
     return subprocess.Popen([sys.executable, "-m", "lb.datapath", args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -649,7 +656,7 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         paths, sizes, conntrack = Paths(**a["paths"]), MapSizes(**a["sizes"]), ConntrackSettings(**a.get("conntrack", {}))
-        skipped = attach(paths, sizes, a["strict"], conntrack)
+        skipped = [] if a.get("tc_only") else attach(paths, sizes, a["strict"], conntrack)
         if a.get("devices") is not None:
             skipped += attach_tc(paths, sizes, a["devices"], a["strict"], conntrack)
     except DatapathError as e:

@@ -36,6 +36,7 @@ import stat
 import struct
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Awaitable, Callable
@@ -345,6 +346,37 @@ def _added_since(env: dict[str, str], stdin: bytes, queued: float) -> bool:
         return False
 
 
+class DatapathEndpoints:
+    """The agent's endpoint sink: each pod in lb_endpoints (the socket and tc programs read it), and
+    the tc pod program on its host veth right after (replies from local pods are reverse-NATed there)."""
+
+    def __init__(self, paths) -> None:
+        from ..maps.endpoints import PinnedEndpointMap
+
+        self.paths = paths
+        self.map = PinnedEndpointMap(paths.bpf_root)
+        self.lock = threading.Lock()  # ADDs run in parallel; the tc links are synced one at a time
+
+    def _sync_tc(self) -> None:
+        from .. import datapath
+
+        with self.lock:
+            failed = datapath.sync_tc_endpoints(self.paths)
+        if failed:
+            log.warning("tc pod program not attached: %s", "; ".join(failed))
+
+    def added(self, ip: str, ifindex: int, mac: str) -> None:
+        self.map.added(ip, ifindex, mac)
+        self._sync_tc()
+
+    def removed(self, ip: str) -> None:
+        self.map.removed(ip)
+        self._sync_tc()
+
+    def close(self) -> None:
+        self.map.close()
+
+
 async def serve_for_agent(settings, tracker, stop: asyncio.Event, datapath_ready: Callable[[], Awaitable[None]]) -> None:
     """The agent's CNI plugin: the launcher installed first (if asked; inert without a conflist),
     requests served once the datapath's maps exist (each pod is registered in lb_endpoints), and the
@@ -352,7 +384,6 @@ async def serve_for_agent(settings, tracker, stop: asyncio.Event, datapath_ready
     conflist finds a working plugin. The conflist stays when the agent stops: ADDs meanwhile fail
     with "try again later", DELs are queued."""
     from .. import nodenet
-    from ..maps.endpoints import PinnedEndpointMap
     from . import install
 
     s = settings
@@ -382,7 +413,7 @@ async def serve_for_agent(settings, tracker, stop: asyncio.Event, datapath_ready
         return {"podCIDR": v4[0]} if v4 else {}
 
     await datapath_ready()
-    endpoints = PinnedEndpointMap(s.paths.bpf_root)
+    endpoints = DatapathEndpoints(s.paths)
     try:
         await serve(s.cni_socket, stop, defaults, endpoints, peer=peer, listening=listening)
     finally:
