@@ -20,9 +20,10 @@ Address plan (one place):
                    IPs 172.30.0.0/16 via node 1, each pod CIDR via its node (the benchmark's direct
                    column), fd00:244:N::/64 via node N; nothing else: no default route, no way out
   IPv4 pods        the CNI plugin's IPAM, from the node's pod CIDR, behind host veths "lxc..."
-  IPv6 pods        the bundled CNI is IPv4-only, so an IPv6 backend is made by hand (v6_pod): a netns
-                   behind a host veth "v6<name>", fd00:244:N::10/64, the host end fd00:244:N::1/64;
-                   with bpflb it is registered in lb_endpoints as the plugin registers its pods
+  IPv6 pods        the bundled CNI is IPv4-only, so an IPv6 backend is made by hand (v6_pod) the way the
+                   plugin makes an IPv4 one: a netns behind a host veth "v6<name>", fd00:244:N::1X/128,
+                   a /128 route on the node, the host end holding only the pod's gateway fe80::1; with
+                   bpflb it is registered in lb_endpoints as the plugin registers its pods
   LB ingress IPs   172.30.0.0/24, External IPs 172.30.1.0/24 (routed to node 1 by the outside client)
   Services         ClusterIPs from 10.96.0.0/16 and fd00:96::/108 (the API server's ranges)
 
@@ -231,6 +232,7 @@ class NorthSouthBed:
     proxies: dict[int, subprocess.Popen] = field(default_factory=dict)
     cni_servers: dict[int, subprocess.Popen] = field(default_factory=dict)
     relays: dict[int, LoopbackRelay] = field(default_factory=dict)
+    created: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.mode not in BENCH_MODES:
@@ -362,7 +364,18 @@ class NorthSouthBed:
                             json.dumps({"status": {"addresses": addrs}}))
 
     def apply(self, *objs: dict) -> None:
+        for o in objs:
+            if o["kind"] in ("Service", "EndpointSlice"):
+                self.created.add((o["kind"].lower(), o["metadata"]["name"]))
         self.cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}))
+
+    def clean(self) -> None:
+        """Delete every Service and EndpointSlice apply() made (between tests sharing one bed)."""
+        for kind in ("service", "endpointslice"):
+            names = sorted(n for k, n in self.created if k == kind)
+            if names:
+                self.delete(kind, *names)
+        self.created.clear()
 
     def delete(self, kind: str, *names: str) -> None:
         self.cp.kubectl("delete", kind, "-n", "default", "--ignore-not-found", "--wait=false", *names)
@@ -491,14 +504,17 @@ class NorthSouthBed:
         with IPRoute(netns=self.cluster.node_ns(n)) as ipr:
             ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
             host = ipr.link_lookup(ifname=host_if)[0]
-            ipr.addr("add", index=host, address=f"fd00:244:{n:x}::1", prefixlen=64, flags=0x02)
+            # as the plugin does for IPv4: no global address on the host end, a /128 route to the pod,
+            # and a fixed link-local gateway (fe80::1) the pod routes through
+            ipr.addr("add", index=host, address="fe80::1", prefixlen=64, flags=0x02)
             ipr.link("set", index=host, state="up")
+            ipr.route("add", dst=f"{pod.ip}/128", oif=host, family=socket.AF_INET6)
         with IPRoute(netns=ns) as ipr:
             eth = ipr.link_lookup(ifname="eth0")[0]
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            ipr.addr("add", index=eth, address=pod.ip, prefixlen=64, flags=0x02)
+            ipr.addr("add", index=eth, address=pod.ip, prefixlen=128, flags=0x02)
             ipr.link("set", index=eth, state="up")
-            ipr.route("add", dst="fd00::/8", gateway=f"fd00:244:{n:x}::1", family=socket.AF_INET6)
+            ipr.route("add", dst="fd00::/8", gateway="fe80::1", oif=eth, family=socket.AF_INET6)
             pod_mac = ipr.get_links(eth)[0].get_attr("IFLA_ADDRESS")
         if self.bpflb:  # as the plugin registers its pods (lb/cni/plugin.py: sink.added)
             from ..maps.endpoints import PinnedEndpointMap
