@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
