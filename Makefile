@@ -21,3 +21,4 @@ bench: components
 	.venv/bin/python bench/pod_throughput.py
 	.venv/bin/python bench/api_sync.py
 	.venv/bin/python bench/cni_add_latency.py
+	.venv/bin/python bench/nodeport.py

@@ -88,3 +88,28 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float]:
         return xs[0], xs[0]
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return q[0], q[2]
+
+
+def build_c(name: str) -> str:
+    """Compile bench/<name>.c once per source version (cached in the temp dir); returns the binary's path."""
+    import hashlib
+    import tempfile
+
+    src = Path(__file__).resolve().parent / f"{name}.c"
+    flags = ["-O2", "-Wall", "-Wextra"]
+    digest = hashlib.sha256(src.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "bpflb-bench"
+    cache.mkdir(exist_ok=True)
+    binary = cache / f"{name}-{digest}"
+    if not binary.exists():
+        tmp = cache / f".{name}-{digest}.{os.getpid()}"
+        subprocess.run(["gcc", *flags, "-o", str(tmp), str(src)], check=True)
+        os.replace(tmp, binary)
+    return str(binary)
+
+
+def percentile(xs: Sequence[float], p: float) -> float:
+    """The p-th percentile (0..100), nearest rank on the sorted samples."""
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
+    return s[k]

@@ -32,6 +32,11 @@ def node_ip(n: int) -> str:
     return f"192.168.50.{n}"
 
 
+def node_ip6(n: int) -> str:
+    """node N's IPv6 address on the bridge, when the cluster is made with ipv6=True"""
+    return f"fd00:50::{n:x}"
+
+
 def pod_ip(n: int, m: int) -> str:
     return f"10.244.{n}.{10 + m}"
 
@@ -55,6 +60,8 @@ class Cluster:
     pods: dict[tuple[int, int], str] = field(default_factory=dict)
     agents: dict[int, subprocess.Popen] = field(default_factory=dict)
     logs: dict[int, list[str]] = field(default_factory=dict)
+    host_devices: bool = True   # False: leave bpflb_host/bpflb_net to the CNI plugin (it makes them on ADD)
+    ipv6: bool = False          # True: each node's eth0 also holds node_ip6(n)/64
 
     def __post_init__(self) -> None:
         self.bridge_ns = f"bl{self.tag}br"
@@ -104,16 +111,24 @@ class Cluster:
         with IPRoute(netns=ns) as ipr:
             eth = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=eth, address=node_ip(n), prefixlen=24)
+            if self.ipv6:
+                ipr.addr("add", index=eth, address=node_ip6(n), prefixlen=64, flags=0x02)  # IFA_F_NODAD
             ipr.link("set", index=eth, state="up")
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            # The node's host device pair holds the pod gateway address, as the CNI plugin makes it:
-            # with a local route to the gateway, proxy ARP on each pod's host veth answers for it.
-            ipr.link("add", ifname="bpflb_host", kind="veth", peer={"ifname": "bpflb_net"})
-            host = ipr.link_lookup(ifname="bpflb_host")[0]
-            ipr.addr("add", index=host, address=f"10.244.{n}.1", prefixlen=32)
-            ipr.link("set", index=host, state="up")
-            ipr.link("set", index=ipr.link_lookup(ifname="bpflb_net")[0], state="up")
+            if self.host_devices:
+                # The node's host device pair holds the pod gateway address, as the CNI plugin makes it:
+                # with a local route to the gateway, proxy ARP on each pod's host veth answers for it.
+                ipr.link("add", ifname="bpflb_host", kind="veth", peer={"ifname": "bpflb_net"})
+                host = ipr.link_lookup(ifname="bpflb_host")[0]
+                ipr.addr("add", index=host, address=f"10.244.{n}.1", prefixlen=32)
+                ipr.link("set", index=host, state="up")
+                ipr.link("set", index=ipr.link_lookup(ifname="bpflb_net")[0], state="up")
+        self._forwarding(ns)
+
+    def _forwarding(self, ns: str) -> None:
         _sysctl_in(ns, "net.ipv4.ip_forward", "1")
+        if self.ipv6:
+            _sysctl_in(ns, "net.ipv6.conf.all.forwarding", "1")
 
     def add_pod(self, n: int, m: int) -> str:
         """A pod namespace behind node n (what the CNI plugin does, minimal, for network tests)."""

@@ -1,0 +1,272 @@
+"""NodePort from outside the nodes: bpflb vs the real kube-proxy (nftables and iptables modes) vs a direct
+connection to the pod, at 1 / 1 000 / 10 000 Services.
+
+    python bench/nodeport.py [--quick] [--services 1,1000,10000] [--modes kube-proxy-nftables,...]
+
+The bed is lb/testing/northsouth.py's (two netns nodes on a bridge, an outside client netns, pods made by
+the bundled CNI, a real kube-apiserver), one per proxy mode, brought up one after the other in this run.
+In each: pod `a` on node 1 runs bench/tcp_server.c (connect+close and request/response listeners) and an
+iperf3 server; one Service (eTP Cluster, endpoint `a` alone) exposes them on NodePorts. The outside
+client (bench/tcp_client.c, iperf3) dials three targets, alternating in short rounds:
+
+    direct      the pod IP (the outside netns routes each pod CIDR via its node): no service proxy
+    np-local    node 1's IP:NodePort (the backend is on that node)
+    np-remote   node 2's IP:NodePort (the backend is on node 1: forwarded and masqueraded)
+
+The extra Services are ClusterIP Services, each with one endpoint (never dialled), created through the
+API server before a scale is measured; a fresh "sentinel" NodePort Service created after them answers
+only once the proxy has programmed everything before it (the watches deliver in order).
+
+Figures: connections/s (connect+close, median of rounds), request/response latency per connection
+(connect, one request line, its reply, close; p50/p99 over samples timed inside the C client), TCP
+throughput (iperf3, median of runs). "direct" in a kube-proxy bed still crosses node 1's netfilter with
+conntrack on (kube-proxy's rules load it for every flow of the netns), in the bpflb bed it does not, so
+the normalised cross-bed ratio below is conservative for bpflb; the raw ratio is printed beside it. Ratios: each NodePort target over direct *in the same bed*, and
+bpflb over kube-proxy nftables as the ratio of those ratios (direct normalises the bed-to-bed noise).
+Targets (issue 10): bpflb >= 1.2x kube-proxy nftables connections/s at 10 000 Services; bpflb latency
+p99 within 1.1x of direct.
+
+Network safety: every client runs in the outside netns, whose only routes are the bed's addresses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from benchlib import build_c, code_version, median, percentile, sigterm_exits
+from lb.testing.apiserver import ADMIN_TOKEN
+from lb.testing.bed import enter
+from lb.testing.cluster import node_ip
+from lb.testing.northsouth import BENCH_MODES, NorthSouthBed
+
+RR_PORT, CC_PORT, IPERF_PORT = 8080, 8081, 5201
+NP_RR, NP_CC, NP_IPERF = 30080, 30081, 30201
+TARGETS = ("direct", "np-local", "np-remote")
+
+
+class Api:
+    """Bulk object creation straight against the API server (kubectl per object would take minutes)."""
+
+    def __init__(self, bed: NorthSouthBed):
+        self.url, self.ctx = bed.cp.url, ssl.create_default_context(cafile=str(bed.cp.ca))
+
+    def post(self, path: str, body: dict) -> None:
+        req = urllib.request.Request(self.url + path, method="POST", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=self.ctx, timeout=60) as r:
+            r.read()
+
+
+def filler(i: int) -> tuple[dict, dict]:
+    """ClusterIP Service i with one (never dialled) endpoint on node 2."""
+    name = f"fill{i}"
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+           "spec": {"ports": [{"name": "p", "port": 80, "protocol": "TCP", "targetPort": 8080}]}}
+    es = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+          "metadata": {"name": f"{name}-1", "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
+          "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+          "endpoints": [{"addresses": [f"10.{250 + i // 65536}.{i // 256 % 256}.{i % 256}"],
+                         "conditions": {"ready": True}, "nodeName": "node2"}]}
+    return svc, es
+
+
+def bench_service(name: str, pod_ip: str, ports: list[tuple[str, int, int, int]]) -> list[dict]:
+    """A NodePort Service (eTP Cluster) with pod_ip as its one endpoint; ports: (name, port, target, nodePort)."""
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+           "spec": {"type": "NodePort", "ports": [{"name": n, "port": p, "protocol": "TCP", "targetPort": t,
+                                                    "nodePort": np} for n, p, t, np in ports]}}
+    es = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+          "metadata": {"name": f"{name}-1", "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
+          "addressType": "IPv4", "ports": [{"name": n, "port": t, "protocol": "TCP"} for n, _, t, _ in ports],
+          "endpoints": [{"addresses": [pod_ip], "conditions": {"ready": True}, "nodeName": "node1"}]}
+    return [svc, es]
+
+
+class Client:
+    """bench/tcp_client.c in the outside netns (one long-lived process, a command per line)."""
+
+    def __init__(self, bed: NorthSouthBed):
+        self.p = subprocess.Popen([build_c("tcp_client")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: enter(bed.outside_ns, None))
+
+    def cmd(self, line: str) -> str:
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def run(self, ip: str, port: int, mode: str, count: int) -> tuple[int, int, int, int]:
+        ok, failed, first, ns = self.cmd(f"run {ip} {port} {mode} {count}").split()
+        return int(ok), int(failed), int(first), int(ns)
+
+    def close(self) -> None:
+        try:
+            self.cmd("quit")
+        except (OSError, ValueError):
+            pass
+        self.p.kill()
+        self.p.wait()
+
+
+def iperf(bed: NorthSouthBed, ip: str, port: int, seconds: float) -> float:
+    """Gbit/s of one iperf3 run from the outside netns."""
+    r = subprocess.run(["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "3000"],
+                       capture_output=True, text=True, preexec_fn=lambda: enter(bed.outside_ns, None),
+                       timeout=seconds + 30)
+    doc = json.loads(r.stdout or "{}")
+    if "error" in doc or r.returncode != 0:
+        raise RuntimeError(f"iperf3 to {ip}:{port}: {doc.get('error') or r.stderr}")
+    return doc["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def measure(bed: NorthSouthBed, client: Client, pod_ip: str, q: argparse.Namespace) -> dict[str, dict[str, float]]:
+    addr = {"direct": (pod_ip, CC_PORT, RR_PORT, IPERF_PORT), "np-local": (node_ip(1), NP_CC, NP_RR, NP_IPERF),
+            "np-remote": (node_ip(2), NP_CC, NP_RR, NP_IPERF)}
+    out = {t: {} for t in TARGETS}
+    rates = {t: [] for t in TARGETS}
+    for r in range(q.rounds):
+        order = TARGETS if r % 2 == 0 else TARGETS[::-1]
+        for t in order:
+            ok, failed, first, ns = client.run(addr[t][0], addr[t][1], "c", q.conns)
+            if failed:
+                raise RuntimeError(f"{t}: {failed} failed connections (errno {first})")
+            rates[t].append(ok / (ns / 1e9))
+    lat = {t: [] for t in TARGETS}
+    for i in range(q.samples):
+        for t in (TARGETS if i % 2 == 0 else TARGETS[::-1]):
+            ok, failed, first, ns = client.run(addr[t][0], addr[t][2], "r", 1)
+            if failed:
+                raise RuntimeError(f"{t}: request/response failed (errno {first})")
+            lat[t].append(ns / 1e3)
+    thr = {t: [] for t in TARGETS}
+    for i in range(q.iperf_runs):
+        for t in (TARGETS if i % 2 == 0 else TARGETS[::-1]):
+            thr[t].append(iperf(bed, addr[t][0], addr[t][3], q.iperf_seconds))
+    for t in TARGETS:
+        out[t] = {"conn/s": median(rates[t]), "p50 us": percentile(lat[t], 50), "p99 us": percentile(lat[t], 99),
+                  "Gbit/s": median(thr[t])}
+    return out
+
+
+def run_mode(mode: str, q: argparse.Namespace, results: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="bpflb-nodeport-") as d, NorthSouthBed(mode, Path(d)) as bed:
+        a = bed.pod(1, "a", serve=False)
+        server = subprocess.Popen([build_c("tcp_server"), f"{a.ip}:{RR_PORT}:r", f"{a.ip}:{CC_PORT}:c"],
+                                  stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: enter(a.netns, bed.cluster.cgroup(1)))
+        a.proc = server   # killed with the pod
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("tcp_server did not start")
+        iperf_srv = subprocess.Popen(["iperf3", "-s", "-B", a.ip, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=lambda: enter(a.netns, None))
+        bed.cluster.procs.append(iperf_srv)
+        bed.apply(*bench_service("bench", a.ip, [("cc", 81, CC_PORT, NP_CC), ("rr", 80, RR_PORT, NP_RR),
+                                                 ("iperf", 5201, IPERF_PORT, NP_IPERF)]))
+        api = Api(bed)
+        client = Client(bed)
+        made = 1  # the bench Service
+        try:
+            for i, scale in enumerate(q.services):
+                t0 = time.monotonic()
+                with ThreadPoolExecutor(16) as pool:
+                    def create(k: int) -> None:
+                        svc, es = filler(k)
+                        api.post("/api/v1/namespaces/default/services", svc)
+                        api.post("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", es)
+                    list(pool.map(create, range(made, scale)))
+                made = max(made, scale)
+                created = time.monotonic() - t0
+                # the sentinel: answers once the proxy programmed everything created before it
+                bed.apply(*bench_service(f"sentinel{i}", a.ip, [("cc", 81, CC_PORT, 30300 + i)]))
+                bed.wait(lambda: client.run(node_ip(1), 30300 + i, "c", 1)[0] == 1, timeout=900,
+                         what=f"{scale} Services programmed")
+                synced = time.monotonic() - t0
+                print(f"# {mode}: {scale} Services (created in {created:.0f} s, programmed after {synced:.0f} s)",
+                      flush=True)
+                results[(mode, scale)] = measure(bed, client, a.ip, q)
+                print_cell(mode, scale, results[(mode, scale)])
+        finally:
+            client.close()
+
+
+def print_cell(mode: str, scale: int, cell: dict) -> None:
+    d = cell["direct"]
+    for t in TARGETS:
+        c = cell[t]
+        ratio = "" if t == "direct" else (f"  ({c['conn/s'] / d['conn/s']:.2f}x conn/s, {c['p99 us'] / d['p99 us']:.2f}x p99, "
+                                          f"{c['Gbit/s'] / d['Gbit/s']:.2f}x Gbit/s of direct)")
+        print(f"  {mode:20} {scale:>6} {t:10} {c['conn/s']:9.0f} conn/s  p50 {c['p50 us']:6.0f} us  "
+              f"p99 {c['p99 us']:6.0f} us  {c['Gbit/s']:6.2f} Gbit/s{ratio}", flush=True)
+
+
+def summary(results: dict, modes: list[str], scales: list[int]) -> None:
+    print("\n# NodePort vs direct, per bed (conn/s ratio | p99 latency ratio | throughput ratio)")
+    for mode in modes:
+        for scale in scales:
+            cell = results.get((mode, scale))
+            if not cell:
+                continue
+            d = cell["direct"]
+            parts = [f"{t}: {cell[t]['conn/s'] / d['conn/s']:.2f} | {cell[t]['p99 us'] / d['p99 us']:.2f} | "
+                     f"{cell[t]['Gbit/s'] / d['Gbit/s']:.2f}" for t in TARGETS[1:]]
+            print(f"  {mode:20} {scale:>6}  " + "   ".join(parts))
+    ref = "kube-proxy-nftables"
+    others = [m for m in modes if m != ref]
+    if ref not in modes or not others:
+        return
+    print(f"\n# vs {ref}, conn/s: normalised (each over its own bed's direct) and raw (>1: faster than {ref})")
+    for mode in others:
+        for scale in scales:
+            a, b = results.get((mode, scale)), results.get((ref, scale))
+            if not a or not b:
+                continue
+            parts = []
+            for t in TARGETS[1:]:
+                x = (a[t]["conn/s"] / a["direct"]["conn/s"]) / (b[t]["conn/s"] / b["direct"]["conn/s"])
+                parts.append(f"{t}: {x:.2f}x (raw {a[t]['conn/s'] / b[t]['conn/s']:.2f}x)")
+            print(f"  {mode:20} {scale:>6}  " + "   ".join(parts))
+    if ("bpflb", max(scales)) in results and (ref, max(scales)) in results:
+        a, b, s = results[("bpflb", max(scales))], results[(ref, max(scales))], max(scales)
+        x = (a["np-local"]["conn/s"] / a["direct"]["conn/s"]) / (b["np-local"]["conn/s"] / b["direct"]["conn/s"])
+        p99 = a["np-local"]["p99 us"] / a["direct"]["p99 us"]
+        print(f"\n# targets at {s} Services: bpflb conn/s {x:.2f}x kube-proxy nftables (target >= 1.2x): "
+              f"{'met' if x >= 1.2 else 'NOT met'}; bpflb p99 {p99:.2f}x direct (target <= 1.1x): "
+              f"{'met' if p99 <= 1.1 else 'NOT met'}")
+
+
+def main() -> int:
+    sigterm_exits()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 and 100 Services, fewer rounds (a smoke run)")
+    ap.add_argument("--services", default=None, help="comma-separated scales (default 1,1000,10000)")
+    ap.add_argument("--modes", default=",".join(BENCH_MODES), help=f"comma-separated, of {BENCH_MODES}")
+    a = ap.parse_args()
+    a.services = [int(x) for x in (a.services or ("1,100" if a.quick else "1,1000,10000")).split(",")]
+    a.rounds, a.conns = (4, 300) if a.quick else (12, 1000)
+    a.samples = 300 if a.quick else 3000
+    a.iperf_runs, a.iperf_seconds = (1, 1) if a.quick else (3, 3)
+    modes = a.modes.split(",")
+    print(f"# lb at {code_version()}; modes {modes}; Services {a.services}; {a.rounds} rounds x {a.conns} "
+          f"connections, {a.samples} latency samples, {a.iperf_runs} x {a.iperf_seconds} s iperf3 per target")
+    results: dict = {}
+    failed = []
+    for mode in modes:
+        try:
+            run_mode(mode, a, results)
+        except Exception as e:  # one mode failing (bpflb before its datapath lands) leaves the others' figures
+            failed.append(mode)
+            print(f"# {mode}: FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
+    summary(results, modes, a.services)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
