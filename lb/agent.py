@@ -153,7 +153,7 @@ class Agent:
         # The tc programs compile in a child of their own now, beside the first sync (after the socket
         # programs' child: both would otherwise race to create the maps they share).
         tc_child = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack,
-                                               devices=[], tc_only=True)
+                                               tc_only=True)  # devices: those attached stay until the sync
         self.use_maps(Reconciler(PinnedServiceMaps(s.paths.bpf_root), revnat_limit=s.maps.revnat),
                       PinnedNorthSouth(s, tc_child, on_fatal=self.fatal_error))
         log.info("datapath attached to %s, maps pinned under %s", self.settings.paths.cgroup_root,

@@ -498,14 +498,19 @@ def write_device_addrs(paths: Paths) -> dict[int, tuple[str, str]]:
     return {i: (v4, v6) for i, (v4, v6) in found.items()}
 
 
-def attach_tc(paths: Paths, sizes: MapSizes, devices: list[str], strict: bool = True,
+def attach_tc(paths: Paths, sizes: MapSizes, devices: list[str] | None, strict: bool = True,
               conntrack: ConntrackSettings = ConntrackSettings()) -> list[str]:
     """Attach bpflb_tc_ext to the ingress of each device in ``devices`` and bpflb_tc_pod to each local pod's
     veth (lb_endpoints), by pinned tcx links; links on devices no longer listed are removed. Adopts the
     pinned programs when they are this very build (nothing compiled, links untouched). Strict: a program
     the kernel refuses or a device it cannot attach to stops with DatapathError naming it; not strict:
-    returns what was skipped. Run in the node's network namespace (device names and ifindexes are its)."""
-    ifindexes = {name: _ifindex(name) for name in devices}
+    returns what was skipped. Run in the node's network namespace (device names and ifindexes are its).
+    ``devices`` None: the devices already attached stay (a restarted agent's loader child does not know
+    them yet; the sync names them once it has read the Node), moved to the new program if recompiled."""
+    if devices is None:
+        ifindexes = {n: int(n[4:]) for n in _tc_links(paths) if n.startswith("ext_")}
+    else:
+        ifindexes = {name: _ifindex(name) for name in devices}
     d = _tc_dir(paths)
     ensure_bpffs(paths.bpf_root)
     os.makedirs(d, exist_ok=True)
@@ -657,8 +662,8 @@ def _main(argv: list[str]) -> int:
     try:
         paths, sizes, conntrack = Paths(**a["paths"]), MapSizes(**a["sizes"]), ConntrackSettings(**a.get("conntrack", {}))
         skipped = [] if a.get("tc_only") else attach(paths, sizes, a["strict"], conntrack)
-        if a.get("devices") is not None:
-            skipped += attach_tc(paths, sizes, a["devices"], a["strict"], conntrack)
+        if a.get("tc_only") or a.get("devices") is not None:
+            skipped += attach_tc(paths, sizes, a.get("devices"), a["strict"], conntrack)
     except DatapathError as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 1
