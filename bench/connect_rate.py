@@ -47,19 +47,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from benchlib import bench_bed, code_version, median, paths_of, quartiles, sigterm_exits
+from benchlib import bench_bed, build_c, code_version, median, paths_of, quartiles, sigterm_exits
 from lb import datapath
 from lb.maps import bpfsys
 from lb.maps.services import PinnedServiceMaps, pack_ip
@@ -89,21 +87,6 @@ WORKLOADS = (Workload("connect+close", "c", 80, 9000), Workload("request/respons
 
 
 # ---- the C programs ------------------------------------------------------------------------------
-
-def build(name: str) -> str:
-    """Compile bench/<name>.c once per source version; returns the binary's path."""
-    src = HERE / f"{name}.c"
-    flags = ["-O2", "-Wall", "-Wextra"]
-    digest = hashlib.sha256(src.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "bpflb-bench"
-    cache.mkdir(exist_ok=True)
-    binary = cache / f"{name}-{digest}"
-    if not binary.exists():
-        tmp = cache / f".{name}-{digest}.{os.getpid()}"
-        subprocess.run(["gcc", *flags, "-o", str(tmp), str(src)], check=True)
-        os.replace(tmp, binary)
-    return str(binary)
-
 
 def pinned(argv: list[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv] if cpu is not None else argv
@@ -365,7 +348,7 @@ def main() -> int:
     client_cpu, server_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 and not a.no_pin else (None, None)
 
     sigterm_exits()
-    client_bin, server_bin = build("tcp_client"), build("tcp_server")
+    client_bin, server_bin = build_c("tcp_client"), build_c("tcp_server")
     sizes_cfg = MapSizes()
     if max(sizes) + len(WORKLOADS) > sizes_cfg.revnat:
         ap.error(f"at most {sizes_cfg.revnat - len(WORKLOADS)} services fit in the reverse-NAT map")
