@@ -375,26 +375,56 @@ static __always_inline int swap_macs(struct __sk_buff *skb)
 	return 0;
 }
 
-/* ICMP port unreachable quoting the IP header and 8 bytes of the offending packet, sent back out of
- * the device it came in on, from the frontend address. */
-static __always_inline int reject4(struct __sk_buff *skb)
+/*
+ * The offending packet may carry an offloaded, not yet computed L4 checksum: a sender on this host (a
+ * veth or tap peer with tx checksum offload, as the test beds' clients) hands it over CHECKSUM_PARTIAL,
+ * the field holding only the pseudo-header sum and csum_start/csum_offset telling a device where to
+ * finish it. The kernel keeps that state through these rewrites and refuses to trim the packet short of
+ * the field (bpf_skb_change_tail: -EINVAL; the reject was dropped and the client timed out). So the quote
+ * keeps the whole L4 header (TCP 20 bytes, UDP 8: the field included), and the field is set to the value
+ * a device finishing the checksum writes back over it (the range it sums is the quoted L4 header, the
+ * field included): the ICMP checksum then holds whether the L4 checksum is finished on the way (a device
+ * without checksum offload) or left as it is (a receiver trusts a CHECKSUM_PARTIAL packet unverified).
+ * On a packet with its checksum complete the field is just part of the quote.
+ */
+static __always_inline void quote_l4_csum(__u8 *l4, __u32 l4len, __u32 field)
+{
+	__u32 s;
+
+	l4[field] = 0;
+	l4[field + 1] = 0;
+	s = (__u32)bpf_csum_diff(0, 0, (__be32 *)l4, l4len, 0);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	/* F with F == ~(s + F) in ones' complement: 2F == -s (mod 0xffff), and 2 * 0x8000 == 1 (mod 0xffff).
+	 * Byte order does not matter: a byte swap is a multiplication by 0x100 (mod 0xffff). */
+	__u16 f = (__u16)(((0xffff - s) * 0x8000) % 0xffff);
+	__builtin_memcpy(l4 + field, &f, 2);
+}
+
+/* ICMP port unreachable quoting the IP header and the L4 header (l4len bytes) of the offending packet,
+ * sent back out of the device it came in on, from the frontend address. */
+static __always_inline int reject4(struct __sk_buff *skb, __u32 l4len, __u32 field)
 {
 	struct {
 		struct iphdr ip;
 		struct icmphdr icmp;
-		__u8 quote[28];
+		__u8 quote[sizeof(struct iphdr) + sizeof(struct tcphdr)];
 	} __attribute__((packed)) m = {};
+	__u32 qlen = sizeof(struct iphdr) + l4len;
+	__u32 len = sizeof(m.ip) + sizeof(m.icmp) + qlen;
 
-	if (bpf_skb_load_bytes(skb, ETH_HLEN_, m.quote, sizeof(m.quote)) < 0)
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, m.quote, qlen) < 0)
 		return TC_ACT_SHOT;
-	if (bpf_skb_change_tail(skb, ETH_HLEN_ + sizeof(m.quote), 0) < 0)
+	if (bpf_skb_change_tail(skb, ETH_HLEN_ + qlen, 0) < 0)
 		return TC_ACT_SHOT;
 	if (bpf_skb_adjust_room(skb, sizeof(m.ip) + sizeof(m.icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
 		return TC_ACT_SHOT;
+	quote_l4_csum(m.quote + sizeof(struct iphdr), l4len, field);
 	struct iphdr *q = (struct iphdr *)m.quote;
 	m.ip.version = 4;
 	m.ip.ihl = 5;
-	m.ip.tot_len = bpf_htons(sizeof(m));
+	m.ip.tot_len = bpf_htons(len);
 	m.ip.ttl = 64;
 	m.ip.protocol = IPPROTO_ICMP;
 	m.ip.saddr = q->daddr;
@@ -402,48 +432,61 @@ static __always_inline int reject4(struct __sk_buff *skb)
 	m.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&m.ip, sizeof(m.ip), 0));
 	m.icmp.type = ICMP_DEST_UNREACH;
 	m.icmp.code = ICMP_PORT_UNREACH;
-	m.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&m.icmp, sizeof(m.icmp) + sizeof(m.quote), 0));
-	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &m, sizeof(m), 0) < 0 || swap_macs(skb) < 0)
+	m.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&m.icmp, sizeof(m.icmp) + qlen, 0));
+	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &m, len, 0) < 0 || swap_macs(skb) < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-static __always_inline int reject6(struct __sk_buff *skb)
+static __always_inline int reject6(struct __sk_buff *skb, __u32 l4len, __u32 field)
 {
 	struct {
 		struct ipv6hdr ip;
 		struct icmp6hdr icmp;
-		__u8 quote[48];
+		__u8 quote[sizeof(struct ipv6hdr) + sizeof(struct tcphdr)];
 	} __attribute__((packed)) m = {};
 	struct {
 		__u32 len;
 		__u32 nexthdr;
 	} pseudo = {};
+	__u32 qlen = sizeof(struct ipv6hdr) + l4len;
+	__u32 len = sizeof(m.ip) + sizeof(m.icmp) + qlen;
 
-	if (bpf_skb_load_bytes(skb, ETH_HLEN_, m.quote, sizeof(m.quote)) < 0)
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, m.quote, qlen) < 0)
 		return TC_ACT_SHOT;
-	if (bpf_skb_change_tail(skb, ETH_HLEN_ + sizeof(m.quote), 0) < 0)
+	if (bpf_skb_change_tail(skb, ETH_HLEN_ + qlen, 0) < 0)
 		return TC_ACT_SHOT;
 	if (bpf_skb_adjust_room(skb, sizeof(m.ip) + sizeof(m.icmp), BPF_ADJ_ROOM_MAC, 0) < 0)
 		return TC_ACT_SHOT;
+	quote_l4_csum(m.quote + sizeof(struct ipv6hdr), l4len, field);
 	struct ipv6hdr *q = (struct ipv6hdr *)m.quote;
 	m.ip.version = 6;
-	m.ip.payload_len = bpf_htons(sizeof(m.icmp) + sizeof(m.quote));
+	m.ip.payload_len = bpf_htons(sizeof(m.icmp) + qlen);
 	m.ip.nexthdr = IPPROTO_ICMPV6;
 	m.ip.hop_limit = 64;
 	m.ip.saddr = q->daddr;
 	m.ip.daddr = q->saddr;
 	m.icmp.icmp6_type = ICMPV6_DEST_UNREACH;
 	m.icmp.icmp6_code = ICMPV6_PORT_UNREACH;
-	pseudo.len = bpf_htonl(sizeof(m.icmp) + sizeof(m.quote));
+	pseudo.len = bpf_htonl(sizeof(m.icmp) + qlen);
 	pseudo.nexthdr = bpf_htonl(IPPROTO_ICMPV6);
 	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&m.ip.saddr, 32, 0);
 	sum = bpf_csum_diff(0, 0, (__be32 *)&pseudo, sizeof(pseudo), sum);
-	sum = bpf_csum_diff(0, 0, (__be32 *)&m.icmp, sizeof(m.icmp) + sizeof(m.quote), sum);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&m.icmp, sizeof(m.icmp) + qlen, sum);
 	m.icmp.icmp6_cksum = csum_fold(sum);
-	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &m, sizeof(m), 0) < 0 || swap_macs(skb) < 0)
+	if (bpf_skb_store_bytes(skb, ETH_HLEN_, &m, len, 0) < 0 || swap_macs(skb) < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* What nft "reject" sends for a TCP or UDP packet (parse() passes no other protocol). */
+static __always_inline int reject(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (p->t.proto == IPPROTO_TCP)
+		return p->v6 ? reject6(skb, sizeof(struct tcphdr), offsetof(struct tcphdr, check))
+			     : reject4(skb, sizeof(struct tcphdr), offsetof(struct tcphdr, check));
+	return p->v6 ? reject6(skb, sizeof(struct udphdr), offsetof(struct udphdr, check))
+		     : reject4(skb, sizeof(struct udphdr), offsetof(struct udphdr, check));
 }
 
 /* ---- a new flow ------------------------------------------------------------------------------------ */
@@ -563,7 +606,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 	if (count == 0) {
 		if (flags & LB_SVC_F_DROP_EMPTY)
 			return TC_ACT_SHOT;
-		return p->v6 ? reject6(skb) : reject4(skb);
+		return reject(skb, p);
 	}
 
 	struct lb_ext_affinity_key ak = {};

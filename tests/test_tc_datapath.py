@@ -11,6 +11,7 @@ Topology (namespaces made here, all removed at the end; names carry a random tag
 The client has routes to the LAN and to the LB/External IPs via node1 only: no default route, so a
 packet the datapath fails to translate never leaves these namespaces. Checksum offload is off on the
 client's and the pods' interfaces, so every receiver verifies the L3/L4 checksums the programs wrote.
+(One test turns it back on at the client: the north-south bed's clients keep the veth default.)
 Frontends are written here with scope EXTERNAL and the flags translate would set (the translate
 helper's rules are tested with translate). Each backend answers a line with "<pod> <source it saw>".
 """
@@ -101,21 +102,27 @@ def sysctl(ns_path: str, values: dict[str, str]) -> None:
     netns_.run_in(ns_path, write)
 
 
-def no_tx_csum(ns_path: str, ifname: str) -> None:
-    """Checksum offload off: packets carry full checksums and the receiver verifies them."""
-    def off():
+def tx_csum(ns_path: str, ifname: str, on: bool) -> None:
+    """Checksum offload on or off. Off: packets carry full checksums and the receiver verifies them. On (a
+    veth's default): a local sender's TCP/UDP packets leave with the L4 checksum not yet computed
+    (CHECKSUM_PARTIAL), and a receiver trusts them unverified."""
+    def set_():
         from pyroute2.ethtool import Ethtool
 
         e = Ethtool()
         try:
             feats = e.get_features(ifname)
             for name in ("tx-checksum-ip-generic", "tx-checksum-ipv4", "tx-checksum-ipv6"):
-                if name in feats.features:
-                    feats.features[name].enable = False
+                if name in feats.features and feats.features[name].available:  # (veth: ip-generic only)
+                    feats.features[name].enable = on
             e.set_features(ifname, feats)
         finally:
             e.close()
-    netns_.run_in(ns_path, off)
+    netns_.run_in(ns_path, set_)
+
+
+def no_tx_csum(ns_path: str, ifname: str) -> None:
+    tx_csum(ns_path, ifname, False)
 
 
 class TcBed:
@@ -387,6 +394,44 @@ def test_no_endpoints_udp_is_refused(tcbed, maps):
             s.recv(100)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("node_offload", [True, False], ids=["node-offload", "node-no-offload"])
+@pytest.mark.parametrize("proto", [TCP, UDP])
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_refused_after_the_last_backend_went_from_a_client_with_checksum_offload(tcbed, maps, v6, proto,
+                                                                                  node_offload):
+    """The north-south bed's case: a client on this host behind a veth with checksum offload (the default)
+    sends its SYN or datagram CHECKSUM_PARTIAL, which the kernel will not trim short of its L4 checksum
+    field; the reject must still go out. Without offload on the node's device, its egress finishes that
+    checksum inside the quote and the client, now given a plain packet, verifies the ICMP checksum."""
+    ip = NODE1_6 if v6 else NODE1_4
+    fe = nodeport(proto, v6)
+    tx_csum(tcbed.path("c"), "eth0", True)
+    if not node_offload:
+        tx_csum(tcbed.path("n1"), "eth0", False)
+    try:
+        program(maps, fe, 1, [POD1_6 if v6 else POD1_4], SVC_F_SNAT | SVC_F_NODEPORT)
+        ask = tcbed.ask if proto == TCP else tcbed.ask_udp
+        assert ask(ip, NODEPORT)[0] == "pod1"
+        program(maps, fe, 1, [], SVC_F_SNAT | SVC_F_NODEPORT)
+        for _ in range(2):
+            if proto == TCP:
+                with pytest.raises(ConnectionRefusedError):  # (IPv6: see the test above)
+                    tcbed.ask(ip, NODEPORT, timeout=3.0)
+                continue
+            s = tcbed.sock(ip, socket.SOCK_DGRAM)
+            s.settimeout(2.0)
+            try:
+                s.connect((ip, NODEPORT))
+                s.send(b"?\n")
+                with pytest.raises(ConnectionRefusedError):
+                    s.recv(100)
+            finally:
+                s.close()
+    finally:
+        tx_csum(tcbed.path("c"), "eth0", False)
+        tx_csum(tcbed.path("n1"), "eth0", True)
 
 
 def test_udp_nodeport_replies_come_from_the_frontend(tcbed, maps):
