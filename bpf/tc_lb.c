@@ -79,7 +79,6 @@ static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags
 struct pkt {
 	struct lb_ct_tuple t;   /* as the packet is now (updated by each rewrite) */
 	__u32 l4;               /* offset of the L4 header (the IP header is at ETH_HLEN_) */
-	__u16 tot_len;          /* IP total length, for the FIB's MTU check */
 	__u8 v6;
 	__u8 tcp_flags;
 };
@@ -113,7 +112,6 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		p->t.daddr[2] = bpf_htonl(0xffff);
 		p->t.saddr[3] = ip->saddr;
 		p->t.daddr[3] = ip->daddr;
-		p->tot_len = bpf_ntohs(ip->tot_len);
 		l4 = ETH_HLEN_ + sizeof(*ip);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
@@ -124,7 +122,6 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		p->t.proto = ip6->nexthdr; /* an extension header (fragment, ...) is not TCP/UDP: left alone */
 		__builtin_memcpy(p->t.saddr, ip6->saddr.in6_u.u6_addr32, 16);
 		__builtin_memcpy(p->t.daddr, ip6->daddr.in6_u.u6_addr32, 16);
-		p->tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
 		l4 = ETH_HLEN_ + sizeof(*ip6);
 	} else {
 		return -1;
@@ -208,6 +205,13 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct pkt *p, int dst
  * arrived on, MACs rewritten, redirected out of the device the route names; when the neighbour is
  * not resolved yet, bpf_redirect_neigh resolves it. ``fallback`` is the device to try when the FIB
  * has no answer (0: drop).
+ *
+ * tot_len stays 0: the helper then checks the skb itself against the egress MTU (is_skb_forwardable),
+ * which passes a GSO packet whose segments fit. A GRO/TSO superpacket (a bulk transfer's data, up to
+ * 64 KB in one skb) carries its whole length in the IP header; given as tot_len, the FIB would answer
+ * FRAG_NEEDED for every one of them and only MTU-sized segments would get through.
+ * A non-GSO packet larger than the egress MTU still gets FRAG_NEEDED and is dropped (no ICMP back:
+ * PMTU discovery across the node relies on the MSS, see the top of this file).
  */
 static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt *p, __u32 fallback)
 {
@@ -218,7 +222,6 @@ static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt 
 	fib.l4_protocol = p->t.proto;
 	fib.sport = p->t.sport;
 	fib.dport = p->t.dport;
-	fib.tot_len = p->tot_len;
 	if (p->v6) {
 		fib.family = AF_INET6;
 		__builtin_memcpy(fib.ipv6_src, p->t.saddr, 16);
@@ -243,17 +246,28 @@ static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt 
 
 /* ---- conntrack ------------------------------------------------------------------------------------ */
 
+/*
+ * now - then, or 0 if ``then`` is later than ``now``: another CPU may stamp an entry (a reply, the
+ * flow's next segment) between our clock read and our look at it. Unsigned, that difference would
+ * wrap to ~2^64 and a live flow would look expired (and be re-created with a new masquerade port: its
+ * next segment reaches the backend from an unknown port and is reset).
+ */
+static __always_inline __u64 age(__u64 now, __u64 then)
+{
+	return now > then ? now - then : 0;
+}
+
 static __always_inline int ct_live(__u8 proto, __u16 flags, __u64 created, __u64 last, __u64 now)
 {
 	__u64 timeout;
 
 	if (proto == IPPROTO_TCP)
 		timeout = (flags & LB_CT_F_CLOSING) ? TCP_CLOSE_TIMEOUT_NS : TCP_TIMEOUT_NS;
-	else if ((flags & LB_CT_F_REPLIED) && last - created > UDP_STREAM_AFTER_NS)
+	else if ((flags & LB_CT_F_REPLIED) && age(last, created) > UDP_STREAM_AFTER_NS)
 		timeout = UDP_STREAM_TIMEOUT_NS;
 	else
 		timeout = UDP_TIMEOUT_NS;
-	return now - last <= timeout;
+	return age(now, last) <= timeout;
 }
 
 /* The reply tuple of a flow: backend -> the masquerade address and port, or -> the client. */
@@ -614,7 +628,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		__builtin_memcpy(ak.client, p->t.saddr, 16);
 		ak.rev_nat_id = rev_nat_id;
 		struct lb_affinity_val *av = lb_ext_affinity_v1.lookup(&ak);
-		if (av && now - av->last_used_ns <= (__u64)affinity_timeout * 1000000000ULL && av->slot > 0 &&
+		if (av && age(now, av->last_used_ns) <= (__u64)affinity_timeout * 1000000000ULL && av->slot > 0 &&
 		    av->slot <= count) {
 			key.slot = av->slot;
 			struct lb_svc_val *s = lb_services_v1.lookup(&key);
