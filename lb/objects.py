@@ -28,6 +28,7 @@ import json
 import re
 import socket
 from dataclasses import dataclass
+from sys import intern
 from typing import Any, Generic, TypeVar, Union
 
 import msgspec
@@ -353,7 +354,7 @@ def parse_endpoint_slice(obj: dict) -> EndpointSlice:
             ready=cond.get("ready") is not False,  # absent means true
             serving=cond.get("serving") is not False,  # absent means true
             terminating=cond.get("terminating") is True,  # absent means false
-            node_name=str(node), zone=str(e.get("zone") or ""),
+            node_name=intern(str(node)), zone=intern(str(e.get("zone") or "")),
             hint_zones=_hints(e.get("hints"), "forZones", f"{f}.hints"),
             hint_nodes=_hints(e.get("hints"), "forNodes", f"{f}.hints")))
     svc_name = labels.get(LABEL_SERVICE_NAME)
@@ -560,7 +561,7 @@ class _Node(Struct, frozen=True, gc=False, tag="Node", tag_field="kind"):
 def _typed_key(m: _Meta) -> ObjKey:
     if not m.name:
         raise _Undecided
-    return ObjKey(m.namespace or "default", m.name)
+    return ObjKey(intern(m.namespace) if m.namespace else "default", m.name)
 
 
 def _service_of(raw: _Service) -> Service:
@@ -624,13 +625,17 @@ def _slice_of(raw: _EndpointSlice) -> EndpointSlice:
             raise _Undecided
         ports.append(SlicePort(p.name, p.port, protocol))
     eps = [e for e in raw.endpoints if e.addresses]
+    # Node and zone names repeat across every slice (the decoder makes a string per endpoint): one
+    # copy each (sys.intern; interned strings go when the last reference does).
     ips = [e.addresses[0] for e in eps]
     if not skip and not (address_type == IPV4 and _canonical_v4(ips)):
         ips = [_endpoint_ip(ip, address_type, "endpoints") for ip in ips]
     endpoints = tuple([
-        Endpoint(ip, e.conditions.ready, e.conditions.serving, e.conditions.terminating, e.nodeName, e.zone)
+        Endpoint(ip, e.conditions.ready, e.conditions.serving, e.conditions.terminating, intern(e.nodeName),
+                 intern(e.zone))
         if e.hints is None else
-        Endpoint(ip, e.conditions.ready, e.conditions.serving, e.conditions.terminating, e.nodeName, e.zone,
+        Endpoint(ip, e.conditions.ready, e.conditions.serving, e.conditions.terminating, intern(e.nodeName),
+                 intern(e.zone),
                  _hint_names(e.hints.forZones), _hint_names(e.hints.forNodes))
         for e, ip in zip(eps, ips)])
     svc_name = labels.get(LABEL_SERVICE_NAME)
