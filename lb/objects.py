@@ -29,7 +29,7 @@ import re
 import socket
 from dataclasses import dataclass
 from sys import intern
-from typing import Any, Generic, TypeVar, Union
+from typing import Any, Generic, Iterator, TypeVar, Union
 
 import msgspec
 from msgspec import Struct
@@ -567,7 +567,7 @@ def _typed_key(m: _Meta) -> ObjKey:
 def _service_of(raw: _Service) -> Service:
     spec = raw.spec
     key = _typed_key(raw.metadata)
-    svc_type = _service_type(spec.type)
+    svc_type = intern(_service_type(spec.type))
     cluster_ips, field = spec.clusterIPs, "spec.clusterIPs"
     if not cluster_ips:
         cluster_ips, field = ([spec.clusterIP] if spec.clusterIP else []), "spec.clusterIP"
@@ -575,7 +575,7 @@ def _service_of(raw: _Service) -> Service:
     for p in spec.ports:
         if not 0 < p.port <= 65535 or not 0 <= p.nodePort <= 65535 or p.protocol not in (TCP, UDP, SCTP):
             raise _Undecided
-        ports.append(ServicePort(p.name, p.port, p.protocol, p.nodePort))
+        ports.append(ServicePort(intern(p.name), p.port, intern(p.protocol), p.nodePort))  # (see _slice_of)
     _unique_port_names(ports)
     timeout = _affinity(spec.sessionAffinity, spec.sessionAffinityConfig.clientIP.timeoutSeconds)
     internal_local = _local("internalTrafficPolicy", spec.internalTrafficPolicy)
@@ -623,10 +623,10 @@ def _slice_of(raw: _EndpointSlice) -> EndpointSlice:
         protocol = TCP if p.protocol is None else p.protocol
         if not 0 < p.port <= 65535 or protocol not in (TCP, UDP, SCTP):
             raise _Undecided
-        ports.append(SlicePort(p.name, p.port, protocol))
+        ports.append(SlicePort(intern(p.name), p.port, intern(protocol)))
     eps = [e for e in raw.endpoints if e.addresses]
-    # Node and zone names repeat across every slice (the decoder makes a string per endpoint): one
-    # copy each (sys.intern; interned strings go when the last reference does).
+    # Node and zone names, like port names and protocols, repeat across slices (the decoder makes a
+    # string each time): one copy each (sys.intern; an interned string goes with its last reference).
     ips = [e.addresses[0] for e in eps]
     if not skip and not (address_type == IPV4 and _canonical_v4(ips)):
         ips = [_endpoint_ip(ip, address_type, "endpoints") for ip in ips]
@@ -865,8 +865,17 @@ def flatten(doc: Any) -> list[Any]:
     return [doc]
 
 
-def _flatten_typed(doc: Any) -> list[Any]:
-    return [o for item in doc.items for o in _flatten_typed(item)] if isinstance(doc, _DocList) else [doc]
+def _drain_typed(docs: list[Any]) -> Iterator[Any]:
+    """The decoded objects, in file order (Lists flattened), each dropped from its list as it is
+    handed over: a file's structs are freed one by one as their model values are made, instead of
+    all of them living beside all the model values (10 000 Services x 10 endpoints: ~25 MiB less
+    at the parse's peak)."""
+    for i, doc in enumerate(docs):
+        docs[i] = None
+        if isinstance(doc, _DocList):
+            yield from _drain_typed(doc.items)
+        else:
+            yield doc
 
 
 def _typed_documents(raw: bytes) -> list[Parsed | Other] | None:
@@ -875,7 +884,7 @@ def _typed_documents(raw: bytes) -> list[Parsed | Other] | None:
     except msgspec.DecodeError:  # not JSON, or objects of other kinds: the plain way
         return None
     out: list[Parsed | Other] = []
-    for obj in (o for d in (docs if isinstance(docs, list) else [docs]) for o in _flatten_typed(d)):
+    for obj in _drain_typed(docs if isinstance(docs, list) else [docs]):
         kind = type(obj).__struct_config__.tag
         if obj.apiVersion != _API_VERSIONS[kind]:
             return None  # rare: the plain way names the object in the error
