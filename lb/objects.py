@@ -625,11 +625,11 @@ def _slice_of(raw: _EndpointSlice) -> EndpointSlice:
             raise _Undecided
         ports.append(SlicePort(intern(p.name), p.port, intern(protocol)))
     eps = [e for e in raw.endpoints if e.addresses]
-    # Node and zone names, like port names and protocols, repeat across slices (the decoder makes a
-    # string each time): one copy each (sys.intern; an interned string goes with its last reference).
     ips = [e.addresses[0] for e in eps]
     if not skip and not (address_type == IPV4 and _canonical_v4(ips)):
         ips = [_endpoint_ip(ip, address_type, "endpoints") for ip in ips]
+    # Node and zone names, like port names and protocols, repeat across slices (the decoder makes a
+    # string each time): one copy each (sys.intern; an interned string goes with its last reference).
     endpoints = tuple([
         Endpoint(ip, e.conditions.ready, e.conditions.serving, e.conditions.terminating, intern(e.nodeName),
                  intern(e.zone))
@@ -872,7 +872,7 @@ class _RawDocList(Struct, frozen=True, gc=False, tag="List", tag_field="kind"):
 # A file's top level with its documents left undecoded (msgspec.Raw: a view of the bytes), so that
 # they are decoded one at a time: a document's structs are gone once its model value is made, instead
 # of every struct of the file living beside every model value (10 000 Services x 10 endpoints: the
-# parse peaked at 79 MiB traced, 64 with the structs freed one by one as they were used, ~40 so).
+# parse's peak 79 -> 41 MiB traced, and decoding took 0.12 s instead of 0.14).
 _TOP_LEVEL = msgspec.json.Decoder(Union[_RawDocList, list[msgspec.Raw]])
 _DOCUMENT = msgspec.json.Decoder(_Doc)
 
