@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from lb.maps import bpfsys
+from lb.maps import bpfsys, services
 from lb.maps.fake import FakeServiceMaps, FaultyServiceMaps
 from lb.maps.services import MapFullError, MapWriteError, Master, PinnedServiceMaps
 from lb.maps.structs import BACKENDS_MAP, MAPS, REVNAT_MAP, SERVICES_MAP
@@ -387,6 +387,23 @@ def test_a_full_kernel_map_stops_the_sync_with_the_view_equal_to_the_maps(small_
     assert fes == {FE: (Master(1, 3, 0, 0), {1: 2, 2: 3, 3: 1})}
     assert backends == {1: be(1), 2: be(2), 3: be(3)} and revnat == {1: (FE.ip, FE.port)}  # 4: orphan, deleted
     assert view(r) == view(Reconciler(small_maps)) and not r.owed
+
+
+@pytest.mark.parametrize("chunk", [1, 3], ids=["chunks-of-1", "full-in-the-second-chunk"])
+def test_a_write_in_chunks_counts_what_every_chunk_applied(small_maps, monkeypatch, chunk):
+    """Writes go to the kernel BATCH_ITEMS at a time: a full map in a later chunk reports the items
+    of the chunks before it too, and the sync's view still equals the maps."""
+    monkeypatch.setattr(services, "BATCH_ITEMS", chunk)
+    r = Reconciler(small_maps)
+    with pytest.raises(MapFullError) as e:
+        r.sync({FE: state(1, 2, 3, 4, 5, 6)})  # six backends, room for four
+    assert e.value.done == 4
+    assert sorted(small_maps.dump_backends()) == [1, 2, 3, 4] and small_maps.dump_frontends() == {}
+    assert view(r) == view(Reconciler(small_maps))
+    r.sync({FE: state(2, 3, 1)}, scope=())
+    assert view(r) == view(Reconciler(small_maps)) and not r.owed
+    small_maps.delete_backends([1, 7, 3, 9])  # missing keys in other chunks are success too
+    assert small_maps.dump_backends() == {2: be(2)}
 
 
 def test_kernel_batch_deletes_of_present_and_missing_keys(small_maps):

@@ -11,7 +11,8 @@ import errno
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from itertools import islice
+from typing import Callable, Iterable, Protocol, Sequence
 
 from ..model import Backend, Frontend
 from ..settings import MAP_SIZE_FLAGS
@@ -24,6 +25,11 @@ _VAL = packer(SvcVal)
 _BACKEND = packer(CBackend)
 _REVNAT = packer(RevNat)
 _U32 = struct.Struct("=I")
+
+# Items per batch syscall (BPF_MAP_UPDATE_BATCH / DELETE_BATCH): only one chunk's packed keys and values
+# exist at a time. (A first sync's 100 000 slots packed into one buffer held ~15 MiB at the sync's peak,
+# in one list of bytes per key and value plus the joined copies; 8192 items cost 13 syscalls.)
+BATCH_ITEMS = 8192
 
 # Map name -> the flag that sizes it (named in "map is full" errors).
 SIZE_SETTING = {name: MAP_SIZE_FLAGS[spec.size] for name, spec in MAPS.items()}
@@ -62,10 +68,10 @@ class ServiceMaps(Protocol):
     def dump_frontends(self) -> dict[Frontend, tuple[Master | None, dict[int, int]]]: ...
     def dump_backends(self) -> dict[int, Backend]: ...
     def dump_revnat(self) -> dict[int, tuple[str, int]]: ...
-    def write_backends(self, items: list[tuple[int, Backend]]) -> None: ...
-    def write_slots(self, items: list[tuple[Frontend, int, int, int]]) -> None: ...
-    def write_revnat(self, items: list[tuple[int, Frontend]]) -> None: ...
-    def write_masters(self, items: list[tuple[Frontend, Master]]) -> None: ...
+    def write_backends(self, items: Sequence[tuple[int, Backend]]) -> None: ...
+    def write_slots(self, items: Sequence[tuple[Frontend, int, int, int]]) -> None: ...
+    def write_revnat(self, items: Sequence[tuple[int, Frontend]]) -> None: ...
+    def write_masters(self, items: Sequence[tuple[Frontend, Master]]) -> None: ...
     def delete_slots(self, items: list[tuple[Frontend, int]]) -> None: ...
     def delete_revnat(self, ids: list[int]) -> None: ...
     def delete_backends(self, ids: list[int]) -> None: ...
@@ -90,19 +96,33 @@ class PinnedServiceMaps:
             os.close(fd)
         self.fd = {}
 
-    def _batch(self, name: str, keys: list[bytes], vals: list[bytes]) -> None:
+    def _chunks(self, name: str, items: Iterable, call: Callable[[int, list], None], deleting: bool = False) -> None:
+        """``call(fd, chunk)`` for every BATCH_ITEMS items, in order. A failure's ``done`` counts the items
+        applied in all chunks so far. An error before a syscall (packing) is raised as is while nothing
+        was applied yet, else as a MapWriteError with that count: the caller's view needs it exact."""
+        fd, done, it = self.fd[name], 0, iter(items)
         try:
-            bpfsys.update_batch(self.fd[name], b"".join(keys), b"".join(vals), len(keys))
+            while chunk := list(islice(it, BATCH_ITEMS)):
+                call(fd, chunk)
+                done += len(chunk)
         except bpfsys.BatchError as e:
-            if e.errno in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
-                raise MapFullError(name, e.done) from None
-            raise MapWriteError(name, f"writing BPF map {name}: {e.strerror}", e.done) from e
+            if not deleting and e.errno in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC):
+                raise MapFullError(name, done + e.done) from None
+            raise MapWriteError(name, f"{'deleting from' if deleting else 'writing'} BPF map {name}: {e.strerror}",
+                                done + e.done) from e
+        except Exception as e:
+            if not done:
+                raise
+            raise MapWriteError(name, f"{'deleting from' if deleting else 'writing'} BPF map {name}: {e}", done) from e
 
-    def _delete(self, name: str, keys: Iterable[bytes], count: int, key_size: int) -> None:
-        try:
-            bpfsys.delete_batch(self.fd[name], b"".join(keys), count, key_size)
-        except bpfsys.BatchError as e:
-            raise MapWriteError(name, f"deleting from BPF map {name}: {e.strerror}", e.done) from e
+    def _batch(self, name: str, items: Iterable, pack: Callable[[list], tuple[bytes, bytes]]) -> None:
+        """Update ``items``; ``pack(chunk)`` gives a chunk's keys and values, each joined."""
+        self._chunks(name, items, lambda fd, chunk: bpfsys.update_batch(fd, *pack(chunk), len(chunk)))
+
+    def _delete(self, name: str, items: Iterable, pack: Callable[[list], bytes], key_size: int) -> None:
+        """Delete ``items`` (a missing key is success); ``pack(chunk)`` gives a chunk's keys, joined."""
+        self._chunks(name, items, lambda fd, chunk: bpfsys.delete_batch(fd, pack(chunk), len(chunk), key_size),
+                     deleting=True)
 
     # ---- reads ----
     def dump_frontends(self) -> dict[Frontend, tuple[Master | None, dict[int, int]]]:
@@ -134,30 +154,34 @@ class PinnedServiceMaps:
         return out
 
     # ---- writes (reconcile decides the order; see reconcile.py) ----
-    def write_backends(self, items: list[tuple[int, Backend]]) -> None:
-        self._batch(BACKENDS_MAP, [_U32.pack(i) for i, _ in items],
-                    [_BACKEND.pack(pack_ip(b.ip), net_port(b.port), PROTO_NUM[b.protocol], 0) for _, b in items])
+    def write_backends(self, items: Sequence[tuple[int, Backend]]) -> None:
+        self._batch(BACKENDS_MAP, items, lambda c: (
+            b"".join([_U32.pack(i) for i, _ in c]),
+            b"".join([_BACKEND.pack(pack_ip(b.ip), net_port(b.port), PROTO_NUM[b.protocol], 0) for _, b in c])))
 
-    def write_slots(self, items: list[tuple[Frontend, int, int, int]]) -> None:
-        self._batch(SERVICES_MAP, [pack_frontend(fe, slot) for fe, slot, _, _ in items],
-                    [_VAL.pack(bid, rid, 0, 0, 0) for _, _, bid, rid in items])
+    def write_slots(self, items: Sequence[tuple[Frontend, int, int, int]]) -> None:
+        self._batch(SERVICES_MAP, items, lambda c: (
+            b"".join([pack_frontend(fe, slot) for fe, slot, _, _ in c]),
+            b"".join([_VAL.pack(bid, rid, 0, 0, 0) for _, _, bid, rid in c])))
 
-    def write_revnat(self, items: list[tuple[int, Frontend]]) -> None:
-        self._batch(REVNAT_MAP, [_U32.pack(i) for i, _ in items],
-                    [_REVNAT.pack(pack_ip(fe.ip), net_port(fe.port), 0) for _, fe in items])
+    def write_revnat(self, items: Sequence[tuple[int, Frontend]]) -> None:
+        self._batch(REVNAT_MAP, items, lambda c: (
+            b"".join([_U32.pack(i) for i, _ in c]),
+            b"".join([_REVNAT.pack(pack_ip(fe.ip), net_port(fe.port), 0) for _, fe in c])))
 
-    def write_masters(self, items: list[tuple[Frontend, Master]]) -> None:
-        self._batch(SERVICES_MAP, [pack_frontend(fe, 0) for fe, _ in items],
-                    [_VAL.pack(0, m.rev_nat_id, m.count, m.flags, m.affinity_timeout) for _, m in items])
+    def write_masters(self, items: Sequence[tuple[Frontend, Master]]) -> None:
+        self._batch(SERVICES_MAP, items, lambda c: (
+            b"".join([pack_frontend(fe, 0) for fe, _ in c]),
+            b"".join([_VAL.pack(0, m.rev_nat_id, m.count, m.flags, m.affinity_timeout) for _, m in c])))
 
     def delete_slots(self, items: list[tuple[Frontend, int]]) -> None:
-        self._delete(SERVICES_MAP, (pack_frontend(fe, s) for fe, s in items), len(items), _KEY.size)
+        self._delete(SERVICES_MAP, items, lambda c: b"".join([pack_frontend(fe, s) for fe, s in c]), _KEY.size)
 
     def delete_revnat(self, ids: list[int]) -> None:
-        self._delete(REVNAT_MAP, (_U32.pack(i) for i in ids), len(ids), 4)
+        self._delete(REVNAT_MAP, ids, lambda c: b"".join([_U32.pack(i) for i in c]), 4)
 
     def delete_backends(self, ids: list[int]) -> None:
-        self._delete(BACKENDS_MAP, (_U32.pack(i) for i in ids), len(ids), 4)
+        self._delete(BACKENDS_MAP, ids, lambda c: b"".join([_U32.pack(i) for i in c]), 4)
 
 
 def map_fill(bpf_root: str) -> dict[str, int]:
