@@ -21,22 +21,12 @@
 #define LB_SOCK_DGRAM  2
 #define LB_IPPROTO_MPTCP 262
 
-/* conntrack's UDP timeouts (lb/settings.py ConntrackSettings): a flow that saw no reply, or whose
- * reply came within its first 2 s (a DNS-style exchange), lives UDP_TIMEOUT_NS after its last datagram;
- * one still active after 2 s with replies (a "stream") lives UDP_STREAM_TIMEOUT_NS. As
- * net/netfilter/nf_conntrack_proto_udp.c decides it. */
-#ifndef UDP_TIMEOUT_NS
-#define UDP_TIMEOUT_NS (30ULL * 1000000000ULL)
-#endif
-#ifndef UDP_STREAM_TIMEOUT_NS
-#define UDP_STREAM_TIMEOUT_NS (120ULL * 1000000000ULL)
-#endif
-#define UDP_STREAM_AFTER_NS (2ULL * 1000000000ULL)
 /* Draws a new UDP flow makes to find a backend no other live flow of the socket uses. */
 #define UDP_AVOID_TRIES 4
 
 /* Shared with tc_lb.c: services, backends, reverse NAT, affinity, endpoints, node addresses, ... */
 #include "lb_maps.h"
+#include "lb_time.h"
 
 /* UDP sockets' reverse NAT; also read by the agent (lb/sockets.py) to find the sockets to destroy. */
 BPF_TABLE_PINNED("lru_hash", struct lb_sock_key, struct lb_sock_val, lb_sock_revnat_v1, SOCK_REVNAT_SIZE, PIN(lb_sock_revnat_v1));
@@ -123,7 +113,7 @@ static __always_inline __u32 affinity_lookup(struct lb_affinity_key *ak, struct 
 
 	if (!av)
 		return 0;
-	if (now - av->last_used_ns > (__u64)svc->affinity_timeout * 1000000000ULL)
+	if (age(now, av->last_used_ns) > (__u64)svc->affinity_timeout * 1000000000ULL)
 		return 0;
 	if (!slot_holds(key, svc->count, av->slot, av->backend_id))
 		return 0;
@@ -144,9 +134,9 @@ static __always_inline int udp_flow_live(const struct lb_udp_flow *f, __u64 now)
 
 	if (f->rev_nat_id == 0)
 		return 0;
-	if ((f->flags & LB_UDP_F_REPLIED) && f->last_ns - f->created_ns > UDP_STREAM_AFTER_NS)
+	if ((f->flags & LB_UDP_F_REPLIED) && age(f->last_ns, f->created_ns) > UDP_STREAM_AFTER_NS)
 		timeout = UDP_STREAM_TIMEOUT_NS;
-	return now - f->last_ns <= timeout;
+	return age(now, f->last_ns) <= timeout;
 }
 
 /* The entry of frontend rev_nat_id (live or not), or LB_UDP_FLOWS. A frontend has at most one. */

@@ -45,14 +45,8 @@
 #include <uapi/linux/icmpv6.h>
 #include <uapi/linux/pkt_cls.h>
 #include "lb_maps.h"
+#include "lb_time.h"
 
-#ifndef UDP_TIMEOUT_NS
-#define UDP_TIMEOUT_NS (30ULL * 1000000000ULL)
-#endif
-#ifndef UDP_STREAM_TIMEOUT_NS
-#define UDP_STREAM_TIMEOUT_NS (120ULL * 1000000000ULL)
-#endif
-#define UDP_STREAM_AFTER_NS (2ULL * 1000000000ULL)
 /* kube-proxy sets nf_conntrack_tcp_timeout_established to 86400 s; after a FIN or RST, 10 s. */
 #define TCP_TIMEOUT_NS (86400ULL * 1000000000ULL)
 #define TCP_CLOSE_TIMEOUT_NS (10ULL * 1000000000ULL)
@@ -245,17 +239,6 @@ static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt 
 }
 
 /* ---- conntrack ------------------------------------------------------------------------------------ */
-
-/*
- * now - then, or 0 if ``then`` is later than ``now``: another CPU may stamp an entry (a reply, the
- * flow's next segment) between our clock read and our look at it. Unsigned, that difference would
- * wrap to ~2^64 and a live flow would look expired (and be re-created with a new masquerade port: its
- * next segment reaches the backend from an unknown port and is reset).
- */
-static __always_inline __u64 age(__u64 now, __u64 then)
-{
-	return now > then ? now - then : 0;
-}
 
 static __always_inline int ct_live(__u8 proto, __u16 flags, __u64 created, __u64 last, __u64 now)
 {
