@@ -113,16 +113,20 @@ def cflags(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = Conntra
             f"-DUDP_STREAM_TIMEOUT_NS={round(conntrack.udp_stream_timeout * 1e9)}ULL"]
 
 
-def compile_sock_lb(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()):
-    """Compile bpf/sock_lb.c; bcc creates or reuses the pinned maps."""
-    import bcc  # imported here: only the agent and the probe need a compiler
+def compile_bpf(source: str, paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()):
+    """Compile bpf/<source> (bcc creates or reuses the pinned maps both programs share)."""
+    import bcc  # imported here: only the loader child and the probe need a compiler
 
     ensure_headers()
     ensure_bpffs(paths.bpf_root)
     try:
-        return bcc.BPF(src_file=str(BPF_DIR / "sock_lb.c").encode(), cflags=cflags(paths, sizes, conntrack))
+        return bcc.BPF(src_file=str(BPF_DIR / source).encode(), cflags=cflags(paths, sizes, conntrack))
     except Exception as e:
-        raise DatapathError(f"compiling bpf/sock_lb.c failed: {e}") from None
+        raise DatapathError(f"compiling bpf/{source} failed: {e}") from None
+
+
+def compile_sock_lb(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()):
+    return compile_bpf("sock_lb.c", paths, sizes, conntrack)
 
 
 def load_hook(b, hook: Hook) -> int:
@@ -336,15 +340,7 @@ TC_PROGS = (
 
 
 def compile_tc_lb(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()):
-    """Compile bpf/tc_lb.c against the same pinned maps as the socket programs."""
-    import bcc
-
-    ensure_headers()
-    ensure_bpffs(paths.bpf_root)
-    try:
-        return bcc.BPF(src_file=str(BPF_DIR / "tc_lb.c").encode(), cflags=cflags(paths, sizes, conntrack))
-    except Exception as e:
-        raise DatapathError(f"compiling bpf/tc_lb.c failed: {e}") from None
+    return compile_bpf("tc_lb.c", paths, sizes, conntrack)
 
 
 def tc_build_id(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()) -> str:
