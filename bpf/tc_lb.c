@@ -518,28 +518,98 @@ static __always_inline int port_owned_locally(struct __sk_buff *skb, const struc
 	return 1;
 }
 
-/* Claim a masquerade port for the reply tuple *r (daddr = the masquerade address): writes r->dport
- * and the lb_nat entry. 0, or -1 if every try was taken. */
-static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *r, struct lb_nat_val *nv, int v6)
-{
-	struct lb_svc_key np = {};
+/*
+ * May a new flow take the masquerade port of the flow *old holds (reply tuple *r)? As conntrack lets a
+ * new connection take a NAT tuple whose old connection is over (nf_nat_used_tuple_harder: TCP CLOSE or
+ * TIME_WAIT, for a SYN): the old flow has expired, or its client-side entry is gone or names another
+ * port (it was replaced), or it is a TCP flow that saw a FIN or RST and the new packet is a SYN. Nothing
+ * else removes an lb_nat entry (the map is LRU, the agent does not sweep it): without this, a sustained
+ * connection rate filled the 4536 ports of a backend with dead flows within seconds, and new flows to
+ * that backend failed. The old flow's client-side entry is removed with it, so a late packet of the
+ * old connection starts a flow of its own instead of reaching the backend on the new flow's port.
+ */
+/* Per-CPU room for new_flow's larger locals: inlined into bpflb_tc_ext, they pushed its stack past the
+ * 512 bytes BPF allows. */
+struct new_flow_scratch {
+	struct bpf_fib_lookup fib;
+	struct lb_ct_tuple orig; /* nat_reclaim's lookup key */
+	struct lb_nat_val nv;
+};
+BPF_PERCPU_ARRAY(new_flow_scratch, struct new_flow_scratch, 1);
 
-	wildcard(np.addr, v6);
-	np.proto = r->proto;
-	np.scope = LB_SCOPE_EXTERNAL;
+static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct lb_nat_val *old, int syn, __u64 now,
+				       struct lb_ct_tuple *orig)
+{
+	struct lb_ct_val *ct;
+
+	__builtin_memcpy(orig->saddr, old->client, 16);
+	__builtin_memcpy(orig->daddr, old->frontend, 16);
+	orig->sport = old->client_port;
+	orig->dport = old->frontend_port;
+	orig->proto = r->proto;
+	ct = lb_ct_v1.lookup(orig);
+	if (ct && (ct->flags & LB_CT_F_SNAT) && ct->nat_port == r->dport && addr_eq(ct->nat_addr, r->daddr) &&
+	    addr_eq(ct->backend, r->saddr) && ct->backend_port == r->sport) {
+		int closing = (ct->flags | old->flags) & LB_CT_F_CLOSING;
+
+		if (ct_live(r->proto, ct->flags, ct->created_ns, ct->last_ns, now) &&
+		    !(syn && r->proto == IPPROTO_TCP && closing))
+			return 0;
+		lb_ct_v1.delete(orig);
+		return 1;
+	}
+	/* No client-side entry for this port any more: only replies in flight still use it. */
+	return syn || !ct_live(r->proto, old->flags, old->last_ns, old->last_ns, now);
+}
+
+/* Claim a masquerade port for the reply tuple *r (daddr = the masquerade address): writes r->dport
+ * and the lb_nat entry. A port held by a flow that is over is taken over (nat_reclaim). 0, or -1 if
+ * every try was taken.
+ * Two CPUs taking over the same dead port in the same instant would share it; with a random pick
+ * among thousands of ports that is left as a (documented) race rather than locked against. */
+static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *r, struct lb_nat_val *nv, int v6,
+				     int syn, __u64 now, struct lb_svc_key *scratch)
+{
+	/* scratch: the caller's lb_svc_key, done with (bpflb_tc_ext's stack is near its 512 bytes). */
+	struct lb_svc_key *npk = scratch;
+	__u32 zero = 0;
+	struct new_flow_scratch *sc = new_flow_scratch.lookup(&zero);
+
+	if (!sc)
+		return -1;
+	struct lb_ct_tuple *orig = &sc->orig;
+	__u16 taken = 0;
+
+	__builtin_memset(npk, 0, sizeof(*npk));
+	wildcard(npk->addr, v6);
+	npk->proto = r->proto;
+	npk->scope = LB_SCOPE_EXTERNAL;
 #pragma unroll
 	for (int i = 0; i < NAT_TRIES; i++) {
 		__u16 port = NAT_PORT_MIN + bpf_get_prandom_u32() % (NAT_PORT_MAX - NAT_PORT_MIN + 1);
 
 		r->dport = bpf_htons(port);
-		np.dport = r->dport;
-		if (lb_services_v1.lookup(&np))
+		npk->dport = r->dport;
+		if (lb_services_v1.lookup(npk))
 			continue; /* a NodePort (outside the default range, but the range is the cluster's choice) */
 		if (port_owned_locally(skb, r, v6))
 			continue;
 		if (lb_nat_v1.insert(r, nv) == 0)
 			return 0;
+		taken = r->dport;
 	}
+	/* Every try held by another flow: take over the last one if its flow is over. */
+	if (!taken)
+		return -1;
+	r->dport = taken;
+	struct lb_nat_val *old = lb_nat_v1.lookup(r);
+	if (old && nat_reclaim(r, old, syn, now, orig) && lb_nat_v1.update(r, nv) == 0)
+		return 0;
 	return -1;
 }
 
@@ -659,30 +729,40 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		__builtin_memcpy(ct.mac, ep->mac, 6);
 	} else if (flags & LB_SVC_F_SNAT) {
 		/* The device the backend is reached through decides the masquerade address. */
-		struct bpf_fib_lookup fib = {};
-		fib.ifindex = skb->ifindex;
+		__u32 zero_ = 0;
+		struct new_flow_scratch *sc_ = new_flow_scratch.lookup(&zero_);
+		if (!sc_)
+			return TC_ACT_SHOT;
+		struct bpf_fib_lookup *fib = &sc_->fib;
+		__builtin_memset(fib, 0, sizeof(*fib));
+		fib->ifindex = skb->ifindex;
 		if (p->v6) {
-			fib.family = AF_INET6;
-			__builtin_memcpy(fib.ipv6_src, p->t.saddr, 16);
-			__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
+			fib->family = AF_INET6;
+			__builtin_memcpy(fib->ipv6_src, p->t.saddr, 16);
+			__builtin_memcpy(fib->ipv6_dst, be->addr, 16);
 		} else {
-			fib.family = AF_INET;
-			fib.ipv4_src = p->t.saddr[3];
-			fib.ipv4_dst = be->addr[3];
+			fib->family = AF_INET;
+			fib->ipv4_src = p->t.saddr[3];
+			fib->ipv4_dst = be->addr[3];
 		}
-		int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+		int rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 		if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-			out_dev = fib.ifindex;
+			out_dev = fib->ifindex;
 	}
 
-	struct lb_nat_val nv = {};
-	__builtin_memcpy(nv.client, p->t.saddr, 16);
-	__builtin_memcpy(nv.frontend, p->t.daddr, 16);
-	nv.client_port = p->t.sport;
-	nv.frontend_port = p->t.dport;
-	nv.ifindex_in = skb->ifindex;
-	nv.rev_nat_id = rev_nat_id;
-	nv.last_ns = now;
+	__u32 zero = 0;
+	struct new_flow_scratch *sc = new_flow_scratch.lookup(&zero);
+	if (!sc)
+		return TC_ACT_SHOT;
+	struct lb_nat_val *nv = &sc->nv;
+	__builtin_memset(nv, 0, sizeof(*nv));
+	__builtin_memcpy(nv->client, p->t.saddr, 16);
+	__builtin_memcpy(nv->frontend, p->t.daddr, 16);
+	nv->client_port = p->t.sport;
+	nv->frontend_port = p->t.dport;
+	nv->ifindex_in = skb->ifindex;
+	nv->rev_nat_id = rev_nat_id;
+	nv->last_ns = now;
 
 	struct lb_ct_tuple r = {};
 	__builtin_memcpy(r.saddr, ct.backend, 16);
@@ -705,16 +785,17 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		if (ct.nat_addr[0] == 0 && ct.nat_addr[3] == 0)
 			return TC_ACT_SHOT; /* no address of this family to masquerade to */
 		ct.flags |= LB_CT_F_SNAT;
-		nv.flags = ct.flags;
+		nv->flags = ct.flags;
 		__builtin_memcpy(r.daddr, ct.nat_addr, 16);
-		if (nat_claim(skb, &r, &nv, p->v6) < 0)
+		int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+		if (nat_claim(skb, &r, nv, p->v6, syn, now, &key) < 0)
 			return TC_ACT_SHOT;
 		ct.nat_port = r.dport;
 	} else {
-		nv.flags = ct.flags;
+		nv->flags = ct.flags;
 		__builtin_memcpy(r.daddr, p->t.saddr, 16);
 		r.dport = p->t.sport;
-		lb_nat_v1.update(&r, &nv);
+		lb_nat_v1.update(&r, nv);
 	}
 	note_tcp(p, &ct.flags);
 	lb_ct_v1.update(&p->t, &ct);
