@@ -59,6 +59,20 @@ class HealthState:
         return (200 if ok else 503), doc
 
 
+async def read_headers(reader: asyncio.StreamReader, budget: int) -> list[bytes] | None:
+    """The header lines of one request, up to the blank line; None once they exceed ``budget`` bytes
+    (the caller answers 431). Shared by this server and the health-check servers (lb/healthcheck.py)."""
+    headers: list[bytes] = []
+    while True:
+        header = await reader.readline()
+        budget -= len(header)
+        if budget < 0:
+            return None
+        if header in (b"\r\n", b"\n", b""):
+            return headers
+        headers.append(header)
+
+
 @dataclass
 class HttpServer:
     """/healthz, /livez and /metrics on every address given to ``listen``. Gauges that are computed at
@@ -92,17 +106,11 @@ class HttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         line = await reader.readline()
-        size = len(line)
-        while True:
-            header = await reader.readline()
-            size += len(header)
-            if size > self.max_header_bytes:
-                writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\n\r\n")
-                await writer.drain()
-                return
-            if header in (b"\r\n", b"\n", b""):
-                break
+        if await read_headers(reader, self.max_header_bytes - len(line)) is None:
+            writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n")
+            await writer.drain()
+            return
         parts = line.decode(errors="replace").split()
         path = parts[1].split("?")[0] if len(parts) > 1 else "/"
         if path in ("/healthz", "/livez"):

@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .health import read_headers
 from .model import ObjKey
 
 log = logging.getLogger("bpflb.healthcheck")
@@ -169,16 +170,13 @@ class ServiceHealthServer:
             return False
         method, version = parts[0], parts[2]
         close = version == "HTTP/1.0"
-        while True:
-            header = await reader.readline()
-            size += len(header)
-            if size > self.max_header_bytes:
-                writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; "
-                             b"charset=utf-8\r\nConnection: close\r\n\r\n431 Request Header Fields Too Large")
-                await writer.drain()
-                return False
-            if header in (b"\r\n", b"\n", b""):
-                break
+        headers = await read_headers(reader, self.max_header_bytes - size)
+        if headers is None:
+            writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; "
+                         b"charset=utf-8\r\nConnection: close\r\n\r\n431 Request Header Fields Too Large")
+            await writer.drain()
+            return False
+        for header in headers:
             name, _, value = header.decode("latin-1").partition(":")
             if name.strip().lower() == "connection":
                 v = value.strip().lower()
