@@ -11,9 +11,11 @@ measured:
    and a fresh bpffs directory (empty maps), --runs times. Reported per run and as medians:
      - wall time from process start until every Service's master entry is in lb_services (the
        master is written last, after backends, slots and reverse NAT: all of it is then
-       programmed); polled every 2 ms by map lookups from this process;
-     - the initial sync from the agent's log: from "datapath attached" (compile and attach done)
-       to "synced N frontends" (folder read, parsed, translated, reconciled, written);
+       programmed; polled every 2 ms by map lookups from this process) AND the agent logged
+       "initial sync complete", which it does only once the programs are attached too (the agent
+       programs the maps while its loader child compiles: both must be done);
+     - from the agent's log, process start to "datapath attached" (compile and attach done) and to
+       "synced N frontends" (folder read, parsed, translated, reconciled, written);
      - VmHWM (peak RSS) and VmRSS from /proc/<pid>/status just before SIGTERM, and both as they
        were when "datapath attached" was logged (what imports and bcc/LLVM compiling account for).
 2. The same pipeline in this process, --reps times on maps emptied in between: parse (the manifest
@@ -159,9 +161,9 @@ class MasterPoller:
 
 @dataclass
 class AgentRun:
-    programmed_s: float  # process start -> every master present
+    programmed_s: float  # process start -> every master present and "initial sync complete" logged
     attached_s: float  # process start -> "datapath attached" logged
-    sync_s: float  # "datapath attached" -> "synced N frontends" logged
+    sync_s: float  # process start -> "synced N frontends" logged (overlaps the compile)
     hwm_kib: int
     hwm_at_attach_kib: int
     rss_at_attach_kib: int
@@ -190,7 +192,7 @@ def run_agent(bed, folder: Path, frontends: list[Frontend], timeout: float) -> A
 
     try:
         at_attach: dict[str, int] = {}
-        t_done = None
+        t_done = t_masters = None
         deadline = t0 + timeout
         while True:
             if p.poll() is not None:
@@ -199,9 +201,11 @@ def run_agent(bed, folder: Path, frontends: list[Frontend], timeout: float) -> A
                 raise RuntimeError(f"not programmed after {timeout} s:\n" + "\n".join(l for _, l in lines[-20:]))
             if not at_attach and logged("datapath attached"):
                 at_attach = proc_status(p.pid)
-            if poller.done():
-                t_done = time.monotonic()
+            if poller.done() and (complete := logged("initial sync complete")):
+                t_done = max(time.monotonic() if t_masters is None else t_masters, complete[0])
                 break
+            if t_masters is None and poller.next == len(poller.keys):
+                t_masters = time.monotonic()
             time.sleep(0.002)
         while not logged("synced ") and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -220,7 +224,7 @@ def run_agent(bed, folder: Path, frontends: list[Frontend], timeout: float) -> A
                 p.kill()
                 p.wait()
         reader.join(timeout=5)
-    return AgentRun(programmed_s=t_done - t0, attached_s=attached[0] - t0, sync_s=synced[0] - attached[0],
+    return AgentRun(programmed_s=t_done - t0, attached_s=attached[0] - t0, sync_s=synced[0] - t0,
                     hwm_kib=status.get("VmHWM", 0), hwm_at_attach_kib=at_attach.get("VmHWM", 0),
                     rss_at_attach_kib=at_attach.get("VmRSS", 0), rss_kib=status.get("VmRSS", 0),
                     synced_line=synced[1].split(": ", 1)[-1], fill=fill)
@@ -362,13 +366,13 @@ def main() -> int:
               flush=True)
 
         print(f"\n## the agent (subprocess), {runs} run(s), each from empty maps")
-        print(f"{'run':>3}  {'start->programmed':>17}  {'start->attached':>15}  {'initial sync':>12}  "
+        print(f"{'run':>3}  {'start->programmed':>17}  {'start->attached':>15}  {'start->synced':>13}  "
               f"{'VmHWM':>9}  {'HWM@attach':>10}  {'RSS@attach':>10}  {'VmRSS':>9}  agent's log")
         agent_runs = []
         for r in range(runs):
             ar = run_agent(bed, folder, frontends, a.timeout)
             agent_runs.append(ar)
-            print(f"{r + 1:>3}  {ar.programmed_s:>16.2f}s  {ar.attached_s:>14.2f}s  {ar.sync_s:>11.2f}s  "
+            print(f"{r + 1:>3}  {ar.programmed_s:>16.2f}s  {ar.attached_s:>14.2f}s  {ar.sync_s:>12.2f}s  "
                   f"{mib(ar.hwm_kib):>9}  {mib(ar.hwm_at_attach_kib):>10}  {mib(ar.rss_at_attach_kib):>10}  "
                   f"{mib(ar.rss_kib):>9}  {ar.synced_line}",
                   flush=True)
@@ -379,9 +383,9 @@ def main() -> int:
         written = sum(last.fill.get(k, 0) for k in want_fill)
         med_prog = median([x.programmed_s for x in agent_runs])
         med_sync = median([x.sync_s for x in agent_runs])
-        print(f"median: start->programmed {med_prog:.2f} s, initial sync {med_sync:.2f} s "
-              f"(target {TARGET_S:.0f} s: {'met' if med_sync <= TARGET_S else 'NOT met'} for the sync, "
-              f"{'met' if med_prog <= TARGET_S else 'NOT met'} from process start); "
+        print(f"median: start->programmed (maps written and programs attached) {med_prog:.2f} s, start->synced "
+              f"{med_sync:.2f} s (target {TARGET_S:.0f} s from process start: "
+              f"{'met' if med_prog <= TARGET_S else 'NOT met'}); "
               f"peak RSS {mib(max(x.hwm_kib for x in agent_runs))}; map entries written {written} "
               f"({', '.join(f'{k} {last.fill.get(k, 0)}' for k in want_fill)})", flush=True)
 

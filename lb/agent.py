@@ -21,6 +21,7 @@ from typing import Callable
 
 from . import datapath
 from .health import HealthState, HttpServer
+from .maps.pinned import create_shared_maps
 from .maps.services import PinnedServiceMaps
 from .maps.structs import BACKENDS_MAP, REVNAT_MAP, SERVICES_MAP
 from .metrics import AgentMetrics
@@ -36,8 +37,8 @@ log = logging.getLogger("bpflb.agent")
 class PinnedNorthSouth:
     """The tc datapath's side of a sync (issue 10): lb/maps/nodeaddrs.py, lb/maps/srcranges.py and the
     tc links (lb/datapath.py). The tc programs are compiled and pinned by their own short-lived child
-    (started with the socket programs' child, so both compiles overlap); every method here waits for
-    it first, then only adopts what it pinned: bcc never enters the agent."""
+    (started with the socket programs' child, so both compiles overlap, and with the first sync); every
+    method here waits for it first, then only adopts what it pinned: bcc never enters the agent."""
 
     def __init__(self, settings: Settings, child=None, on_fatal: Callable[[Exception], None] = lambda e: None) -> None:
         from .maps.nodeaddrs import PinnedNodeAddrs
@@ -98,7 +99,7 @@ class Agent:
         self.runner = BoundedFrequencyRunner("sync", self.sync, settings.sync, clock,
                                              on_error=lambda e: None)  # the syncer logs and counts
         self.informers: list = []
-        self.attaching = None  # the child loading the datapath (start_datapath)
+        self.attaching = self.attaching_tc = None  # the children loading the programs (start_datapath)
         self.fatal: Exception | None = None  # why the agent stops (fatal_error), raised by run()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.datapath_task: asyncio.Task | None = None
@@ -134,30 +135,31 @@ class Agent:
             log.warning("kube-proxy leftover (not strict): %s", item)
 
     def start_datapath(self) -> None:
-        """Refuse (strict) beside kube-proxy, then start loading the datapath in a child process."""
+        """Refuse (strict) beside kube-proxy, create the maps both programs share (those not pinned yet),
+        then load each program in a child process of its own: the two compile at once, and the first
+        sync programs the maps meanwhile."""
         self.check_kube_proxy()
         s = self.settings
+        datapath.ensure_bpffs(s.paths.bpf_root)
+        create_shared_maps(s.paths.bpf_root, s.maps)
         self.attaching = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack)
+        self.attaching_tc = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack,
+                                                        tc_only=True)  # devices: attached ones stay until the sync
 
-    def use_maps(self, reconciler: Reconciler, north_south: NorthSouth | None = None, interfaces=None) -> None:
-        """The datapath's maps are there: the syncer can program them (``north_south``: the tc
-        datapath's maps and loader; None: east-west only)."""
+    def use_maps(self, reconciler: Reconciler, north_south: NorthSouth | None = None, interfaces=None,
+                 attached=None) -> None:
+        """The service maps are there: the syncer can program them (``north_south``: the tc
+        datapath's maps and loader; None: east-west only; ``attached``: awaited before a sync counts
+        as done)."""
         extra = {"interfaces": interfaces} if interfaces is not None else {}
         self.syncer = Syncer(self.settings, self.tracker, reconciler, self.metrics, self.health, self.clock, self.wall,
-                             north_south=north_south, **extra)
+                             north_south=north_south, attached=attached, **extra)
 
     async def finish_datapath(self) -> None:
-        """The datapath is attached and its maps pinned: reconcile can adopt them."""
+        """The socket programs are attached (or DatapathError: the agent stops)."""
         await asyncio.to_thread(datapath.finish_attach_child, self.attaching)
         s = self.settings
-        # The tc programs compile in a child of their own now, beside the first sync (after the socket
-        # programs' child: both would otherwise race to create the maps they share).
-        tc_child = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack,
-                                               tc_only=True)  # devices: those attached stay until the sync
-        self.use_maps(Reconciler(PinnedServiceMaps(s.paths.bpf_root), revnat_limit=s.maps.revnat),
-                      PinnedNorthSouth(s, tc_child, on_fatal=self.fatal_error))
-        log.info("datapath attached to %s, maps pinned under %s", self.settings.paths.cgroup_root,
-                 self.settings.paths.bpf_root)
+        log.info("datapath attached to %s, maps pinned under %s", s.paths.cgroup_root, s.paths.bpf_root)
 
     def fatal_error(self, e: Exception) -> None:
         """A part of the datapath strict mode requires failed after start: stop, and run() raises it."""
@@ -169,15 +171,15 @@ class Agent:
             self.stop.set()
 
     async def datapath_ready(self) -> None:
-        if self.syncer is None:
-            await self.datapath_task
+        """The socket programs are attached (the tc ones may still compile: PinnedNorthSouth waits)."""
+        if self.datapath_task is not None:
+            await asyncio.shield(self.datapath_task)
 
     # ---- tasks -------------------------------------------------------------------------------
     async def sync(self, full: bool) -> None:
         await self.syncer(full)
 
     async def sync_loop(self) -> None:
-        await self.datapath_ready()  # sources already run meanwhile: their changes wait in the tracker
         await self.runner.loop(self.stop)
 
     def source_task(self) -> asyncio.Task:
@@ -208,7 +210,13 @@ class Agent:
         if self.syncer is None:
             if self.attaching is None:
                 self.start_datapath()
+            s = self.settings
+            north_south = PinnedNorthSouth(s, self.attaching_tc, on_fatal=self.fatal_error)
             self.datapath_task = asyncio.create_task(self.finish_datapath(), name="datapath")
+            # The first sync writes the service maps while the child compiles; it counts as done (ready,
+            # "initial sync complete") only once the programs are attached.
+            self.use_maps(Reconciler(PinnedServiceMaps(s.paths.bpf_root), revnat_limit=s.maps.revnat), north_south,
+                          attached=self.datapath_ready)
         http = HttpServer(self.health, self.metrics)
         for what, addr in (("healthz", self.settings.healthz_bind), ("metrics", self.settings.metrics_bind)):
             if addr:
@@ -224,10 +232,18 @@ class Agent:
             tasks.append(asyncio.create_task(serve_for_agent(self.settings, self.tracker, self.stop,
                                                              self.datapath_ready), name="cni"))
         stop_wait = asyncio.create_task(self.stop.wait(), name="stop")
-        done, _ = await asyncio.wait(tasks + [stop_wait], return_when=asyncio.FIRST_COMPLETED)
-        failed = self.datapath_task.exception() if self.datapath_task and self.datapath_task.done() else None
+        watched = tasks + [stop_wait] + ([self.datapath_task] if self.datapath_task is not None else [])
+        while True:  # the datapath task may end (attached); anything else ending stops the agent
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            dp = self.datapath_task
+            if done == {dp} and not dp.cancelled() and dp.exception() is None:
+                watched.remove(dp)
+                continue
+            break
+        dp = self.datapath_task
+        failed = dp.exception() if dp is not None and dp.done() and not dp.cancelled() else None
         for t in done:  # the guard: only the stop event may end the agent
-            if t is stop_wait or (failed and not t.cancelled() and t.exception() is failed):
+            if t is stop_wait or t is dp or (failed and not t.cancelled() and t.exception() is failed):
                 continue
             if not t.cancelled() and t.exception():
                 log.error("task %s ended unexpectedly", t.get_name(), exc_info=t.exception())

@@ -140,6 +140,21 @@ def load_hook(b, hook: Hook) -> int:
     return fn.fd
 
 
+def load_hooks(b, hooks) -> list:
+    """Each hook's program fd, or the DatapathError that refused it. The verifier (most of a load's
+    time) runs in the bpf() syscall, which ctypes calls without the GIL: loads in threads run at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(h: Hook):
+        try:
+            return load_hook(b, h)
+        except DatapathError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(one, hooks))
+
+
 # enum bpf_attach_type (uapi, stable) for the hooks' bcc member names: attachments are checked and
 # removed without importing bcc. tests/test_datapath_adopt.py compares it with bcc's.
 ATTACH_TYPES = {"CGROUP_INET4_CONNECT": 10, "CGROUP_INET6_CONNECT": 11, "CGROUP_UDP4_SENDMSG": 14,
@@ -214,14 +229,14 @@ def attach(paths: Paths, sizes: MapSizes, strict: bool = True,
     b = compile_sock_lb(paths, sizes, conntrack)
     progs = {}
     skipped = []
-    for h in HOOKS:  # load all before touching attachments
-        try:
-            progs[h.func] = load_hook(b, h)
-        except DatapathError as e:
+    for h, loaded in zip(HOOKS, load_hooks(b, HOOKS)):  # load all before touching attachments
+        if isinstance(loaded, DatapathError):
             if strict and h.required:
-                raise DatapathError(f"strict mode: {e}; refusing to start (--no-strict runs without it)") from None
-            log.warning("%s; continuing without it (--no-strict)", e)
+                raise DatapathError(f"strict mode: {loaded}; refusing to start (--no-strict runs without it)") from None
+            log.warning("%s; continuing without it (--no-strict)", loaded)
             skipped.append(h.what)
+        else:
+            progs[h.func] = loaded
     created = []
     try:
         cg = os.open(paths.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)

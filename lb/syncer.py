@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from . import nodenet
 from .health import HealthState
@@ -76,8 +76,12 @@ class Syncer:
     def __init__(self, settings: Settings, tracker: Tracker, reconciler: Reconciler, metrics: AgentMetrics,
                  health: HealthState, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, north_south: NorthSouth | None = None,
-                 interfaces: Callable[[], dict[str, tuple[str, ...]]] = read_interfaces) -> None:
+                 interfaces: Callable[[], dict[str, tuple[str, ...]]] = read_interfaces,
+                 attached: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings, self.tracker, self.reconciler = settings, tracker, reconciler
+        # Awaited before a sync counts as done: the maps may be programmed while the programs that read
+        # them are still compiling (lb/agent.py), and "programmed" means the hooks are attached too.
+        self.attached = attached
         self.metrics, self.health = metrics, health
         self.clock, self.wall = clock, wall
         self.table = ServiceTable()
@@ -164,6 +168,8 @@ class Syncer:
         try:
             stats = self.plan_and_reconcile(full)
             await self.after_reconcile(stats)
+            if self.attached is not None:
+                await self.attached()
         except Exception as e:
             self.metrics.sync_errors.inc()
             # A map write failure leaves the reconciler equal to the kernel: the retry redoes what

@@ -90,3 +90,45 @@ def test_strict_mode_refuses_kube_proxy_rules_unless_told_to_remove_them(bed, tm
     assert "KUBE-" not in save
     assert "KUBE-" not in subprocess.run(ns + ["ip6tables-save", "-t", "nat"], capture_output=True, text=True).stdout
     assert "kube-proxy" not in subprocess.run(ns + ["nft", "list", "tables"], capture_output=True, text=True).stdout
+
+
+def test_the_first_sync_overlaps_the_compile_but_counts_only_once_attached(bed, tmp_path):
+    """The agent creates the service maps and programs them while its child compiles the programs; the
+    sync is done ("initial sync complete", ready) only once the programs are attached. With one Service
+    the maps are written long before the compile ends, so the log order shows both."""
+    (tmp_path / "svc.yaml").write_text("""
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.7.7, clusterIPs: [10.96.7.7], ports: [{port: 80, protocol: TCP, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.1.0.5], conditions: {ready: true}}]
+""")
+    paths = Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root)
+    datapath.cleanup(paths)
+    p = subprocess.Popen([sys.executable, "-m", "lb.cli", "agent", "--manifests", str(tmp_path), "--node-name", "n",
+                          "--cgroup-root", bed.cgroup, "--bpf-root", bed.bpf_root, "--healthz-bind-address", "",
+                          "--metrics-bind-address", "", "--network-mode", "none"],
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    threading.Timer(90, p.kill).start()
+    lines = []
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if "initial sync complete" in line:
+                break
+        else:
+            raise AssertionError("agent never completed its first sync:\n" + "".join(lines))
+        assert len(datapath.attached(paths)) == len(datapath.HOOKS)
+    finally:
+        p.kill()
+        p.wait()
+    text = "".join(lines)
+    synced, attached, complete = (text.index(s) for s in ("synced 1 frontends", "datapath attached",
+                                                          "initial sync complete"))
+    assert synced < attached < complete

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import re
 import shutil
 import uuid
@@ -10,8 +11,10 @@ import uuid
 import pytest
 
 from lb import datapath
+from lb.maps import bpfsys
+from lb.maps.pinned import create_shared_maps
 from lb.maps.services import MapFullError
-from lb.maps.structs import (CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_SNAT, DEV_ADDRS_MAP,
+from lb.maps.structs import (SHARED_MAPS, CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_SNAT, DEV_ADDRS_MAP,
                              DEV_ADDRS_SIZE, MAPS, NODE_ADDR_F_NODEPORT, SOCK_REVNAT_MAP, SVC_F_NODEPORT, SVC_F_SNAT,
                              SVC_F_SRC_RANGES, DevAddr, packer)
 from lb.settings import MAP_SIZE_FLAGS, MapSizes, Paths
@@ -30,6 +33,7 @@ def sources() -> str:
 def compiled():
     root = f"/sys/fs/bpf/bpflb-structs-{uuid.uuid4().hex[:6]}"
     b = datapath.compile_sock_lb(Paths(cgroup_root="/nonexistent", bpf_root=root), SIZES)
+    b.bpflb_root = root
     try:
         yield b
     finally:
@@ -122,3 +126,49 @@ def test_flags_match_the_header():
                   ("LB_CT_F_NODEPORT", CT_F_NODEPORT), ("LB_NODE_ADDR_F_NODEPORT", NODE_ADDR_F_NODEPORT)):
         m = re.search(rf"#define {c}\s+\(1 << (\d+)\)", header)
         assert m and 1 << int(m.group(1)) == py, c
+
+
+def pinned_info(root: str, name: str) -> dict[str, int]:
+    fd = bpfsys.obj_get(f"{root}/{name}")
+    try:
+        return bpfsys.map_info(fd)
+    finally:
+        os.close(fd)
+
+
+def test_the_shared_maps_are_those_lb_maps_h_declares():
+    declared = re.findall(r"BPF_TABLE_PINNED\([^;]*?\b(lb_\w+_v\d+), \w+, PIN", (datapath.BPF_DIR / "lb_maps.h").read_text())
+    assert sorted(declared) == sorted(SHARED_MAPS)
+
+
+@pytest.mark.parametrize("name", SHARED_MAPS)
+def test_the_agent_creates_the_maps_bcc_would(compiled, name):
+    """The agent creates the shared maps itself (so both programs compile at once, and it programs them
+    meanwhile): type, key and value size, max_entries and flags as bcc makes them from the C declaration."""
+    root = f"/sys/fs/bpf/bpflb-structs-agent-{uuid.uuid4().hex[:6]}"
+    os.makedirs(root)
+    try:
+        assert create_shared_maps(root, SIZES) == list(SHARED_MAPS)
+        mine, bccs = pinned_info(root, name), pinned_info(compiled.bpflb_root, name)
+        del mine["id"], bccs["id"]
+        assert mine == bccs
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_bcc_adopts_the_maps_the_agent_created():
+    """What the agent wrote before the compile is what the programs read: bcc opens the pins."""
+    root = f"/sys/fs/bpf/bpflb-structs-adopt-{uuid.uuid4().hex[:6]}"
+    os.makedirs(root)
+    b = None
+    try:
+        create_shared_maps(root, SIZES)
+        ids = {n: pinned_info(root, n)["id"] for n in SHARED_MAPS}
+        assert create_shared_maps(root, SIZES) == []  # existing pins are kept
+        b = datapath.compile_sock_lb(Paths(cgroup_root="/nonexistent", bpf_root=root), SIZES)
+        for n in SHARED_MAPS:
+            assert bpfsys.map_info(b[n.encode()].map_fd)["id"] == ids[n]
+    finally:
+        if b is not None:
+            b.cleanup()
+        shutil.rmtree(root, ignore_errors=True)

@@ -17,9 +17,18 @@ _NO_BATCH = (-errno.EINVAL, -ENOTSUPP, -errno.EOPNOTSUPP)
 _lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
 
 _c = ctypes.c_void_p
+
+
+class _MapCreateOpts(ctypes.Structure):
+    """libbpf's struct bpf_map_create_opts, up to map_flags (sz says how much of it is given)."""
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
 _u32p = ctypes.POINTER(ctypes.c_uint32)
 for _name, _args in {
     "bpf_obj_get": [ctypes.c_char_p],
+    "bpf_map_create": [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+                       ctypes.POINTER(_MapCreateOpts)],
     "bpf_obj_pin": [ctypes.c_int, ctypes.c_char_p],
     "bpf_map_update_elem": [ctypes.c_int, _c, _c, ctypes.c_uint64],
     "bpf_map_lookup_elem": [ctypes.c_int, _c, _c],
@@ -46,6 +55,22 @@ def _check(ret: int, what: str) -> int:
         err = _errno(ret)
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return ret
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0) -> int:
+    """A new map (no BTF); its fd."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(_lib.bpf_map_create(map_type, name.encode()[:15], key_size, value_size, max_entries,
+                                      ctypes.byref(opts)), f"create map {name}")
+
+
+def map_info(fd: int) -> dict[str, int]:
+    """struct bpf_map_info's head: type, id, key_size, value_size, max_entries, map_flags."""
+    info = ctypes.create_string_buffer(88)
+    n = ctypes.c_uint32(88)
+    _check(_lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(n)), "map info")
+    fields = ("type", "id", "key_size", "value_size", "max_entries", "map_flags")
+    return {f: ctypes.c_uint32.from_buffer(info, 4 * i).value for i, f in enumerate(fields)}
 
 
 def obj_get(path: str) -> int:

@@ -156,23 +156,37 @@ class MapSpec:
     """The MapSizes field giving max_entries (settings.MAP_SIZE_FLAGS[size] is its flag)."""
     macro: str
     """The C macro bpf/sock_lb.c sizes the map with (lb/datapath.py passes it as -D<macro>=N)."""
+    kind: str = "hash"
+    """The BPF_TABLE_PINNED type, as in bpf/ (tests/test_structs.py compares with what bcc creates)."""
+    flags: int = 0
+    """map_flags, as in bpf/."""
 
+
+BPF_F_NO_PREALLOC = 1
+# Map type numbers (uapi enum bpf_map_type) of the kinds used in bpf/.
+MAP_TYPES = {"hash": 1, "lru_hash": 9, "lpm_trie": 11}
 
 # Map name -> spec. Names carry the layout version.
 MAPS = {
     f"lb_services_{MAP_VERSION}": MapSpec(SvcKey, SvcVal, "services", "SVC_MAP_SIZE"),
     f"lb_backends_{MAP_VERSION}": MapSpec(ctypes.c_uint32, Backend, "backends", "BACKEND_MAP_SIZE"),
     f"lb_revnat_{MAP_VERSION}": MapSpec(ctypes.c_uint32, RevNat, "revnat", "REVNAT_MAP_SIZE"),
-    f"lb_sock_revnat_{MAP_VERSION}": MapSpec(SockKey, SockVal, "sock_revnat", "SOCK_REVNAT_SIZE"),
-    f"lb_affinity_{MAP_VERSION}": MapSpec(AffinityKey, AffinityVal, "affinity", "AFFINITY_MAP_SIZE"),
+    f"lb_sock_revnat_{MAP_VERSION}": MapSpec(SockKey, SockVal, "sock_revnat", "SOCK_REVNAT_SIZE", "lru_hash"),
+    f"lb_affinity_{MAP_VERSION}": MapSpec(AffinityKey, AffinityVal, "affinity", "AFFINITY_MAP_SIZE", "lru_hash"),
     f"lb_endpoints_{MAP_VERSION}": MapSpec(EndpointKey, Endpoint, "endpoints", "ENDPOINT_MAP_SIZE"),
     f"lb_node_addrs_{MAP_VERSION}": MapSpec(NodeAddrKey, NodeAddr, "node_addrs", "NODE_ADDR_MAP_SIZE"),
-    f"lb_src_ranges_{MAP_VERSION}": MapSpec(SrcRangeKey, SrcRange, "src_ranges", "SRC_RANGE_MAP_SIZE"),
-    f"lb_ext_affinity_{MAP_VERSION}": MapSpec(ExtAffinityKey, AffinityVal, "ext_affinity", "EXT_AFFINITY_MAP_SIZE"),
-    f"lb_ct_{MAP_VERSION}": MapSpec(CtTuple, CtVal, "ct", "CT_MAP_SIZE"),
-    f"lb_nat_{MAP_VERSION}": MapSpec(CtTuple, NatVal, "nat", "NAT_MAP_SIZE"),
+    f"lb_src_ranges_{MAP_VERSION}": MapSpec(SrcRangeKey, SrcRange, "src_ranges", "SRC_RANGE_MAP_SIZE", "lpm_trie",
+                                                    BPF_F_NO_PREALLOC),
+    f"lb_ext_affinity_{MAP_VERSION}": MapSpec(ExtAffinityKey, AffinityVal, "ext_affinity", "EXT_AFFINITY_MAP_SIZE",
+                                                      "lru_hash"),
+    f"lb_ct_{MAP_VERSION}": MapSpec(CtTuple, CtVal, "ct", "CT_MAP_SIZE", "lru_hash"),
+    f"lb_nat_{MAP_VERSION}": MapSpec(CtTuple, NatVal, "nat", "NAT_MAP_SIZE", "lru_hash"),
 }
 (SERVICES_MAP, BACKENDS_MAP, REVNAT_MAP, SOCK_REVNAT_MAP, AFFINITY_MAP, ENDPOINTS_MAP, NODE_ADDRS_MAP, SRC_RANGES_MAP,
  EXT_AFFINITY_MAP, CT_MAP, NAT_MAP) = MAPS
 DEV_ADDRS_MAP = f"lb_dev_addrs_{MAP_VERSION}"  # written by the loader only (lb/datapath.py); fixed size
 DEV_ADDRS_SIZE = 1024
+# The maps bpf/lb_maps.h declares, which both programs share: the agent creates them before it starts
+# the two loader children (lb/maps/pinned.create_shared_maps), so they compile at once without racing
+# to create them, and it programs them while they compile. bcc then opens these pins.
+SHARED_MAPS = tuple(n for n in MAPS if n != SOCK_REVNAT_MAP) + (DEV_ADDRS_MAP,)
