@@ -146,7 +146,7 @@ if $node; then
   for cmd in "${node_cmds[@]}" agnhost e2e.test; do
     fresh "$k8s_dir/.built-$cmd" "$k8s_recipe" && continue
     step "$cmd $K8S_VERSION"
-    [ -f "$e2e_test_go" ] || go mod download "k8s.io/kubernetes@$K8S_VERSION"
+    [ -f "$e2e_test_go" ] || (cd "$CACHE/src" && go mod download "k8s.io/kubernetes@$K8S_VERSION")
     # The non-standard-library imports of e2e_test.go (a dot in the first path element).
     mapfile -t e2e_imports < <(sed -n '/^import (/,/^)/p' "$e2e_test_go" | grep -oE '"[^"/]+\.[^"]*"' | tr -d '"')
     k8s_wrapper "${node_pkgs[@]}" "${e2e_imports[@]}"

@@ -98,7 +98,7 @@ done_step() {
 }
 
 k8s_src=$(go env GOMODCACHE)/k8s.io/kubernetes@${comp[K8S_VERSION]}
-[ -d "$k8s_src" ] || (cd /tmp && go mod download "k8s.io/kubernetes@${comp[K8S_VERSION]}")
+[ -d "$k8s_src" ] || (cd "$CACHE/src" && go mod download "k8s.io/kubernetes@${comp[K8S_VERSION]}")
 
 # ---- pause ------------------------------------------------------------------------------------------
 PAUSE_IMAGE=registry.k8s.io/pause:3.10.1
