@@ -16,6 +16,7 @@ import asyncio
 import gc
 import logging
 import signal
+import threading
 import time
 from typing import Callable
 
@@ -47,16 +48,22 @@ class PinnedNorthSouth:
         self.settings, self.child, self.on_fatal = settings, child, on_fatal
         self.node_addrs, self.src_ranges = PinnedNodeAddrs, PinnedSourceRanges
         self.skipped: list[str] = []
+        self.lock = threading.Lock()  # the agent's datapath task and the syncer both wait, in worker threads
+        self.failed: Exception | None = None
 
     def ready(self) -> None:
         """Wait (in a worker thread) for the tc child; DatapathError if it failed (strict mode)."""
-        if self.child is not None:
-            child, self.child = self.child, None
-            try:
-                self.skipped = datapath.finish_attach_child(child)
-            except datapath.DatapathError as e:
-                self.on_fatal(e)  # strict mode: the agent stops and says why
-                raise
+        with self.lock:
+            if self.failed is not None:
+                raise self.failed
+            if self.child is not None:
+                child, self.child = self.child, None
+                try:
+                    self.skipped = datapath.finish_attach_child(child)
+                except datapath.DatapathError as e:
+                    self.failed = e
+                    self.on_fatal(e)  # strict mode: the agent stops and says why
+                    raise
 
     def write_node_addrs(self, local: set[str], remote: set[str]) -> None:
         self.ready()
@@ -155,9 +162,11 @@ class Agent:
         self.syncer = Syncer(self.settings, self.tracker, reconciler, self.metrics, self.health, self.clock, self.wall,
                              north_south=north_south, attached=attached, **extra)
 
-    async def finish_datapath(self) -> None:
-        """The socket programs are attached (or DatapathError: the agent stops)."""
+    async def finish_datapath(self, north_south: PinnedNorthSouth) -> None:
+        """Both programs are loaded and pinned, the socket ones attached (or DatapathError: the agent
+        stops). The CNI server waits for this too: its pod veths get the pinned tc program."""
         await asyncio.to_thread(datapath.finish_attach_child, self.attaching)
+        await asyncio.to_thread(north_south.ready)
         s = self.settings
         log.info("datapath attached to %s, maps pinned under %s", s.paths.cgroup_root, s.paths.bpf_root)
 
@@ -171,7 +180,7 @@ class Agent:
             self.stop.set()
 
     async def datapath_ready(self) -> None:
-        """The socket programs are attached (the tc ones may still compile: PinnedNorthSouth waits)."""
+        """Both programs are loaded, the socket ones attached (finish_datapath)."""
         if self.datapath_task is not None:
             await asyncio.shield(self.datapath_task)
 
@@ -212,7 +221,7 @@ class Agent:
                 self.start_datapath()
             s = self.settings
             north_south = PinnedNorthSouth(s, self.attaching_tc, on_fatal=self.fatal_error)
-            self.datapath_task = asyncio.create_task(self.finish_datapath(), name="datapath")
+            self.datapath_task = asyncio.create_task(self.finish_datapath(north_south), name="datapath")
             # The first sync writes the service maps while the child compiles; it counts as done (ready,
             # "initial sync complete") only once the programs are attached.
             self.use_maps(Reconciler(PinnedServiceMaps(s.paths.bpf_root), revnat_limit=s.maps.revnat), north_south,

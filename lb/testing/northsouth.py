@@ -520,6 +520,12 @@ class NorthSouthBed:
                 m.added(pod.ip, host, pod_mac)
             finally:
                 m.close()
+            # and as the agent's endpoint sink then attaches the pod program (in the node's netns: the
+            # ifindexes are its devices')
+            code = ("import sys; from lb import datapath; from lb.settings import Paths; "
+                    "sys.exit(1 if datapath.sync_tc_endpoints(Paths(cgroup_root=sys.argv[1], bpf_root=sys.argv[2])) else 0)")
+            subprocess.run(["nsenter", f"--net=/run/netns/{self.cluster.node_ns(n)}", sys.executable, "-c", code,
+                            self.cluster.cgroup(n), self.cluster.bpf_root(n)], cwd=ROOT, check=True)
         self.serve(pod)
         return pod
 
