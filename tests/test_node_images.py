@@ -96,12 +96,15 @@ def ctr() -> Iterator[Ctr]:
             if str(work) in line.split()[1]:
                 subprocess.run(["umount", "-l", line.split()[1]], check=False)
         shutil.rmtree(work, ignore_errors=True)
-        cg = Path("/sys/fs/cgroup") / cgroup_parent.lstrip("/")
-        if cg.exists():
-            for sub in cg.iterdir():
-                if sub.is_dir():
-                    sub.rmdir()
-            cg.rmdir()
+        # runc makes the parent in every hierarchy: on a hybrid host each v1 controller's and unified/
+        root = Path("/sys/fs/cgroup")
+        for base in [root] + [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()]:
+            cg = base / cgroup_parent.lstrip("/")
+            if cg.is_dir():
+                for sub in sorted(cg.rglob("*"), key=lambda x: -len(x.parts)):
+                    if sub.is_dir():
+                        sub.rmdir()
+                cg.rmdir()
 
 
 @pytest.fixture(scope="module")
