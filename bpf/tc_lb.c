@@ -66,6 +66,8 @@
 #ifndef NAT_REUSE_AFTER_NS
 #define NAT_REUSE_AFTER_NS (10ULL * 1000000ULL)
 #endif
+/* A closed flow's port is taken at once, without trying further ports, once it closed this long ago. */
+#define NAT_REUSE_AT_ONCE_NS (100ULL * 1000000ULL)
 /* Entries' last_ns is refreshed at most this often (a flow's timeouts are many seconds). */
 #define CT_REFRESH_NS (1000000000ULL)
 
@@ -660,9 +662,12 @@ static __always_inline int port_usable(struct __sk_buff *skb, const struct lb_ct
 }
 
 /* Claim a masquerade port for the reply tuple *r (daddr = the masquerade address): writes r->dport
- * and the lb_nat entry. A free port is taken at once; when every try is held, the port of the flow
- * among them that closed longest ago is taken over, if its flow is over (nat_reclaim), else the last
- * one tried, if its flow is over. 0, or -1.
+ * and the lb_nat entry. A free port is taken at once; after half the tries, so is the best port held
+ * by a flow that closed at least NAT_REUSE_AT_ONCE_NS ago (a sustained connection rate keeps every port
+ * held by closed flows, the datapath frees none: the tries then stop early rather than look at all
+ * NAT_TRIES ports for every SYN);
+ * when every try is held, the port of the flow among them that closed longest ago is taken over, if its
+ * flow is over (nat_reclaim), else the last one tried, if its flow is over. 0, or -1.
  * Two CPUs taking over the same dead port in the same instant would share it; with a random pick
  * among thousands of ports that is left as a (documented) race rather than locked against. */
 static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *r, struct lb_nat_val *nv, int v6,
@@ -697,6 +702,8 @@ static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *
 			if ((o->flags & LB_CT_F_CLOSING) && (!best || a > best_age)) {
 				best = r->dport;
 				best_age = a;
+				if (i >= NAT_TRIES / 2 - 1 && a >= NAT_REUSE_AT_ONCE_NS)
+					break; /* closed long enough ago: no need to look further */
 			}
 			continue;
 		}
