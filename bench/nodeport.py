@@ -127,11 +127,17 @@ class Client:
 
 
 def iperf(bed: NorthSouthBed, ip: str, port: int, seconds: float) -> float:
-    """Gbit/s of one iperf3 run from the outside netns."""
-    r = subprocess.run(["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "3000"],
-                       capture_output=True, text=True, preexec_fn=lambda: enter(bed.outside_ns, None),
-                       timeout=seconds + 30)
-    doc = json.loads(r.stdout or "{}")
+    """Gbit/s of one iperf3 run from the outside netns. The server takes one test at a time and may
+    not have seen the previous client's end yet when the next one connects ("the server is busy"):
+    that is retried after a moment."""
+    for attempt in range(5):
+        r = subprocess.run(["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout",
+                            "3000"], capture_output=True, text=True, preexec_fn=lambda: enter(bed.outside_ns, None),
+                           timeout=seconds + 30)
+        doc = json.loads(r.stdout or "{}")
+        if "server is busy" not in str(doc.get("error", "")):
+            break
+        time.sleep(0.5)
     if "error" in doc or r.returncode != 0:
         raise RuntimeError(f"iperf3 to {ip}:{port}: {doc.get('error') or r.stderr}")
     return doc["end"]["sum_received"]["bits_per_second"] / 1e9

@@ -6,7 +6,8 @@
  *                (an LB ingress IP or ExternalIP, or a node address lb_node_addrs marks on a NodePort,
  *                which finds the wildcard frontend) picks a backend from the same master/slot maps as
  *                the socket programs, is DNATed (and masqueraded under LB_SVC_F_SNAT) and leaves at once:
- *                to the local pod's veth (lb_endpoints: ifindex, MAC) or, for a remote backend, to the
+ *                into the local pod (lb_endpoints: its host veth's ifindex, its MAC; bpf_redirect_peer
+ *                puts the packet on the ingress of the pod's end of the pair) or, for a remote backend, to the
  *                next hop bpf_fib_lookup names (pod network, overlay or direct). lb_ct remembers the
  *                flow, so its later packets take the same backend; lb_nat remembers the reply tuple.
  *                Replies of masqueraded flows to remote backends come back here (to the node address
