@@ -26,12 +26,19 @@ bpflb over kube-proxy nftables as the ratio of those ratios (direct normalises t
 Targets (issue 10): bpflb >= 1.2x kube-proxy nftables connections/s at 10 000 Services; bpflb latency
 p99 within 1.1x of direct.
 
+--bpf-stats (bpflb beds): turns kernel.bpf_stats_enabled on (restored afterwards) and, for each target's
+connect+close rounds, prints what the tc programs of both nodes ran: runs per connection and ns per run,
+per node and program (the programs attached at tcx ingress of the nodes' devices, found by
+bpf_prog_query in the node namespaces). Stats add two clock reads per run to every target alike.
+
 Network safety: every client runs in the outside netns, whose only routes are the bed's addresses.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -42,6 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchlib import build_c, code_version, median, percentile, sigterm_exits
+from lb import datapath
+from lb import netns as netns_
+from lb.maps import bpfsys
 from lb.testing.apiserver import ADMIN_TOKEN
 from lb.testing.bed import enter
 from lb.testing.cluster import node_ip
@@ -117,14 +127,71 @@ class Client:
 
 
 def iperf(bed: NorthSouthBed, ip: str, port: int, seconds: float) -> float:
-    """Gbit/s of one iperf3 run from the outside netns."""
-    r = subprocess.run(["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "3000"],
-                       capture_output=True, text=True, preexec_fn=lambda: enter(bed.outside_ns, None),
-                       timeout=seconds + 30)
-    doc = json.loads(r.stdout or "{}")
+    """Gbit/s of one iperf3 run from the outside netns. The server takes one test at a time and may
+    not have seen the previous client's end yet when the next one connects ("the server is busy"):
+    that is retried after a moment."""
+    for attempt in range(5):
+        r = subprocess.run(["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout",
+                            "3000"], capture_output=True, text=True, preexec_fn=lambda: enter(bed.outside_ns, None),
+                           timeout=seconds + 30)
+        doc = json.loads(r.stdout or "{}")
+        if "server is busy" not in str(doc.get("error", "")):
+            break
+        time.sleep(0.5)
     if "error" in doc or r.returncode != 0:
         raise RuntimeError(f"iperf3 to {ip}:{port}: {doc.get('error') or r.stderr}")
     return doc["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+@contextlib.contextmanager
+def bpf_stats(on: bool):
+    path = "/proc/sys/kernel/bpf_stats_enabled"
+    if not on:
+        yield
+        return
+    with open(path) as f:
+        before = f.read().strip()
+    with open(path, "w") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(before)
+
+
+def tc_programs(bed: NorthSouthBed) -> dict[int, str]:
+    """ID -> "node<n> <program>" of the programs at tcx ingress of the nodes' devices."""
+    from pyroute2 import IPRoute
+
+    out: dict[int, str] = {}
+    for n in (1, 2):
+        def query() -> set[int]:
+            with IPRoute() as ipr:
+                idxs = [link["index"] for link in ipr.get_links()]
+            ids = set()
+            for idx in idxs:
+                try:
+                    ids.update(bpfsys.prog_query(idx, datapath.TCX_INGRESS))
+                except OSError:
+                    pass
+            return ids
+        for pid in netns_.run_in(f"/run/netns/{bed.cluster.node_ns(n)}", query):
+            fd, name = bpfsys.prog_name(pid)
+            os.close(fd)
+            out[pid] = f"node{n} {name}"
+    return out
+
+
+def prog_counters(ids: dict[int, str]) -> dict[str, tuple[int, int]]:
+    """label -> (run_time_ns, run_cnt), summed over the programs of that label."""
+    out: dict[str, tuple[int, int]] = {}
+    for pid, label in ids.items():
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(pid)], capture_output=True,
+                                         text=True, check=True).stdout)
+        t, c = out.get(label, (0, 0))
+        out[label] = (t + info.get("run_time_ns", 0), c + info.get("run_cnt", 0))
+    return out
 
 
 def measure(bed: NorthSouthBed, client: Client, pod_ip: str, q: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -132,13 +199,24 @@ def measure(bed: NorthSouthBed, client: Client, pod_ip: str, q: argparse.Namespa
             "np-remote": (node_ip(2), NP_CC, NP_RR, NP_IPERF)}
     out = {t: {} for t in TARGETS}
     rates = {t: [] for t in TARGETS}
+    progs = tc_programs(bed) if q.bpf_stats and bed.bpflb else {}
+    runs = {t: {} for t in TARGETS}  # target -> label -> [run_time_ns, run_cnt]
     for r in range(q.rounds):
         order = TARGETS if r % 2 == 0 else TARGETS[::-1]
         for t in order:
+            before = prog_counters(progs) if progs else {}
             ok, failed, first, ns = client.run(addr[t][0], addr[t][1], "c", q.conns)
             if failed:
                 raise RuntimeError(f"{t}: {failed} failed connections (errno {first})")
             rates[t].append(ok / (ns / 1e9))
+            for label, (rt, rc) in (prog_counters(progs) if progs else {}).items():
+                acc = runs[t].setdefault(label, [0, 0])
+                acc[0] += rt - before[label][0]
+                acc[1] += rc - before[label][1]
+    for t in TARGETS if progs else ():
+        parts = [f"{label} {rc / (q.rounds * q.conns):.2f} runs/conn x {rt / rc:.0f} ns"
+                 for label, (rt, rc) in sorted(runs[t].items()) if rc]
+        print(f"# bpf_stats {t:10} " + ("; ".join(parts) or "no program ran"), flush=True)
     lat = {t: [] for t in TARGETS}
     for i in range(q.samples):
         for t in (TARGETS if i % 2 == 0 else TARGETS[::-1]):
@@ -152,7 +230,7 @@ def measure(bed: NorthSouthBed, client: Client, pod_ip: str, q: argparse.Namespa
             thr[t].append(iperf(bed, addr[t][0], addr[t][3], q.iperf_seconds))
     for t in TARGETS:
         out[t] = {"conn/s": median(rates[t]), "p50 us": percentile(lat[t], 50), "p99 us": percentile(lat[t], 99),
-                  "Gbit/s": median(thr[t])}
+                  "Gbit/s": median(thr[t]) if thr[t] else float("nan")}
     return out
 
 
@@ -248,11 +326,17 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 and 100 Services, fewer rounds (a smoke run)")
     ap.add_argument("--services", default=None, help="comma-separated scales (default 1,1000,10000)")
     ap.add_argument("--modes", default=",".join(BENCH_MODES), help=f"comma-separated, of {BENCH_MODES}")
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="bpflb: per target, the tc programs' runs per connection and ns per run (bpf_stats)")
+    ap.add_argument("--rounds", type=int, default=None, help="connect+close rounds per target (default 12; --quick 4)")
+    ap.add_argument("--samples", type=int, default=None, help="latency samples per target (default 3000; --quick 300)")
+    ap.add_argument("--no-iperf", action="store_true", help="skip the throughput runs")
     a = ap.parse_args()
     a.services = [int(x) for x in (a.services or ("1,100" if a.quick else "1,1000,10000")).split(",")]
-    a.rounds, a.conns = (4, 300) if a.quick else (12, 1000)
-    a.samples = 300 if a.quick else 3000
-    a.iperf_runs, a.iperf_seconds = (1, 1) if a.quick else (3, 3)
+    rounds, a.conns = (4, 300) if a.quick else (12, 1000)
+    a.rounds = a.rounds or rounds
+    a.samples = a.samples or (300 if a.quick else 3000)
+    a.iperf_runs, a.iperf_seconds = (0, 1) if a.no_iperf else (1, 1) if a.quick else (3, 3)
     modes = a.modes.split(",")
     print(f"# lb at {code_version()}; modes {modes}; Services {a.services}; {a.rounds} rounds x {a.conns} "
           f"connections, {a.samples} latency samples, {a.iperf_runs} x {a.iperf_seconds} s iperf3 per target")
@@ -260,7 +344,8 @@ def main() -> int:
     failed = []
     for mode in modes:
         try:
-            run_mode(mode, a, results)
+            with bpf_stats(a.bpf_stats and mode == "bpflb"):
+                run_mode(mode, a, results)
         except Exception as e:  # one mode failing (bpflb before its datapath lands) leaves the others' figures
             failed.append(mode)
             print(f"# {mode}: FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)

@@ -6,7 +6,8 @@
  *                (an LB ingress IP or ExternalIP, or a node address lb_node_addrs marks on a NodePort,
  *                which finds the wildcard frontend) picks a backend from the same master/slot maps as
  *                the socket programs, is DNATed (and masqueraded under LB_SVC_F_SNAT) and leaves at once:
- *                to the local pod's veth (lb_endpoints: ifindex, MAC) or, for a remote backend, to the
+ *                into the local pod (lb_endpoints: its host veth's ifindex, its MAC; bpf_redirect_peer
+ *                puts the packet on the ingress of the pod's end of the pair) or, for a remote backend, to the
  *                next hop bpf_fib_lookup names (pod network, overlay or direct). lb_ct remembers the
  *                flow, so its later packets take the same backend; lb_nat remembers the reply tuple.
  *                Replies of masqueraded flows to remote backends come back here (to the node address
@@ -58,6 +59,18 @@
 #define NAT_PORT_MAX 65535
 #endif
 #define NAT_TRIES 16
+/* A masquerade port whose flow closed (FIN or RST) goes to a new flow no sooner than this after the
+ * close: the old flow's last segments (its RST, say, handled on another CPU) may still be on their way
+ * to the backend, and a new SYN on the same tuple overtaking them meets the old socket there (a
+ * FIN_WAIT2 socket answers it with a RST: the client sees ECONNREFUSED). Among the ports tried, the one
+ * closed longest ago is taken. */
+#ifndef NAT_REUSE_AFTER_NS
+#define NAT_REUSE_AFTER_NS (10ULL * 1000000ULL)
+#endif
+/* A closed flow's port is taken at once, without trying further ports, once it closed this long ago. */
+#define NAT_REUSE_AT_ONCE_NS (100ULL * 1000000ULL)
+/* Entries' last_ns is refreshed at most this often (a flow's timeouts are many seconds). */
+#define CT_REFRESH_NS (1000000000ULL)
 
 /* bcc's declaration predates the params argument (kernel 5.10 has 4). */
 static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
@@ -150,47 +163,103 @@ static __always_inline __u32 csum_off(const struct pkt *p)
 	return p->l4 + (p->t.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
 }
 
-/* Rewrite the destination (dst=1) or source (dst=0) address and port of the packet. 0 or -1. */
-static __always_inline int rewrite(struct __sk_buff *skb, struct pkt *p, int dst, const __u32 *addr, __u16 port)
+/* Ones' complement sum of two 32-bit words (end-around carry), as csum_add does. */
+static __always_inline __u32 csum_add(__u32 a, __u32 b)
+{
+	a += b;
+	return a + (a < b);
+}
+
+static __always_inline __u16 csum_fold32(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
+
+/*
+ * Rewrite the packet's addresses and ports to saddr:sport -> daddr:dport (either pair may equal what
+ * the packet carries), with the L3/L4 checksums kept right, in as few helper calls as the kernel lets us:
+ * the checksum differences are summed here (one for the addresses, one for the ports), the L4
+ * checksum takes them in two bpf_l4_csum_replace calls (the addresses as a pseudo-header change, which
+ * is all a CHECKSUM_PARTIAL packet's field may take: its ports are summed by whoever finishes it), and
+ * the header fields (and the IPv4 header checksum, which nothing offloads) are written directly.
+ * IPv4 UDP without a checksum (0) keeps it 0. 0 or -1.
+ */
+static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, const __u32 *saddr, __u16 sport,
+				 const __u32 *daddr, __u16 dport)
 {
 	__u32 coff = csum_off(p);
-	/* IPv4 UDP may carry no checksum (0): keep it 0 rather than "fix" it. */
 	__u64 mangled = (p->t.proto == IPPROTO_UDP && !p->v6) ? BPF_F_MARK_MANGLED_0 : 0;
-	__u32 *cur = dst ? p->t.daddr : p->t.saddr;
-	__u16 old_port = dst ? p->t.dport : p->t.sport;
-	__u32 na[4];
+	__u32 ns[4], nd[4];
+	__u32 ad = 0, pd = 0;
 
-	__builtin_memcpy(na, addr, sizeof(na));
+	__builtin_memcpy(ns, saddr, 16);
+	__builtin_memcpy(nd, daddr, 16);
 	if (p->v6) {
-		__u32 off = ETH_HLEN_ + (dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
-		__s64 diff = bpf_csum_diff(cur, 16, na, 16, 0);
-
-		if (bpf_l4_csum_replace(skb, coff, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0)
-			return -1;
-		if (bpf_skb_store_bytes(skb, off, na, 16, 0) < 0)
-			return -1;
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			ad = csum_add(ad, ~p->t.saddr[i]);
+			ad = csum_add(ad, ns[i]);
+			ad = csum_add(ad, ~p->t.daddr[i]);
+			ad = csum_add(ad, nd[i]);
+		}
 	} else {
-		__u32 off = ETH_HLEN_ + (dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
-		__u32 old = cur[3], new = na[3];
+		ad = csum_add(csum_add(~p->t.saddr[3], ns[3]), csum_add(~p->t.daddr[3], nd[3]));
+	}
+	int ports = p->t.sport != sport || p->t.dport != dport;
+	if (ports)
+		pd = csum_add(csum_add(~(__u32)p->t.sport & 0xffff, sport), csum_add(~(__u32)p->t.dport & 0xffff, dport));
+	if (ad && bpf_l4_csum_replace(skb, coff, 0, ad, BPF_F_PSEUDO_HDR | mangled) < 0)
+		return -1;
+	if (pd && bpf_l4_csum_replace(skb, coff, 0, pd, mangled) < 0)
+		return -1;
 
-		if (bpf_l4_csum_replace(skb, coff, old, new, BPF_F_PSEUDO_HDR | mangled | 4) < 0)
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	/* (parse() put L4 right after a fixed-size IP header: a constant offset for the verifier) */
+	__u16 *l4 = data + (p->v6 ? ETH_HLEN_ + sizeof(struct ipv6hdr) : ETH_HLEN_ + sizeof(struct iphdr));
+
+	if ((void *)(l4 + 2) > end)
+		return -1;
+	if (p->v6) {
+		struct ipv6hdr *ip6 = data + ETH_HLEN_;
+
+		if ((void *)(ip6 + 1) > end)
 			return -1;
-		if (bpf_l3_csum_replace(skb, ETH_HLEN_ + offsetof(struct iphdr, check), old, new, 4) < 0)
+		__builtin_memcpy(ip6->saddr.in6_u.u6_addr32, ns, 16);
+		__builtin_memcpy(ip6->daddr.in6_u.u6_addr32, nd, 16);
+	} else {
+		struct iphdr *ip = data + ETH_HLEN_;
+
+		if ((void *)(ip + 1) > end)
 			return -1;
-		if (bpf_skb_store_bytes(skb, off, &new, 4, 0) < 0)
-			return -1;
+		ip->saddr = ns[3];
+		ip->daddr = nd[3];
+		/* csum_replace_by_diff: fold(~check + diff), complemented. */
+		ip->check = ~csum_fold32(csum_add(~(__u32)ip->check & 0xffff, ad));
 	}
-	if (old_port != port) {
-		if (bpf_l4_csum_replace(skb, coff, old_port, port, mangled | 2) < 0)
-			return -1;
-		if (bpf_skb_store_bytes(skb, p->l4 + (dst ? 2 : 0), &port, 2, 0) < 0)
-			return -1;
-	}
-	__builtin_memcpy(cur, na, sizeof(na));
-	if (dst)
-		p->t.dport = port;
-	else
-		p->t.sport = port;
+	l4[0] = sport;
+	l4[1] = dport;
+	__builtin_memcpy(p->t.saddr, ns, 16);
+	__builtin_memcpy(p->t.daddr, nd, 16);
+	p->t.sport = sport;
+	p->t.dport = dport;
+	return 0;
+}
+
+/* Set the packet's destination and source MACs. 0 or -1. */
+static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dmac, const __u8 *smac)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	__builtin_memcpy(eth->h_dest, dmac, 6);
+	if (smac)
+		__builtin_memcpy(eth->h_source, smac, 6);
 	return 0;
 }
 
@@ -227,7 +296,7 @@ static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt 
 	}
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) < 0 || bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0) < 0)
+		if (set_macs(skb, fib.dmac, fib.smac) < 0)
 			return TC_ACT_SHOT;
 		return bpf_redirect(fib.ifindex, 0);
 	}
@@ -276,14 +345,18 @@ static __always_inline void wildcard(__u32 *addr, int v6)
 	addr[3] = 0;
 }
 
-/* Does backend_id still sit in slot ``slot`` of the flow's frontend? (The agent keeps a surviving
- * backend in its slot, so a flow keeps its backend through a backend-set change until it is removed.) */
+/* Does backend_id still sit in slot ``slot`` of the flow's frontend (the same frontend: its rev_nat_id)?
+ * The agent keeps a surviving backend in its slot, so a flow keeps its backend through a backend-set
+ * change until it is removed. Only the slot is read, not the master: the agent trims the slots past a
+ * shrunk frontend's count right after writing the master, and deletes a removed frontend's slots right
+ * after its master, so a slot past the count outlives it only for the moment between two map writes. */
 static __always_inline int ct_backend_holds(const struct pkt *p, const struct lb_ct_val *ct)
 {
 	struct lb_svc_key key = {};
 	struct lb_svc_val *s;
-	__u16 count;
 
+	if (ct->slot == 0)
+		return 0;
 	if (ct->flags & LB_CT_F_NODEPORT)
 		wildcard(key.addr, p->v6);
 	else
@@ -291,61 +364,70 @@ static __always_inline int ct_backend_holds(const struct pkt *p, const struct lb
 	key.dport = p->t.dport;
 	key.proto = p->t.proto;
 	key.scope = LB_SCOPE_EXTERNAL;
-	s = lb_services_v1.lookup(&key);
-	if (!s || s->rev_nat_id != ct->rev_nat_id)
-		return 0;
-	count = s->count;
-	if (ct->slot == 0 || ct->slot > count)
-		return 0;
 	key.slot = ct->slot;
 	s = lb_services_v1.lookup(&key);
-	return s && s->backend_id == ct->backend_id;
+	return s && s->backend_id == ct->backend_id && s->rev_nat_id == ct->rev_nat_id;
 }
 
 /* DNAT (and SNAT) a client's packet by its flow's entry, and send it to the backend. */
 static __always_inline int forward(struct __sk_buff *skb, struct pkt *p, const struct lb_ct_val *ct)
 {
-	if (rewrite(skb, p, 1, ct->backend, ct->backend_port) < 0)
-		return TC_ACT_SHOT;
-	if ((ct->flags & LB_CT_F_SNAT) && rewrite(skb, p, 0, ct->nat_addr, ct->nat_port) < 0)
+	const __u32 *saddr = p->t.saddr;
+	__u16 sport = p->t.sport;
+
+	if (ct->flags & LB_CT_F_SNAT) {
+		saddr = ct->nat_addr;
+		sport = ct->nat_port;
+	}
+	if (xlate(skb, p, saddr, sport, ct->backend, ct->backend_port) < 0)
 		return TC_ACT_SHOT;
 	if (ct->flags & LB_CT_F_LOCAL) {
-		/* Straight into the pod: its MAC from lb_endpoints, out of its host veth. */
-		if (bpf_skb_store_bytes(skb, 0, (void *)ct->mac, 6, 0) < 0)
+		/* Straight into the pod: its MAC from lb_endpoints, and into the ingress of the pod's end of
+		 * its veth pair (bpf_redirect_peer: no pass through the host veth's transmit and the backlog
+		 * queue; the program runs at tcx ingress, where the helper is allowed). */
+		if (set_macs(skb, ct->mac, 0) < 0)
 			return TC_ACT_SHOT;
-		return bpf_redirect(ct->ifindex_out, 0);
+		return bpf_redirect_peer(ct->ifindex_out, 0);
 	}
 	return redirect_fib(skb, p, 0);
 }
 
-static __always_inline void note_tcp(struct pkt *p, __u16 *flags)
+/* A TCP FIN or RST: the flow is closing. */
+static __always_inline int closes(const struct pkt *p)
 {
-	if (p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
-		*flags |= LB_CT_F_CLOSING;
+	return p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST));
 }
 
-/* A backend's reply to a translated flow: source back to the frontend, destination back to the client. */
+/* A backend's reply to a translated flow: source back to the frontend, destination back to the client.
+ * The flow's entries are written only when something changes: its first reply (REPLIED), a FIN or RST
+ * (CLOSING, and the time the flow closed, which masquerade-port reuse goes by), or when their stamp is
+ * older than CT_REFRESH_NS; not on every packet (a write per packet makes the entries' cache lines
+ * travel between the CPUs handling the two directions). */
 static __always_inline int reply(struct __sk_buff *skb, struct pkt *p, struct lb_nat_val *nv)
 {
 	__u64 now = bpf_ktime_get_boot_ns();
 	struct lb_ct_tuple orig = {};
 	struct lb_ct_val *ct;
 	__u32 ifindex_in = nv->ifindex_in;
+	__u16 nflags = nv->flags;
+	int fin = closes(p);
 
-	nv->last_ns = now;
-	note_tcp(p, &nv->flags);
 	__builtin_memcpy(orig.saddr, nv->client, 16);
 	__builtin_memcpy(orig.daddr, nv->frontend, 16);
 	orig.sport = nv->client_port;
 	orig.dport = nv->frontend_port;
 	orig.proto = p->t.proto;
-	ct = lb_ct_v1.lookup(&orig);
-	if (ct) {
-		ct->flags |= LB_CT_F_REPLIED; /* a reply refreshes the flow, as it does a conntrack entry */
-		note_tcp(p, &ct->flags);
-		ct->last_ns = now;
+	if (fin || !(nflags & LB_CT_F_REPLIED) || age(now, nv->last_ns) > CT_REFRESH_NS) {
+		nv->last_ns = now;
+		nv->flags = nflags | LB_CT_F_REPLIED | (fin ? LB_CT_F_CLOSING : 0);
+		ct = lb_ct_v1.lookup(&orig);
+		if (ct) {
+			/* a reply refreshes the flow, as it does a conntrack entry */
+			ct->flags |= LB_CT_F_REPLIED | (fin ? LB_CT_F_CLOSING : 0);
+			ct->last_ns = now;
+		}
 	}
-	if (rewrite(skb, p, 0, orig.daddr, orig.dport) < 0 || rewrite(skb, p, 1, orig.saddr, orig.sport) < 0)
+	if (xlate(skb, p, orig.daddr, orig.dport, orig.saddr, orig.sport) < 0)
 		return TC_ACT_SHOT;
 	return redirect_fib(skb, p, ifindex_in);
 }
@@ -546,6 +628,7 @@ static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct
 				       struct lb_ct_tuple *orig)
 {
 	struct lb_ct_val *ct;
+	__u64 closed = old->last_ns;
 
 	__builtin_memcpy(orig->saddr, old->client, 16);
 	__builtin_memcpy(orig->daddr, old->frontend, 16);
@@ -557,19 +640,35 @@ static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct
 	    addr_eq(ct->backend, r->saddr) && ct->backend_port == r->sport) {
 		int closing = (ct->flags | old->flags) & LB_CT_F_CLOSING;
 
+		if (ct->last_ns > closed)
+			closed = ct->last_ns;
 		if (ct_live(r->proto, ct->flags, ct->created_ns, ct->last_ns, now) &&
-		    !(syn && r->proto == IPPROTO_TCP && closing))
+		    !(syn && r->proto == IPPROTO_TCP && closing && age(now, closed) >= NAT_REUSE_AFTER_NS))
 			return 0;
 		lb_ct_v1.delete(orig);
 		return 1;
 	}
 	/* No client-side entry for this port any more: only replies in flight still use it. */
-	return syn || !ct_live(r->proto, old->flags, old->last_ns, old->last_ns, now);
+	return (syn && age(now, closed) >= NAT_REUSE_AFTER_NS) || !ct_live(r->proto, old->flags, closed, closed, now);
+}
+
+/* May a new flow's reply tuple *r use its port: not a NodePort frontend, no local socket on it? */
+static __always_inline int port_usable(struct __sk_buff *skb, const struct lb_ct_tuple *r, struct lb_svc_key *npk,
+				       int v6)
+{
+	npk->dport = r->dport;
+	if (lb_services_v1.lookup(npk))
+		return 0; /* a NodePort (outside the default range, but the range is the cluster's choice) */
+	return !port_owned_locally(skb, r, v6);
 }
 
 /* Claim a masquerade port for the reply tuple *r (daddr = the masquerade address): writes r->dport
- * and the lb_nat entry. A port held by a flow that is over is taken over (nat_reclaim). 0, or -1 if
- * every try was taken.
+ * and the lb_nat entry. A free port is taken at once; after half the tries, so is the best port held
+ * by a flow that closed at least NAT_REUSE_AT_ONCE_NS ago (a sustained connection rate keeps every port
+ * held by closed flows, the datapath frees none: the tries then stop early rather than look at all
+ * NAT_TRIES ports for every SYN);
+ * when every try is held, the port of the flow among them that closed longest ago is taken over, if its
+ * flow is over (nat_reclaim), else the last one tried, if its flow is over. 0, or -1.
  * Two CPUs taking over the same dead port in the same instant would share it; with a random pick
  * among thousands of ports that is left as a (documented) race rather than locked against. */
 static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *r, struct lb_nat_val *nv, int v6,
@@ -583,7 +682,8 @@ static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *
 	if (!sc)
 		return -1;
 	struct lb_ct_tuple *orig = &sc->orig;
-	__u16 taken = 0;
+	__u16 taken = 0, best = 0;
+	__u64 best_age = 0;
 
 	__builtin_memset(npk, 0, sizeof(*npk));
 	wildcard(npk->addr, v6);
@@ -592,23 +692,35 @@ static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *
 #pragma unroll
 	for (int i = 0; i < NAT_TRIES; i++) {
 		__u16 port = NAT_PORT_MIN + bpf_get_prandom_u32() % (NAT_PORT_MAX - NAT_PORT_MIN + 1);
+		struct lb_nat_val *o;
 
 		r->dport = bpf_htons(port);
-		npk->dport = r->dport;
-		if (lb_services_v1.lookup(npk))
-			continue; /* a NodePort (outside the default range, but the range is the cluster's choice) */
-		if (port_owned_locally(skb, r, v6))
+		o = lb_nat_v1.lookup(r);
+		if (o) {
+			__u64 a = age(now, o->last_ns);
+
+			taken = r->dport;
+			if ((o->flags & LB_CT_F_CLOSING) && (!best || a > best_age)) {
+				best = r->dport;
+				best_age = a;
+				if (i >= NAT_TRIES / 2 - 1 && a >= NAT_REUSE_AT_ONCE_NS)
+					break; /* closed long enough ago: no need to look further */
+			}
+			continue;
+		}
+		if (!port_usable(skb, r, npk, v6))
 			continue;
 		if (lb_nat_v1.insert(r, nv) == 0)
 			return 0;
-		taken = r->dport;
+		taken = r->dport; /* another CPU took it in the meantime */
 	}
-	/* Every try held by another flow: take over the last one if its flow is over. */
+	if (best && best_age >= NAT_REUSE_AFTER_NS)
+		taken = best;
 	if (!taken)
 		return -1;
 	r->dport = taken;
 	struct lb_nat_val *old = lb_nat_v1.lookup(r);
-	if (old && nat_reclaim(r, old, syn, now, orig) && lb_nat_v1.update(r, nv) == 0)
+	if (old && nat_reclaim(r, old, syn, now, orig) && port_usable(skb, r, npk, v6) && lb_nat_v1.update(r, nv) == 0)
 		return 0;
 	return -1;
 }
@@ -797,13 +909,38 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		r.dport = p->t.sport;
 		lb_nat_v1.update(&r, nv);
 	}
-	note_tcp(p, &ct.flags);
+	if (closes(p))
+		ct.flags |= LB_CT_F_CLOSING;
 	lb_ct_v1.update(&p->t, &ct);
 	return forward(skb, p, &ct);
 }
 
 /* ---- entry points ---------------------------------------------------------------------------------- */
 
+/* A client's FIN or RST: the flow is closing. Its masquerade entry learns it too, with the time, which
+ * decides when the port may go to a new flow (nat_reclaim). */
+static __always_inline void flow_closes(struct pkt *p, struct lb_ct_val *ct, __u64 now)
+{
+	struct lb_ct_tuple r = {};
+	struct lb_nat_val *nv;
+
+	ct->flags |= LB_CT_F_CLOSING;
+	ct->last_ns = now;
+	reply_tuple(&r, &p->t, ct);
+	nv = lb_nat_v1.lookup(&r);
+	if (nv) {
+		nv->flags |= LB_CT_F_CLOSING;
+		nv->last_ns = now;
+	}
+}
+
+/*
+ * Per packet of an established flow from a client: one lb_ct lookup, one lb_services lookup (is the
+ * backend still in its slot?), the rewrite, and the redirect; the entry is written only on a FIN or RST
+ * or when its stamp is older than CT_REFRESH_NS. lb_nat is looked up first only for a packet whose
+ * destination port is a masquerade port: a remote backend's reply to a masqueraded flow (replies to
+ * flows that are not masqueraded never come back through this node's external devices).
+ */
 int bpflb_tc_ext(struct __sk_buff *skb)
 {
 	struct pkt p = {};
@@ -812,20 +949,26 @@ int bpflb_tc_ext(struct __sk_buff *skb)
 
 	if (parse(skb, &p) < 0)
 		return TC_ACT_OK;
-	/* A remote backend's reply to a masqueraded flow. */
-	nv = lb_nat_v1.lookup(&p.t);
-	if (nv)
-		return reply(skb, &p, nv);
+	__u16 dport = bpf_ntohs(p.t.dport);
+	if (dport >= NAT_PORT_MIN && dport <= NAT_PORT_MAX) {
+		/* A remote backend's reply to a masqueraded flow? */
+		nv = lb_nat_v1.lookup(&p.t);
+		if (nv)
+			return reply(skb, &p, nv);
+	}
 
 	__u64 now = bpf_ktime_get_boot_ns();
 	ct = lb_ct_v1.lookup(&p.t);
 	if (ct) {
 		int syn = p.t.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+		__u16 flags = ct->flags;
 
-		if (ct_live(p.t.proto, ct->flags, ct->created_ns, ct->last_ns, now) &&
-		    !(syn && (ct->flags & LB_CT_F_CLOSING)) && ct_backend_holds(&p, ct)) {
-			ct->last_ns = now;
-			note_tcp(&p, &ct->flags);
+		if (ct_live(p.t.proto, flags, ct->created_ns, ct->last_ns, now) && !(syn && (flags & LB_CT_F_CLOSING)) &&
+		    ct_backend_holds(&p, ct)) {
+			if (closes(&p))
+				flow_closes(&p, ct, now);
+			else if (age(now, ct->last_ns) > CT_REFRESH_NS)
+				ct->last_ns = now;
 			struct lb_ct_val c = *ct;
 			return forward(skb, &p, &c);
 		}

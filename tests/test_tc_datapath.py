@@ -40,8 +40,9 @@ from lb.maps.endpoints import PinnedEndpointMap
 from lb.maps.nodeaddrs import PinnedNodeAddrs
 from lb.maps.services import Master, PinnedServiceMaps
 from lb.maps.srcranges import PinnedSourceRanges
-from lb.maps.structs import (CT_MAP, EXT_AFFINITY_MAP, NAT_MAP, SCOPE_EXTERNAL, SVC_F_AFFINITY, SVC_F_DROP_EMPTY,
-                             SVC_F_NODEPORT, SVC_F_SNAT, SVC_F_SRC_RANGES, CtTuple, CtVal, NatVal, packer)
+from lb.maps.addr import pack_ip
+from lb.maps.structs import (CT_F_CLOSING, CT_F_SNAT, CT_MAP, EXT_AFFINITY_MAP, NAT_MAP, SCOPE_EXTERNAL,
+                             SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_NODEPORT, SVC_F_SNAT, SVC_F_SRC_RANGES, CtTuple, CtVal, NatVal, packer)
 from lb.model import TCP, UDP, Backend, Frontend
 from lb.settings import MapSizes, Paths
 
@@ -630,6 +631,36 @@ def test_many_short_connections_to_a_remote_backend_through_a_masqueraded_nodepo
     ports = {r["reply_to"] for r in nat_rows(tcbed.bpf_root) if r["masquerade"]}
     assert len(ports) > 3000  # the range was (nearly) full: ports were taken over, not merely free
     assert tcbed.ask(NODE1_4, NODEPORT) == ("pod2", NODE1_4)
+
+
+def test_a_masquerade_port_goes_to_a_new_flow_only_a_while_after_its_flow_closed(tcbed, maps):
+    """Every masquerade port towards pod2 is held by a flow that closed (FIN or RST seen) a moment ago;
+    their stamps are set ahead, so they stay "a moment ago" while the test dials. A new SYN must not take
+    one of them: the old flow's last segments (its RST, handled on another CPU) may still be on their way
+    to the backend, and a SYN on the same tuple overtaking them meets the old socket there (a FIN_WAIT2
+    socket answers with a RST: under a sustained connection rate a whole bench round once failed with
+    ECONNREFUSED). Taken at once, as before, the connection succeeded here. Once they closed long enough
+    ago, they are taken over and the connection succeeds."""
+    program(maps, nodeport(), 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    ahead = time.clock_gettime_ns(time.CLOCK_BOOTTIME) + 4_000_000_000
+    fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, NAT_MAP))
+    try:
+        for port in range(61000, 65536):
+            key = CtTuple.from_buffer_copy(pack_ip(POD2_4) + pack_ip(NODE1_4) +
+                                           struct.pack("=HHB3x", socket.htons(PORT), socket.htons(port), 6))
+            val = NatVal(client_port=socket.htons(port), frontend_port=socket.htons(NODEPORT),
+                         flags=CT_F_SNAT | CT_F_CLOSING, rev_nat_id=1, last_ns=ahead)
+            ctypes.memmove(val.client, pack_ip("10.99.0.1"), 16)
+            ctypes.memmove(val.frontend, pack_ip(NODE1_4), 16)
+            bpfsys.update(fd, bytes(key), bytes(val))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):  # every SYN dropped (timeout): no port to give
+        tcbed.ask(NODE1_4, NODEPORT, timeout=1.5)
+    wait_for(lambda: time.clock_gettime_ns(time.CLOCK_BOOTTIME) > ahead + 20_000_000, timeout=10)
+    assert tcbed.ask(NODE1_4, NODEPORT) == ("pod2", NODE1_4)
+    rows = nat_rows(tcbed.bpf_root)
+    assert len(rows) == 4536 and len([r for r in rows if r["client"].startswith(CLIENT4 + ":")]) == 1
 
 
 # ---- LoadBalancer IP, ExternalIP ------------------------------------------------------------------
