@@ -38,8 +38,9 @@ log = logging.getLogger("bpflb.agent")
 class PinnedNorthSouth:
     """The tc datapath's side of a sync (issue 10): lb/maps/nodeaddrs.py, lb/maps/srcranges.py and the
     tc links (lb/datapath.py). The tc programs are compiled and pinned by their own short-lived child
-    (started with the socket programs' child, so both compiles overlap, and with the first sync); every
-    method here waits for it first, then only adopts what it pinned: bcc never enters the agent."""
+    (started with the socket programs' child, at a lower CPU priority: the socket programs and the first
+    sync come first). The maps written here are the agent's own (lb/maps/pinned.create_shared_maps);
+    attaching waits for the child, then only adopts what it pinned: bcc never enters the agent."""
 
     def __init__(self, settings: Settings, child=None, on_fatal: Callable[[Exception], None] = lambda e: None) -> None:
         from .maps.nodeaddrs import PinnedNodeAddrs
@@ -66,7 +67,6 @@ class PinnedNorthSouth:
                     raise
 
     def write_node_addrs(self, local: set[str], remote: set[str]) -> None:
-        self.ready()
         m = self.node_addrs(self.settings.paths.bpf_root)
         try:
             m.replace(local, remote)
@@ -75,7 +75,6 @@ class PinnedNorthSouth:
         datapath.write_device_addrs(self.settings.paths)  # the masquerade source of each device
 
     def write_src_ranges(self, ranges: dict[int, tuple[str, ...]]) -> None:
-        self.ready()
         m = self.src_ranges(self.settings.paths.bpf_root)
         try:
             m.replace(ranges)
@@ -109,7 +108,8 @@ class Agent:
         self.attaching = self.attaching_tc = None  # the children loading the programs (start_datapath)
         self.fatal: Exception | None = None  # why the agent stops (fatal_error), raised by run()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.datapath_task: asyncio.Task | None = None
+        self.datapath_task: asyncio.Task | None = None  # both children done
+        self.sockets_task: asyncio.Task | None = None  # the socket programs' child done
 
     def changed(self) -> None:
         """The tracker recorded a change: health counts it as pending, the runner is woken."""
@@ -151,7 +151,7 @@ class Agent:
         create_shared_maps(s.paths.bpf_root, s.maps)
         self.attaching = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack)
         self.attaching_tc = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack,
-                                                        tc_only=True)  # devices: attached ones stay until the sync
+                                                        tc_only=True, nice=10)  # devices: attached stay until the sync
 
     def use_maps(self, reconciler: Reconciler, north_south: NorthSouth | None = None, interfaces=None,
                  attached=None) -> None:
@@ -162,13 +162,18 @@ class Agent:
         self.syncer = Syncer(self.settings, self.tracker, reconciler, self.metrics, self.health, self.clock, self.wall,
                              north_south=north_south, attached=attached, **extra)
 
-    async def finish_datapath(self, north_south: PinnedNorthSouth) -> None:
-        """Both programs are loaded and pinned, the socket ones attached (or DatapathError: the agent
-        stops). The CNI server waits for this too: its pod veths get the pinned tc program."""
+    async def finish_sockets(self) -> None:
+        """The socket programs are attached (or DatapathError)."""
         await asyncio.to_thread(datapath.finish_attach_child, self.attaching)
-        await asyncio.to_thread(north_south.ready)
         s = self.settings
         log.info("datapath attached to %s, maps pinned under %s", s.paths.cgroup_root, s.paths.bpf_root)
+
+    async def finish_datapath(self, north_south: PinnedNorthSouth) -> None:
+        """Both programs are loaded and pinned, the socket ones attached (or DatapathError: the agent
+        stops). The CNI server waits for this: its pod veths get the pinned tc program."""
+        await self.sockets_task
+        await asyncio.to_thread(north_south.ready)
+        log.info("tc programs loaded and pinned")
 
     def fatal_error(self, e: Exception) -> None:
         """A part of the datapath strict mode requires failed after start: stop, and run() raises it."""
@@ -183,6 +188,12 @@ class Agent:
         """Both programs are loaded, the socket ones attached (finish_datapath)."""
         if self.datapath_task is not None:
             await asyncio.shield(self.datapath_task)
+
+    async def sockets_ready(self) -> None:
+        """The socket programs are attached: a sync of the service maps is then in effect. (tc attaching
+        waits for its own child: PinnedNorthSouth.attach.)"""
+        if self.sockets_task is not None:
+            await asyncio.shield(self.sockets_task)
 
     # ---- tasks -------------------------------------------------------------------------------
     async def sync(self, full: bool) -> None:
@@ -221,11 +232,12 @@ class Agent:
                 self.start_datapath()
             s = self.settings
             north_south = PinnedNorthSouth(s, self.attaching_tc, on_fatal=self.fatal_error)
+            self.sockets_task = asyncio.create_task(self.finish_sockets(), name="datapath:sockets")
             self.datapath_task = asyncio.create_task(self.finish_datapath(north_south), name="datapath")
             # The first sync writes the service maps while the child compiles; it counts as done (ready,
             # "initial sync complete") only once the programs are attached.
             self.use_maps(Reconciler(PinnedServiceMaps(s.paths.bpf_root), revnat_limit=s.maps.revnat), north_south,
-                          attached=self.datapath_ready)
+                          attached=self.sockets_ready)
         http = HttpServer(self.health, self.metrics)
         for what, addr in (("healthz", self.settings.healthz_bind), ("metrics", self.settings.metrics_bind)):
             if addr:

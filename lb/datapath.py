@@ -628,12 +628,13 @@ def tc_adoptable(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = C
 
 def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True,
                        conntrack: ConntrackSettings = ConntrackSettings(),
-                       devices: list[str] | None = None, tc_only: bool = False) -> subprocess.Popen:
+                       devices: list[str] | None = None, tc_only: bool = False, nice: int = 0) -> subprocess.Popen:
     """attach() in a short-lived child process. bcc and LLVM stay resident once loaded (~130 MB
     measured); the agent only needs the pinned maps and links, so it never imports them. The agent
     reads its sources while the child compiles (0.7 s here). ``devices`` (not None): attach_tc too;
     ``tc_only``: attach_tc alone (the agent runs it beside the socket programs' child, so the two
-    compiles overlap and the tc one is not on the way to the first sync)."""
+    compiles overlap and the tc one is not on the way to the first sync); ``nice``: its CPU priority below
+    the agent's."""
     import json
     import sys
     from dataclasses import asdict
@@ -641,7 +642,7 @@ def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True,
     args = json.dumps({"paths": asdict(paths), "sizes": asdict(sizes), "strict": strict,
                        "conntrack": asdict(conntrack), "devices": devices, "tc_only": tc_only})
     return subprocess.Popen([sys.executable, "-m", "lb.datapath", args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
 
 def finish_attach_child(proc: subprocess.Popen) -> list[str]:
