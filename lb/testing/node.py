@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -86,6 +87,7 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "k
 HOST_PATHS = (Path("/var/log/containers"), Path("/var/log/pods"), Path("/run/containerd"), BPFLB_RUN, BPFLB_STATE,
               Path("/var/lib/rancher"), Path("/run/xtables.lock"))
 BASE_DIR = Path("/var/tmp/bpflb-node")
+LOCK_FILE = BASE_DIR / ".lock"
 
 
 class NodeError(RuntimeError):
@@ -141,6 +143,7 @@ def bpflb_image() -> tuple[str, Path]:
     tar = ROOT / "build" / f"bpflb-{version}.tar"
     sources = [ROOT / "Containerfile", ROOT / "pyproject.toml", ROOT / "scripts" / "build-image.sh",
                *(ROOT / "lb").rglob("*.py"), *(ROOT / "lb").rglob("*.c"), *(ROOT / "bpf").rglob("*")]
+    sources = [p for p in sources if "testing" not in p.relative_to(ROOT).parts]  # test beds: not the agent's
     if not tar.exists() or max(p.stat().st_mtime for p in sources if p.is_file()) > tar.stat().st_mtime:
         subprocess.run([str(ROOT / "scripts" / "build-image.sh"), str(tar)], check=True)
     return f"localhost/bpflb:{version}", tar
@@ -294,6 +297,19 @@ class Node:
         self._logs: list[IO] = []
         self.bin: dict[str, str] = {}
         self.api_url = f"https://{self.node_ip}:{self.api_port}"
+        self._lock_fd: int | None = None
+
+    def _lock(self) -> None:
+        """One node at a time on a machine: the DaemonSet's host paths (/sys/fs/bpf/bpflb, the CNI
+        directories, /run/bpflb) and the cgroup2 root its programs attach to are the machine's."""
+        BASE_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NodeError(f"another node holds {LOCK_FILE}: one node at a time on a machine") from None
+        self._lock_fd = fd
 
     # ---- paths ---------------------------------------------------------------------------------------
     @property
@@ -340,8 +356,13 @@ class Node:
             name, tar = bpflb_image()
             self.images[name] = str(tar)
             self.bpflb_image = name
+        self._lock()
         with self._step("sweep"):
-            sweep(self.name)
+            for stale in sorted(BASE_DIR.iterdir()) if BASE_DIR.exists() else ():
+                if stale.is_dir():  # holding the lock: every node directory is a killed run's
+                    left = sweep(stale.name)
+                    if left:
+                        raise NodeError(f"leftovers of a previous node {stale.name} could not be removed: {left}")
         self.dir.mkdir(parents=True)
         self._record_host()
         with self._step("network namespaces"):
@@ -382,6 +403,8 @@ class Node:
 
     def stop(self) -> None:
         """Remove everything start() made; safe after a failed start and more than once."""
+        if self._lock_fd is None:
+            return  # never started, or stopped already (or another node holds the machine)
         try:
             for p in self.procs.values():
                 with contextlib.suppress(OSError):
@@ -392,6 +415,9 @@ class Node:
             self._logs.clear()
             left = sweep(self.name)
             self.procs.clear()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             if left:
                 raise NodeError(f"node {self.name}: left behind: {left}")
 
