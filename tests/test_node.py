@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from lb.settings import default_cgroup_root
 from lb.testing import node as nodemod
 from lb.testing.node import AGNHOST_IMAGE, CLUSTER_DOMAIN, CNI_BIN_DIR, CNI_CONF_DIR, Node
 
@@ -33,6 +35,9 @@ def machine_state() -> dict:
         "cni": [str(p) for p in (CNI_BIN_DIR, CNI_CONF_DIR) if p.exists()],
         "bpffs": nodemod._propagation("/sys/fs/bpf"),
         "host_paths": [str(p) for p in nodemod.HOST_PATHS if p.exists()],
+        # bpflb's socket programs attach to the cgroup2 root: detached again once its pins are gone
+        "root_cgroup_progs": subprocess.run(["bpftool", "cgroup", "show", default_cgroup_root()],
+                                            capture_output=True, text=True).stdout,
     }
 
 
