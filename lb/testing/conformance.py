@@ -50,7 +50,7 @@ def read_junit(path: Path) -> list[Case]:
     counted too when they fail: a failed BeforeSuite fails every spec)."""
     cases = []
     for tc in ET.parse(path).getroot().iter("testcase"):
-        name = tc.get("name", "")
+        name = tc.get("name", "").removeprefix("[It] ")  # a spec: "[It] [sig-network] ..."; suite nodes: "[...Suite]"
         status = tc.get("status") or ("failed" if tc.find("failure") is not None or tc.find("error") is not None
                                       else "skipped" if tc.find("skipped") is not None else "passed")
         if status == "skipped" or (not name.startswith("[sig-") and status == "passed"):
@@ -85,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default=SKIP)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--timeout", type=float, default=3 * 3600)
+    ap.add_argument("--report-only", action="store_true", help="count an existing JUnit report; start nothing")
     ap.add_argument("--keep-node", action="store_true", help="leave the node up after the run, until Ctrl-C")
     args = ap.parse_args(argv)
+    if args.report_only:
+        return report(args.results, 0)
     t0 = time.monotonic()
     node = Node(verbose=True)
     with node:
@@ -105,16 +108,21 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 pass
-    junit = sorted(args.results.glob("junit*.xml"))
+    print(f"node start {started:.0f} s, e2e {ran:.0f} s")
+    return report(args.results, rc)
+
+
+def report(results: Path, rc: int) -> int:
+    junit = sorted(results.glob("junit*.xml"))
     if not junit:
-        print(f"e2e.test wrote no JUnit report (exit {rc}); see {args.results / 'e2e.log'}")
+        print(f"e2e.test wrote no JUnit report (exit {rc}); see {results / 'e2e.log'}")
         return 1
     cases = [c for j in junit for c in read_junit(j)]
     passed = [c for c in cases if c.status == "passed"]
     failed = [c for c in cases if c.status != "passed"]
     for c in failed:
         print(f"FAILED {c.name}\n    {c.message.splitlines()[0] if c.message else ''}")
-    print(f"node start {started:.0f} s, e2e {ran:.0f} s; JUnit: {', '.join(map(str, junit))}")
+    print(f"JUnit: {', '.join(map(str, junit))}")
     print(f"{len(passed)} passed, {len(failed)} failed")
     return 0 if not failed and rc == 0 else 1
 
