@@ -25,9 +25,14 @@ NAME = "bpflb-node-test"
 
 def machine_state() -> dict:
     """What the node may touch on the host, as comparable values."""
-    mounts = sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    # Other sessions make and remove their own namespaces and mounts meanwhile: compare what could be ours.
+    ours = (str(nodemod.BASE_DIR), "/run/netns/cni-", f"/run/netns/{NAME}", "/var/lib/rancher", "/run/containerd",
+            str(nodemod.BPF_PINS), "/var/lib/kubelet", "/var/log/pods")
+    mounts = sorted(m for m in (line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+                    if m.startswith(ours))
+    netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
     return {
-        "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
+        "netns": sorted(n for n in netns if n.startswith((NAME, "cni-"))),
         "mounts": mounts,
         "sysctls": {k: nodemod._read_sysctl(k) for k in nodemod.KUBELET_SYSCTLS},
         "cgroups": [str(d) for d in nodemod._cgroup_dirs(NAME) if d.exists()],
