@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="count an existing JUnit report; start nothing")
     ap.add_argument("--keep-node", action="store_true", help="leave the node up after the run, until Ctrl-C")
     args = ap.parse_args(argv)
+    args.results = args.results.resolve()  # e2e.test runs in it (its own relative paths land there)
     if args.report_only:
         return report(args.results, 0)
     t0 = time.monotonic()

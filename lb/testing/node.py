@@ -101,20 +101,15 @@ def _env_file(path: Path) -> dict[str, str]:
 
 
 def node_binaries() -> dict[str, str]:
-    """components.env with the node's binaries (scripts/build-components.sh --node), built if missing.
-    BPFLB_NODE_BIN_DIR=<dir> takes kubelet, kube-controller-manager, ... from a directory instead."""
+    """components.env with the node's binaries (scripts/build-components.sh --node), built if missing."""
+    needed = ("KUBELET", "KUBE_CONTROLLER_MANAGER", "KUBE_SCHEDULER", "AGNHOST", "E2E_TEST")
     env = components()
-    needed = {"KUBELET": "kubelet", "KUBE_CONTROLLER_MANAGER": "kube-controller-manager",
-              "KUBE_SCHEDULER": "kube-scheduler", "AGNHOST": "agnhost", "E2E_TEST": "e2e.test"}
-    override = os.environ.get("BPFLB_NODE_BIN_DIR")
-    if override:
-        for key, name in needed.items():
-            if (Path(override) / name).exists():
-                env[key] = str(Path(override) / name)
-    if any(k not in env for k in needed if k != "E2E_TEST"):
+    if any(k not in env for k in needed):
         subprocess.run([str(ROOT / "scripts" / "build-components.sh"), "--node"], check=True)
-        env = {**components(), **{k: v for k, v in env.items() if k in needed}}
-        env.update(_env_file(CACHE / "components.env"))
+        env = components()
+        missing = [k for k in needed if k not in env]
+        if missing:
+            raise NodeError(f"scripts/build-components.sh --node listed no {missing} in components.env")
     return env
 
 
@@ -397,7 +392,7 @@ class Node:
             "bpffs_propagation": _propagation("/sys/fs/bpf"),
             "cni_dirs_absent": [str(p) for p in (CNI_BIN_DIR, CNI_CONF_DIR) if not p.exists()],
             "pins_absent": not BPF_PINS.exists(),
-            "bpflb_state": sorted(str(p) for p in BPFLB_STATE.rglob("*")) if BPFLB_STATE.exists() else [],
+            "bpflb_files": sorted(str(p) for d in (BPFLB_STATE, BPFLB_RUN) if d.exists() for p in d.rglob("*")),
         }
         self._record.write_text(json.dumps(found, indent=1))
 
@@ -873,10 +868,11 @@ def sweep(name: str) -> list[str]:
                 Path("/proc/sys", key).write_text(value)
         if found.get("bpffs_propagation") == "private" and _propagation("/sys/fs/bpf") != "private":
             _run(["mount", "--make-private", "/sys/fs/bpf"], check=False)
-        # Files the agent's pod and CNI made under its hostPaths: only what appeared since start.
-        before = set(found.get("bpflb_state", []))
-        if BPFLB_STATE.exists():
-            for p in sorted(BPFLB_STATE.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        # Files the agent's pod and CNI made under its hostPaths (IPAM, endpoint records, its socket, the
+        # delete queue): only what appeared since start, the directories being the machine's.
+        before = set(found.get("bpflb_files", []))
+        for d in (BPFLB_STATE, BPFLB_RUN):
+            for p in sorted(d.rglob("*") if d.exists() else (), key=lambda p: len(p.parts), reverse=True):
                 if str(p) not in before:
                     with contextlib.suppress(OSError):
                         p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -889,8 +885,6 @@ def sweep(name: str) -> list[str]:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
-        if (BPFLB_RUN / "cni.sock").exists() and str(BPFLB_RUN) not in found.get("absent", []):
-            pass  # someone else's agent may be listening there
     if d.exists():
         mounts = _mounts_under([str(d)])
         if mounts:
