@@ -68,7 +68,7 @@ def run_e2e(node: Node, focus: str, skip: str, results: Path, timeout: float) ->
     for old in results.glob("junit*.xml"):
         old.unlink()
     argv = [node.bin["E2E_TEST"], f"--kubeconfig={node.kubeconfig}", "--provider=skeleton",
-            f"--report-dir={results}", f"--ginkgo.focus={focus}", "--ginkgo.no-color", "--ginkgo.v",
+            f"--kubectl-path={node.bin['KUBECTL']}", f"--report-dir={results}", f"--ginkgo.focus={focus}", "--ginkgo.no-color", "--ginkgo.v",
             "--ginkgo.timeout=3h", "--num-nodes=1", "--dump-logs-on-failure=false",
             f"--e2e-output-dir={results}"]
     if skip:
