@@ -46,14 +46,20 @@ def machine_state() -> dict:
     }
 
 
+def bpflb_files() -> set[str]:
+    return {str(p) for d in (nodemod.BPFLB_STATE, nodemod.BPFLB_RUN) if d.exists() for p in d.rglob("*")}
+
+
 @pytest.fixture(scope="module")
 def node():
     before = machine_state()
+    files_before = bpflb_files()
     n = Node(name=NAME, node_ip="172.30.98.2", world_ip="172.30.98.1")
     t0 = time.monotonic()
     with n:
         n.start_seconds = time.monotonic() - t0
         n.machine_before = before
+        n.bpflb_files_before = files_before
         yield n
 
 
@@ -132,6 +138,11 @@ def test_stop_leaves_the_machine_as_it_was(node):
     assert not nodemod._pids_in_cgroups(nodemod._cgroup_dirs(NAME))
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_node_process(p)]
     assert not (nodemod.BASE_DIR / NAME).exists()
+    # The agent's host directories are shared with whatever else runs here: all that was there stays, and
+    # nothing of this node's (its pod addresses, its socket, its records) is left.
+    files = bpflb_files()
+    assert node.bpflb_files_before <= files
+    assert not [f for f in files - node.bpflb_files_before if "10.42." in f or f.endswith(("cni.sock", "del-queue"))]
 
 
 def _is_node_process(pid: str) -> bool:

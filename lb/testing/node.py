@@ -871,8 +871,9 @@ def sweep(name: str) -> list[str]:
         # Files the agent's pod and CNI made under its hostPaths (IPAM, endpoint records, its socket, the
         # delete queue): only what appeared since start, the directories being the machine's.
         before = set(found.get("bpflb_files", []))
-        for d in (BPFLB_STATE, BPFLB_RUN):
-            for p in sorted(d.rglob("*") if d.exists() else (), key=lambda p: len(p.parts), reverse=True):
+        for host_dir in (BPFLB_STATE, BPFLB_RUN):
+            for p in sorted(host_dir.rglob("*") if host_dir.exists() else (), key=lambda p: len(p.parts),
+                            reverse=True):
                 if str(p) not in before:
                     with contextlib.suppress(OSError):
                         p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -890,7 +891,16 @@ def sweep(name: str) -> list[str]:
         if mounts:
             left.append(f"mounts {mounts}")
         else:
-            shutil.rmtree(d, ignore_errors=True)
+            # A lazily detached overlay or a process still being torn down may hold a directory for a moment.
+            errors: list[str] = []
+            for _ in range(20):
+                errors.clear()
+                shutil.rmtree(d, onerror=lambda _f, path, exc: errors.append(f"{path}: {exc[1]}"))
+                if not d.exists():
+                    break
+                time.sleep(0.5)
+            else:
+                left.append(f"{d}: " + "; ".join(errors[:3]))
     return left
 
 
