@@ -1,4 +1,4 @@
-.PHONY: setup components demo demo-cluster test bench
+.PHONY: setup components node-components demo demo-cluster test bench conformance
 
 setup:
 	./scripts/setup.sh
@@ -12,7 +12,13 @@ demo: setup
 demo-cluster: components
 	.venv/bin/python -m lb.testing.demo_cluster
 
-test: components
+# The node's components and images (kubelet, controller-manager, scheduler, e2e.test, agnhost, CoreDNS;
+# pause, agnhost, CoreDNS, nginx images): tests/test_node*.py and tests/test_conformance.py need them.
+node-components: components
+	./scripts/build-components.sh --node
+	./scripts/build-node-images.sh
+
+test: node-components
 	.venv/bin/python -m pytest -q
 
 bench: components
@@ -22,3 +28,8 @@ bench: components
 	.venv/bin/python bench/api_sync.py
 	.venv/bin/python bench/cni_add_latency.py
 	.venv/bin/python bench/nodeport.py
+
+# A real node (kubelet, containerd, bpflb from `kubectl apply -k manifests/`, no kube-proxy) and upstream's
+# Service conformance tests against it; JUnit in results/conformance/. See README, "On a real node".
+conformance: node-components
+	.venv/bin/python -m lb.testing.conformance

@@ -38,6 +38,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from pyroute2 import IPRoute
+
 log = logging.getLogger(__name__)
 
 # pkg/proxy/iptables/proxier.go (v1.34), cleanupLeftoversForFamily: nat, filter, and the mangle canary.
@@ -185,9 +187,12 @@ def ipvs_sets() -> list[str]:
 
 
 def ipvs_device() -> bool:
-    """kube-ipvs0 exists and is a dummy (kube-proxy deletes it only then: netlink_linux.go DeleteDummyDevice)."""
-    r = _run(["ip", "-d", "-o", "link", "show", "dev", IPVS_DEVICE])
-    return r.returncode == 0 and " dummy " in r.stdout
+    """kube-ipvs0 exists and is a dummy (kube-proxy deletes it only then: netlink_linux.go DeleteDummyDevice).
+    Over netlink: the agent's image carries no iproute2."""
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifname=IPVS_DEVICE) if ipr.link_lookup(ifname=IPVS_DEVICE) else []
+    return any(link.get_attr("IFLA_LINKINFO") is not None
+               and link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_KIND") == "dummy" for link in links)
 
 
 def find() -> list[str]:
@@ -253,6 +258,8 @@ def remove() -> list[str]:
     for name in ipvs_sets():  # after iptables: a set still referenced by a rule cannot be destroyed
         if _run(["ipset", "destroy", name]).returncode == 0:
             done.append(f"ipset destroy {name}")
-    if ipvs_device() and _run(["ip", "link", "del", "dev", IPVS_DEVICE]).returncode == 0:
+    if ipvs_device():
+        with IPRoute() as ipr:
+            ipr.link("del", ifname=IPVS_DEVICE)
         done.append(f"ip link del {IPVS_DEVICE}")
     return done

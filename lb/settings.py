@@ -72,14 +72,30 @@ class ConntrackSettings:
     backend after its last datagram."""
 
 
+def cgroup2_dir(path: str) -> str:
+    """``path`` itself if it is a cgroup2 directory, else its ``unified`` subdirectory when that is one: on a
+    hybrid host (cgroup v1 controllers, cgroup2 at /sys/fs/cgroup/unified) the DaemonSet's hostPath
+    /sys/fs/cgroup is a tmpfs of v1 hierarchies, and the cgroup2 mount is below it (hostPath mounts are
+    recursive). Anything else is returned as given, for the loader to report."""
+    unified = os.path.join(path, "unified")
+    if not os.path.exists(os.path.join(path, "cgroup.controllers")) and \
+            os.path.exists(os.path.join(unified, "cgroup.controllers")):
+        return unified
+    return path
+
+
 @dataclass(frozen=True)
 class Paths:
     cgroup_root: str = field(default_factory=default_cgroup_root)
-    """--cgroup-root: cgroup2 directory the socket programs attach to (every process below it is served)."""
+    """--cgroup-root: cgroup2 directory the socket programs attach to (every process below it is served); on a
+    hybrid host the cgroup v1 tmpfs (e.g. /sys/fs/cgroup) stands for its unified/ cgroup2 mount."""
     bpf_root: str = BPF_ROOT_DEFAULT
     """--bpf-root: bpffs directory holding bpflb's pinned maps."""
     state_dir: str = "/run/bpflb"
     """--state-dir: the agent's status files for `bpflb service list` (Services refused admission)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cgroup_root", cgroup2_dir(self.cgroup_root))
 
 
 @dataclass(frozen=True)

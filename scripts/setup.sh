@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for pkg in python3-bpfcc linux-headers-amd64 python3-venv iproute2 iputils-ping bpftool iptables nftables iperf3 \
-           mmdebstrap buildah containerd; do
+           mmdebstrap buildah containerd runc containernetworking-plugins gcc libc6-dev openssl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -388,7 +388,15 @@ async def serve_for_agent(settings, tracker, stop: asyncio.Event, datapath_ready
 
     s = settings
     try:
-        peer = PeerCheck(getattr(s, "cni_node_mntns", "/proc/1/ns/mnt"))
+        try:
+            peer = PeerCheck(getattr(s, "cni_node_mntns", "/proc/1/ns/mnt"))
+        except PermissionError:
+            # A PID 1 that holds a capability no other process can have (one outside every bounding set,
+            # as on some VMs' init) cannot be inspected even with CAP_SYS_PTRACE. Under hostPID our parent
+            # is the runtime's shim (containerd-shim, conmon), which lives in the node's mount namespace.
+            peer = PeerCheck(f"/proc/{os.getppid()}/ns/mnt")
+            log.info("the CNI socket takes its parent's (pid %d) mount namespace for the node's: /proc/1 is "
+                     "not readable", os.getppid())
     except OSError as e:
         # Not the DaemonSet (no hostPID): the agent runs on the host itself (a systemd unit, the tests),
         # so its own mount namespace is the node's. In a container this refuses every caller, loudly:

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
+from . import pki
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV_FILE = Path(os.environ.get("BPFLB_CACHE", "/var/cache/bpflb")) / "components.env"
 ADMIN_TOKEN = "bpflb-admin-token"
@@ -71,10 +73,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -278,15 +276,10 @@ class ControlPlane:
     # ---- certificates and kubeconfigs ------------------------------------------------------------
     def _certs(self) -> None:
         d = self._d
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bpflb-test-ca",
-                 "-keyout", str(d / "ca.key"), "-out", str(self.ca))
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kube-apiserver", "-keyout",
-                 str(d / "apiserver.key"), "-out", str(d / "apiserver.csr"))
-        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes.default.svc\n")
-        _openssl("x509", "-req", "-in", str(d / "apiserver.csr"), "-CA", str(self.ca), "-CAkey", str(d / "ca.key"),
-                 "-CAcreateserial", "-days", "2", "-extfile", str(d / "san.ext"), "-out", str(d / "apiserver.crt"))
-        _openssl("genrsa", "-out", str(d / "sa.key"), "2048")
-        _openssl("rsa", "-in", str(d / "sa.key"), "-pubout", "-out", str(d / "sa.pub"))
+        ca = pki.CA.create(d, "bpflb-test-ca")
+        ca.issue(d, "apiserver", "kube-apiserver", ips=["127.0.0.1", "10.96.0.1"],
+                  dns=["localhost", "kubernetes.default.svc"])
+        pki.service_account_keys(d)
 
     def write_kubeconfig(self, path: Path, token: str, user: str) -> Path:
         path.write_text(f"""apiVersion: v1
