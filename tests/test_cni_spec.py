@@ -276,6 +276,27 @@ def test_an_interface_already_in_the_pod_is_an_error_and_leaks_nothing(ns):
     assert "lxc" not in links
 
 
+def test_a_second_add_of_an_attachment_is_refused_and_leaves_the_first_as_it_was(ns):
+    """ADD twice for one (container, ifname) without DEL in between (the spec forbids it; found by the fuzz
+    test): the second one, into another netns where the name is taken, is refused, and its undo must not
+    tear down the first attachment (its veth, address, record and map entry)."""
+    first, second = ns.netns(), ns.netns()
+    subprocess.run(["ip", "-n", os.path.basename(second), "link", "add", "eth0", "type", "veth", "peer", "name", "x0"],
+                   check=True)
+    sink = FakeSink()
+    rc, res = ns.call(env_for("ADD", netns=first), ns.conf(), sink)
+    assert rc == 0, res
+    edir = os.path.join(ns.data, "endpoints")
+    before = (sorted(os.listdir(edir)), IPAM(ns.data, "bpflb").reservations(), dict(sink.map),
+              subprocess.run(["ip", "-n", os.path.basename(ns.node), "-o", "link"], capture_output=True, text=True).stdout.count("lxc"))
+    for netns in (second, first):
+        rc, err = ns.call(env_for("ADD", netns=netns), ns.conf(), sink)
+        assert rc == 1 and err["code"] == 4 and "already has interface eth0" in err["msg"], err
+        after = (sorted(os.listdir(edir)), IPAM(ns.data, "bpflb").reservations(), dict(sink.map),
+                 subprocess.run(["ip", "-n", os.path.basename(ns.node), "-o", "link"], capture_output=True, text=True).stdout.count("lxc"))
+        assert after == before
+
+
 def test_a_stale_record_never_unregisters_the_addresss_next_owner(ns):
     """A DEL cut short after releasing its address left its record; the address went to another pod.
     Finishing the old DEL (or GC) must leave the new pod's map entry alone."""
