@@ -337,12 +337,13 @@ def _add(req: Request, netns_fd: int, sink: EndpointSink | None) -> dict:
     pool = req.pool
     if pool is None:
         raise CNIError(E_TRY_AGAIN, NO_POD_CIDR)
-    # ADD twice for one attachment without DEL (the spec forbids it): refused before anything is touched, so
-    # the failed ADD's undo cannot take down the first one's veth, address and record. (A record exists only
-    # once an ADD succeeded: it is written last; an ADD cut short before it is retried as usual.)
+    # ADD again for an attachment that exists in another netns, without DEL (the spec forbids it): refused
+    # before anything is touched, so the failed ADD's undo cannot take down the first one's veth, address and
+    # record. (A record exists only once an ADD succeeded: it is written last. A repeated ADD into the same
+    # netns is answered as before, idempotently.)
     for path in _records(req, req.container_id, req.ifname):
         rec = _read_record(path)
-        if rec is not None:
+        if rec is not None and rec.get("netns") != req.netns:
             raise CNIError(E_INVALID_ENV, f"container {req.container_id} already has interface {req.ifname} "
                                           f"(in {rec.get('netns', '?')}): DEL it first")
     try:
