@@ -113,3 +113,19 @@ def percentile(xs: Sequence[float], p: float) -> float:
     s = sorted(xs)
     k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
     return s[k]
+
+
+@contextlib.contextmanager
+def bpf_stats(on: bool = True) -> Iterator[None]:
+    """kernel.bpf_stats_enabled on for the block (run_time_ns / run_cnt per program), then as it was."""
+    from lb import sysctl
+
+    if not on:
+        yield
+        return
+    before = sysctl.read("kernel/bpf_stats_enabled")
+    sysctl.write("kernel/bpf_stats_enabled", "1")
+    try:
+        yield
+    finally:
+        sysctl.write("kernel/bpf_stats_enabled", before)

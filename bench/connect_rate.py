@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from benchlib import bench_bed, build_c, code_version, median, paths_of, quartiles, sigterm_exits
+from benchlib import bpf_stats, bench_bed, build_c, code_version, median, paths_of, quartiles, sigterm_exits
 from lb import datapath
 from lb.maps import bpfsys
 from lb.maps.services import PinnedServiceMaps, pack_ip
@@ -270,20 +270,6 @@ def summary(cells: list[Cell]) -> None:
 
 
 # ---- where the datapath spends its time (kernel.bpf_stats_enabled) ---------------------------------------
-
-@contextlib.contextmanager
-def bpf_stats() -> Iterator[None]:
-    path = "/proc/sys/kernel/bpf_stats_enabled"
-    with open(path) as f:
-        before = f.read().strip()
-    with open(path, "w") as f:
-        f.write("1")
-    try:
-        yield
-    finally:
-        with open(path, "w") as f:
-            f.write(before)
-
 
 def our_programs(cgroup: str) -> dict[int, str]:
     """ID -> name of the programs attached to the served cgroup (ours, by construction of the bed)."""

@@ -36,7 +36,6 @@ Network safety: every client runs in the outside netns, whose only routes are th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import ssl
@@ -48,7 +47,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchlib import build_c, code_version, median, percentile, sigterm_exits
+from benchlib import bpf_stats, build_c, code_version, median, percentile, sigterm_exits
 from lb import datapath
 from lb import netns as netns_
 from lb.maps import bpfsys
@@ -141,23 +140,6 @@ def iperf(bed: NorthSouthBed, ip: str, port: int, seconds: float) -> float:
     if "error" in doc or r.returncode != 0:
         raise RuntimeError(f"iperf3 to {ip}:{port}: {doc.get('error') or r.stderr}")
     return doc["end"]["sum_received"]["bits_per_second"] / 1e9
-
-
-@contextlib.contextmanager
-def bpf_stats(on: bool):
-    path = "/proc/sys/kernel/bpf_stats_enabled"
-    if not on:
-        yield
-        return
-    with open(path) as f:
-        before = f.read().strip()
-    with open(path, "w") as f:
-        f.write("1")
-    try:
-        yield
-    finally:
-        with open(path, "w") as f:
-            f.write(before)
 
 
 def tc_programs(bed: NorthSouthBed) -> dict[int, str]:
