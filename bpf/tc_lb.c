@@ -184,7 +184,9 @@ static __always_inline __u16 csum_fold32(__u32 s)
  * checksum takes them in two bpf_l4_csum_replace calls (the addresses as a pseudo-header change, which
  * is all a CHECKSUM_PARTIAL packet's field may take: its ports are summed by whoever finishes it), and
  * the header fields (and the IPv4 header checksum, which nothing offloads) are written directly.
- * IPv4 UDP without a checksum (0) keeps it 0. 0 or -1.
+ * IPv4 UDP without a checksum (0) keeps it 0. The packet is forwarded: its TTL (hop limit) drops by one,
+ * as the stack's forwarding would; one that arrives with 1 or 0 is dropped (the stack would also answer
+ * ICMP time exceeded, which is not sent here). 0 or -1.
  */
 static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, const __u32 *saddr, __u16 sport,
 				 const __u32 *daddr, __u16 dport)
@@ -227,6 +229,9 @@ static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, const __u
 
 		if ((void *)(ip6 + 1) > end)
 			return -1;
+		if (ip6->hop_limit <= 1)
+			return -1;
+		ip6->hop_limit--; /* forwarded, as the stack's ip6_forward would */
 		__builtin_memcpy(ip6->saddr.in6_u.u6_addr32, ns, 16);
 		__builtin_memcpy(ip6->daddr.in6_u.u6_addr32, nd, 16);
 	} else {
@@ -234,10 +239,18 @@ static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, const __u
 
 		if ((void *)(ip + 1) > end)
 			return -1;
+		if (ip->ttl <= 1)
+			return -1;
+		/* forwarded, as the stack's ip_forward would: TTL - 1, in the header checksum with the addresses
+		 * (TTL shares a 16-bit word with the protocol; the L4 pseudo-header has neither). */
+		__u16 *ttl_word = (__u16 *)&ip->ttl;
+		__u32 td = ~(__u32)*ttl_word & 0xffff;
+		ip->ttl--;
+		td = csum_add(td, *ttl_word);
 		ip->saddr = ns[3];
 		ip->daddr = nd[3];
 		/* csum_replace_by_diff: fold(~check + diff), complemented. */
-		ip->check = ~csum_fold32(csum_add(~(__u32)ip->check & 0xffff, ad));
+		ip->check = ~csum_fold32(csum_add(~(__u32)ip->check & 0xffff, csum_add(ad, td)));
 	}
 	l4[0] = sport;
 	l4[1] = dport;

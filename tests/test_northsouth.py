@@ -154,6 +154,9 @@ def test_udp_nodeport(bed):
         bed.wait(lambda: not bed.outside_udp(node_ip(n), 30104, timeout=0.5)[0].error, what=f"UDP NodePort node {n}")
         r, src = bed.outside_udp(node_ip(n), 30104)
         assert (r.server, r.client_ip, src) == (backend(bed.a), node_ip(n), f"{node_ip(n)}:30104"), (r, src)
+        # forwarded once by the node it reached (and once more by the backend's node), as routers do: the
+        # outside client sends with TTL 64
+        assert r.ttl == (63 if n == 1 else 62), r
 
 
 def test_session_affinity_from_outside(bed):

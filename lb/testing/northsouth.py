@@ -126,6 +126,7 @@ class Reply:
     client: str = ""
     error: str = ""
     seconds: float = 0.0
+    ttl: int = -1  # UDP: the TTL (hop limit) the datagram reached the backend with
 
     @property
     def server_ip(self) -> str:
@@ -593,7 +594,8 @@ class NorthSouthBed:
             s.sendto(b"hi\n", (ip, port))
             data, src = s.recvfrom(2048)
             line = data.decode().split()
-            return Reply(server=line[0], client=line[1], seconds=time.monotonic() - t0), f"{src[0]}:{src[1]}"
+            ttl = next((int(w[4:]) for w in line[2:] if w.startswith("ttl=")), -1)
+            return Reply(server=line[0], client=line[1], seconds=time.monotonic() - t0, ttl=ttl), f"{src[0]}:{src[1]}"
         except OSError as e:
             return Reply(error=_errname(e), seconds=time.monotonic() - t0), ""
         finally:

@@ -4,7 +4,8 @@ it sees, and then echoes, so a test can tell the backend, the source NAT and whe
     python -m lb.testing.peer_server --port 8080 [--udp] ADDR [ADDR ...]
 
 TCP: on accept, send "<local ip>:<port> <peer ip>:<port>\\n", then echo whatever arrives until the client
-closes (a stream). UDP: answer each datagram with the same line. Prints "ready" once every socket is
+closes (a stream). UDP: answer each datagram with the same line and the TTL (hop limit) it arrived with,
+"ttl=N". Prints "ready" once every socket is
 bound. One thread per TCP connection: tests hold a handful at a time.
 """
 from __future__ import annotations
@@ -39,10 +40,15 @@ def _echo(c: socket.socket, peer: tuple) -> None:
 
 
 def _serve_udp(u: socket.socket) -> None:
+    v6 = u.family == socket.AF_INET6
+    # IP_RECVTTL is 12 in <linux/in.h> (Python's socket module does not name it)
+    level, opt = (socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT) if v6 else (socket.IPPROTO_IP, getattr(socket, "IP_RECVTTL", 12))
+    u.setsockopt(level, opt, 1)
     while True:
         try:
-            _, peer = u.recvfrom(2048)
-            u.sendto(f"{_fmt(u.getsockname())} {_fmt(peer)}\n".encode(), peer)
+            _, anc, _, peer = u.recvmsg(2048, socket.CMSG_SPACE(4))
+            ttl = next((int.from_bytes(data[:4], sys.byteorder) for lvl, _, data in anc if lvl == level), -1)
+            u.sendto(f"{_fmt(u.getsockname())} {_fmt(peer)} ttl={ttl}\n".encode(), peer)
         except OSError:
             return
 
