@@ -22,11 +22,13 @@ any other tc filter or qdisc on those devices as it was.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -641,8 +643,18 @@ def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True,
 
     args = json.dumps({"paths": asdict(paths), "sizes": asdict(sizes), "strict": strict,
                        "conntrack": asdict(conntrack), "devices": devices, "tc_only": tc_only})
+    # The child dies with the agent (PR_SET_PDEATHSIG): a killed agent's loader must not pin programs
+    # afterwards, under a bpf-root someone may be cleaning up. (The signal follows the forking *thread*:
+    # a child started from a worker thread is waited for by that same thread.)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def prepare() -> None:  # in the child, between fork and exec
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if nice:
+            os.nice(nice)
+
     return subprocess.Popen([sys.executable, "-m", "lb.datapath", args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=prepare)
 
 
 def finish_attach_child(proc: subprocess.Popen) -> list[str]:

@@ -132,3 +132,37 @@ endpoints: [{addresses: [10.1.0.5], conditions: {ready: true}}]
     synced, attached, complete = (text.index(s) for s in ("synced 1 frontends", "datapath attached",
                                                           "initial sync complete"))
     assert synced < attached < complete
+
+
+def test_a_killed_agent_takes_its_loader_children_with_it(bed, tmp_path):
+    """kill -9 while the programs compile: the loader children die too (PR_SET_PDEATHSIG), so nothing pins
+    programs under the bpf-root after the agent is gone (a cleanup in between would otherwise be undone)."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "lb.cli", "agent", "--manifests", str(tmp_path), "--node-name", "n",
+                          "--cgroup-root", bed.cgroup, "--bpf-root", bed.bpf_root, "--healthz-bind-address", "",
+                          "--metrics-bind-address", "", "--network-mode", "none"],
+                         stderr=subprocess.DEVNULL, cwd=ROOT)
+
+    def children() -> list[int]:
+        out = []
+        for task in os.listdir(f"/proc/{p.pid}/task"):
+            with open(f"/proc/{p.pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        return out
+
+    pinned = lambda: sorted(os.listdir(os.path.join(bed.bpf_root, "tc"))) if os.path.isdir(  # noqa: E731
+        os.path.join(bed.bpf_root, "tc")) else []
+    try:
+        deadline = time.monotonic() + 20
+        while len(kids := children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(kids) == 2, kids  # the socket programs' and the tc programs' loaders, still compiling
+        assert pinned() == [] and datapath.attached(Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root)) == []
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    time.sleep(5)  # a compile takes about a second: a surviving loader would have pinned by now
+    assert [k for k in kids if os.path.exists(f"/proc/{k}")] == []
+    assert pinned() == [] and datapath.attached(Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root)) == []
