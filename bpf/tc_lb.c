@@ -685,15 +685,11 @@ static __always_inline int port_usable(struct __sk_buff *skb, const struct lb_ct
  * Two CPUs taking over the same dead port in the same instant would share it; with a random pick
  * among thousands of ports that is left as a (documented) race rather than locked against. */
 static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *r, struct lb_nat_val *nv, int v6,
-				     int syn, __u64 now, struct lb_svc_key *scratch)
+				     int syn, __u64 now, struct lb_svc_key *scratch, struct new_flow_scratch *sc)
 {
-	/* scratch: the caller's lb_svc_key, done with (bpflb_tc_ext's stack is near its 512 bytes). */
+	/* scratch: the caller's lb_svc_key, done with (bpflb_tc_ext's stack is near its 512 bytes);
+	 * sc: the caller's per-CPU scratch (its nv is *nv: only .orig is used here). */
 	struct lb_svc_key *npk = scratch;
-	__u32 zero = 0;
-	struct new_flow_scratch *sc = new_flow_scratch.lookup(&zero);
-
-	if (!sc)
-		return -1;
 	struct lb_ct_tuple *orig = &sc->orig;
 	__u16 taken = 0, best = 0;
 	__u64 best_age = 0;
@@ -846,6 +842,10 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 	ct.created_ns = now;
 	ct.last_ns = now;
 
+	__u32 zero = 0;
+	struct new_flow_scratch *sc = new_flow_scratch.lookup(&zero);
+	if (!sc)
+		return TC_ACT_SHOT;
 	struct lb_endpoint *ep = lb_endpoints_v1.lookup((struct lb_endpoint_key *)be->addr);
 	__u32 out_dev = skb->ifindex;
 	if (ep) {
@@ -854,11 +854,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		__builtin_memcpy(ct.mac, ep->mac, 6);
 	} else if (flags & LB_SVC_F_SNAT) {
 		/* The device the backend is reached through decides the masquerade address. */
-		__u32 zero_ = 0;
-		struct new_flow_scratch *sc_ = new_flow_scratch.lookup(&zero_);
-		if (!sc_)
-			return TC_ACT_SHOT;
-		struct bpf_fib_lookup *fib = &sc_->fib;
+		struct bpf_fib_lookup *fib = &sc->fib;
 		__builtin_memset(fib, 0, sizeof(*fib));
 		fib->ifindex = skb->ifindex;
 		if (p->v6) {
@@ -875,10 +871,6 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 			out_dev = fib->ifindex;
 	}
 
-	__u32 zero = 0;
-	struct new_flow_scratch *sc = new_flow_scratch.lookup(&zero);
-	if (!sc)
-		return TC_ACT_SHOT;
 	struct lb_nat_val *nv = &sc->nv;
 	__builtin_memset(nv, 0, sizeof(*nv));
 	__builtin_memcpy(nv->client, p->t.saddr, 16);
@@ -913,7 +905,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		nv->flags = ct.flags;
 		__builtin_memcpy(r.daddr, ct.nat_addr, 16);
 		int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-		if (nat_claim(skb, &r, nv, p->v6, syn, now, &key) < 0)
+		if (nat_claim(skb, &r, nv, p->v6, syn, now, &key, sc) < 0)
 			return TC_ACT_SHOT;
 		ct.nat_port = r.dport;
 	} else {
