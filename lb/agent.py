@@ -235,7 +235,7 @@ class Agent:
             self.sockets_task = asyncio.create_task(self.finish_sockets(), name="datapath:sockets")
             self.datapath_task = asyncio.create_task(self.finish_datapath(north_south), name="datapath")
             # The first sync writes the service maps while the child compiles; it counts as done (ready,
-            # "initial sync complete") only once the programs are attached.
+            # "initial sync complete") only once the socket programs are attached.
             self.use_maps(Reconciler(PinnedServiceMaps(s.paths.bpf_root), revnat_limit=s.maps.revnat), north_south,
                           attached=self.sockets_ready)
         http = HttpServer(self.health, self.metrics)
