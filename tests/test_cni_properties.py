@@ -31,7 +31,7 @@ def base_conf(data: str) -> dict:
 
 def configs(data: str):
     """A valid configuration with some fields replaced, dropped or added; or any bytes."""
-    keys = list(base_conf(data)) + ["prevResult", "ipam", "cni.dev/valid-attachments", "agentSocket"]
+    keys = list(base_conf(data)) + ["prevResult", "ipam", "cni.dev/valid-attachments", "agentSocket", "podCIDRs"]
     mutated = st.builds(
         lambda drop, over, versions: json.dumps(
             {**{k: v for k, v in base_conf(data).items() if k not in drop}, **over,

@@ -44,12 +44,16 @@ def build_launcher(out: str | None = None) -> str:
 
 
 def conflist(pod_cidr: str | None = None, mtu: int | None = None, name: str | None = None,
-             data_dir: str | None = None, socket: str | None = None) -> dict:
-    """The template with this node's settings; a setting left None keeps the template's (or is absent)."""
+             data_dir: str | None = None, socket: str | None = None, pod_cidrs: list[str] | None = None) -> dict:
+    """The template with this node's settings; a setting left None keeps the template's (or is absent).
+    ``pod_cidrs``: a Node's spec.podCIDRs (one range per family: a dual-stack node's pods get an address
+    of each); ``pod_cidr``: the older single IPv4 range. The agent writes neither: it fills in its
+    Node's ranges on each request (lb/cni/server.py)."""
     with open(HERE / "conflist.json") as f:
         doc = json.load(f)
     plugin = doc["plugins"][0]
-    for key, value in (("podCIDR", pod_cidr), ("mtu", mtu), ("dataDir", data_dir), ("agentSocket", socket)):
+    for key, value in (("podCIDR", pod_cidr), ("podCIDRs", list(pod_cidrs) if pod_cidrs else None), ("mtu", mtu),
+                       ("dataDir", data_dir), ("agentSocket", socket)):
         if value is not None:
             plugin[key] = value
     if name is not None:

@@ -10,6 +10,16 @@ The node's view: the gateway address sits on bpflb_host; each pod has a host vet
 /32 route to the pod through it and proxy ARP on, so the pod's ARP for the gateway is always answered
 by the node whatever the node's arp_ignore setting.
 
+IPv6 (a dual-stack or IPv6 node): eth0 also holds <pod ip6>/128, added with IFA_F_NODAD so it is usable
+at once (no duplicate address detection: the IPAM owns the range), and a default route via fe80::1
+(ipam.GATEWAY6) on eth0. The host veth holds fe80::1/64 itself (also NODAD), so the pod's neighbour
+solicitation for its next hop is answered by the node (Calico and Cilium route pods through a link-local
+next hop the same way), and the node has a /128 route to the pod through the veth. The pod's namespace
+needs no sysctl for it: IPv6 is on in a new namespace, and an address with NODAD needs no accept_dad.
+Forwarding is the node's: IPv6 forwards only when net.ipv6.conf.all.forwarding is 1 (ip6_forward reads
+the global switch, not the input device's), which has no netlink setter either; ADD warns once when
+it is 0, as for IPv4.
+
 Nothing here writes /proc/sys: kubelet mounts it read-only in every container that is not privileged.
 A device's proxy_arp and forwarding are set over rtnetlink (RTM_SETLINK with IFLA_AF_SPEC/AF_INET/
 IFLA_INET_CONF, what `ip link set` uses; CAP_NET_ADMIN, which the agent holds anyway). The node-wide
@@ -40,8 +50,10 @@ HOST_DEV, NET_DEV = "bpflb_host", "bpflb_net"
 HOST_IF_PREFIX = "lxc"
 RTNH_F_ONLINK = 4
 RT_SCOPE_LINK = 253
-AF_INET = 2
+AF_INET, AF_INET6 = 2, 10
 IFF_UP = 1
+IFA_F_NODAD = 0x02
+GATEWAY6 = "fe80::1"  # ipam.GATEWAY6: every pod's IPv6 next hop, held by its host veth
 
 T = TypeVar("T")
 
@@ -112,13 +124,19 @@ IP_FORWARD_OFF = ("net.ipv4.ip_forward is 0 on this node: bpflb forwards per dev
                   "the uplink and VXLAN device in overlay/direct mode), so its own paths work; with --network-mode "
                   "none, whatever routes between nodes must enable forwarding on the uplink (Kubernetes expects "
                   "sysctl -w net.ipv4.ip_forward=1). bpflb does not write /proc/sys: it is read-only in its container")
+IPV6_FORWARD_OFF = ("net.ipv6.conf.all.forwarding is 0 on this node: pods' IPv6 traffic to and from other hosts "
+                    "is not forwarded (the kernel forwards IPv6 only on the node-wide switch, which has no netlink "
+                    "setter); the node's administrator must run sysctl -w net.ipv6.conf.all.forwarding=1 "
+                    "(Kubernetes expects it on dual-stack nodes)")
 _warned_forwarding = False
+_warned_forwarding6 = False
 
 
-def node_forwards() -> bool:
-    """net.ipv4.ip_forward of the caller's network namespace (/proc/sys/net reflects the reader's)."""
+def node_forwards(version: int = 4) -> bool:
+    """net.ipv4.ip_forward (or net.ipv6.conf.all.forwarding) of the caller's network namespace
+    (/proc/sys/net reflects the reader's)."""
     try:
-        return sysctl.read("net/ipv4/ip_forward") == "1"
+        return sysctl.read("net/ipv4/ip_forward" if version == 4 else "net/ipv6/conf/all/forwarding") == "1"
     except sysctl.SysctlError:
         return False
 
@@ -177,14 +195,17 @@ def host_devices(ipr: IPRoute) -> int | None:
     return host["index"] if host is not None and host["flags"] & IFF_UP else None
 
 
-def ensure_host_devices(ipr: IPRoute, gateway: str) -> None:
-    """bpflb_host/bpflb_net, the node's end of the pod network, with the gateway address on bpflb_host;
-    ip_forward checked (never written: see the module's docstring). Idempotent, and safe when concurrent
-    ADDs race to create them."""
-    global _warned_forwarding
-    if not _warned_forwarding and not node_forwards():
+def ensure_host_devices(ipr: IPRoute, gateway: str | None, ipv6: bool = False) -> None:
+    """bpflb_host/bpflb_net, the node's end of the pod network, with the IPv4 gateway address (if any)
+    on bpflb_host; forwarding checked (never written: see the module's docstring). Idempotent, and safe
+    when concurrent ADDs race to create them."""
+    global _warned_forwarding, _warned_forwarding6
+    if gateway is not None and not _warned_forwarding and not node_forwards():
         _warned_forwarding = True
         log.warning("%s", IP_FORWARD_OFF)
+    if ipv6 and not _warned_forwarding6 and not node_forwards(6):
+        _warned_forwarding6 = True
+        log.warning("%s", IPV6_FORWARD_OFF)
     host = _link(ipr, HOST_DEV)
     if host is None:
         try:
@@ -194,7 +215,7 @@ def ensure_host_devices(ipr: IPRoute, gateway: str) -> None:
                 raise SetupError(f"creating {HOST_DEV}/{NET_DEV}: {e}") from None
         host = _link(ipr, HOST_DEV)
     have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=host["index"], family=AF_INET)}
-    if gateway not in have:
+    if gateway is not None and gateway not in have:
         try:
             ipr.addr("add", index=host["index"], address=gateway, prefixlen=32)
         except NetlinkError as e:
@@ -207,6 +228,17 @@ def ensure_host_devices(ipr: IPRoute, gateway: str) -> None:
 
 
 @dataclass(frozen=True)
+class Address:
+    """One of the pod's addresses and the next hop of its family's default route."""
+    ip: str
+    gateway: str
+
+    @property
+    def version(self) -> int:
+        return 6 if ":" in self.ip else 4
+
+
+@dataclass(frozen=True)
 class Attachment:
     host_if: str
     host_index: int
@@ -215,13 +247,16 @@ class Attachment:
     mtu: int
 
 
-def attach(netns_fd: int, ifname: str, host_if: str, ip: str, gateway: str, mtu: int, netns: str = "") -> Attachment:
+def attach(netns_fd: int, ifname: str, host_if: str, addrs: list[Address], mtu: int, netns: str = "") -> Attachment:
     """The node's devices, then the pair, created with its pod end directly in the pod's namespace
-    (``netns_fd``, from open_pod_netns; ``netns`` its path, for messages); then both ends configured."""
+    (``netns_fd``, from open_pod_netns; ``netns`` its path, for messages); then both ends configured
+    with every address of ``addrs`` (at most one per family)."""
     fd = netns_fd
     netns = netns or f"/proc/self/fd/{fd}"
+    v4 = [a for a in addrs if a.version == 4]
+    v6 = [a for a in addrs if a.version == 6]
     with IPRoute() as ipr:
-        ensure_host_devices(ipr, gateway)
+        ensure_host_devices(ipr, v4[0].gateway if v4 else None, ipv6=bool(v6))
         stale = _link(ipr, host_if)
         if stale is not None:  # a retried ADD: its pair goes, the pod end with it
             ipr.link("del", index=stale["index"])
@@ -235,14 +270,27 @@ def attach(netns_fd: int, ifname: str, host_if: str, ip: str, gateway: str, mtu:
         host = _link(ipr, host_if)
         _devconf(host["index"], host_if, proxy_arp=1, forwarding=1)
         _up(ipr, host)
-        ipr.route("replace", dst=f"{ip}/32", oif=host["index"], scope=RT_SCOPE_LINK)
+        for a in v4:
+            ipr.route("replace", dst=f"{a.ip}/32", oif=host["index"], scope=RT_SCOPE_LINK)
+        for a in v6:
+            try:
+                ipr.addr("add", index=host["index"], address=a.gateway, prefixlen=64, flags=IFA_F_NODAD)
+            except NetlinkError as e:
+                raise SetupError(f"adding {a.gateway} to {host_if} (is IPv6 disabled on the node?): {e}") from None
+            ipr.route("replace", dst=f"{a.ip}/128", oif=host["index"], family=AF_INET6)
 
     def pod_side(pod: IPRoute) -> str:
         _up(pod, _link(pod, "lo"))  # no loopback plugin needed
         eth = _link(pod, ifname)
-        pod.addr("add", index=eth["index"], address=ip, prefixlen=32)
+        for a in v4:
+            pod.addr("add", index=eth["index"], address=a.ip, prefixlen=32)
+        for a in v6:
+            pod.addr("add", index=eth["index"], address=a.ip, prefixlen=128, flags=IFA_F_NODAD)
         pod.link("set", index=eth["index"], state="up")
-        pod.route("add", dst="0.0.0.0/0", gateway=gateway, oif=eth["index"], flags=RTNH_F_ONLINK)
+        for a in v4:
+            pod.route("add", dst="0.0.0.0/0", gateway=a.gateway, oif=eth["index"], flags=RTNH_F_ONLINK)
+        for a in v6:  # a link-local next hop needs no onlink: it is on eth0 by definition
+            pod.route("add", dst="::/0", gateway=a.gateway, oif=eth["index"], family=AF_INET6)
         return eth.get_attr("IFLA_ADDRESS")
 
     try:
@@ -267,7 +315,7 @@ def detach(host_if: str) -> bool:
         return True
 
 
-def check(netns: str, ifname: str, host_if: str, ip: str, gateway: str) -> str | None:
+def check(netns: str, ifname: str, host_if: str, addrs: list[Address]) -> str | None:
     """None if the attachment is as recorded, else what is wrong."""
     with IPRoute() as ipr:
         host = _link(ipr, host_if)
@@ -275,9 +323,14 @@ def check(netns: str, ifname: str, host_if: str, ip: str, gateway: str) -> str |
             return f"host interface {host_if} is missing"
         if not host["flags"] & IFF_UP:
             return f"host interface {host_if} is down"
-        routes = ipr.get_routes(family=AF_INET, oif=host["index"])
-        if not [r for r in routes if r["dst_len"] == 32 and r.get_attr("RTA_DST") == ip]:
-            return f"no route to {ip} via {host_if} on the node"
+        for a in addrs:
+            family, bits = (AF_INET, 32) if a.version == 4 else (AF_INET6, 128)
+            routes = ipr.get_routes(family=family, oif=host["index"])
+            if not [r for r in routes if r["dst_len"] == bits and r.get_attr("RTA_DST") == a.ip]:
+                return f"no route to {a.ip} via {host_if} on the node"
+            if a.version == 6 and a.gateway not in {x.get_attr("IFA_ADDRESS") for x in
+                                                    ipr.get_addr(index=host["index"], family=AF_INET6)}:
+                return f"host interface {host_if} does not hold the pods' IPv6 gateway {a.gateway}"
     if not os.path.exists(netns):
         return f"network namespace {netns} is gone"
 
@@ -287,12 +340,14 @@ def check(netns: str, ifname: str, host_if: str, ip: str, gateway: str) -> str |
             return f"interface {ifname} is missing in {netns}"
         if not eth["flags"] & IFF_UP:
             return f"{ifname} is down in {netns}"
-        addrs = {a.get_attr("IFA_ADDRESS") for a in pod.get_addr(index=eth["index"], family=AF_INET)}
-        if ip not in addrs:
-            return f"{ifname} does not hold {ip}"
-        gws = {r.get_attr("RTA_GATEWAY") for r in pod.get_routes(family=AF_INET, table=254) if r["dst_len"] == 0}
-        if gateway not in gws:
-            return f"no default route via {gateway} in {netns}"
+        for a in addrs:
+            family = AF_INET if a.version == 4 else AF_INET6
+            held = {x.get_attr("IFA_ADDRESS") for x in pod.get_addr(index=eth["index"], family=family)}
+            if a.ip not in held:
+                return f"{ifname} does not hold {a.ip}"
+            gws = {r.get_attr("RTA_GATEWAY") for r in pod.get_routes(family=family, table=254) if r["dst_len"] == 0}
+            if a.gateway not in gws:
+                return f"no {'IPv6 ' if a.version == 6 else ''}default route via {a.gateway} in {netns}"
         return None
 
     return in_netns(netns, pod_side)

@@ -7,11 +7,19 @@ in netsetup.py, the address bookkeeping in ipam.py.
 
 Network configuration (the plugin's entry in the conflist; the runtime adds cniVersion and name):
     {"type": "bpflb-cni",
-     "podCIDR": "10.244.1.0/24",      # optional when served by the agent: it fills in its Node's spec.podCIDR
+     "podCIDRs": ["10.244.1.0/24", "fd00:244:1::/64"],  # optional when served by the agent: it fills in
+                                       # its Node's spec.podCIDRs; one range per family, either order
+     "podCIDR": "10.244.1.0/24",      # the older single-range form (IPv4); podCIDRs[0] if both are given
      "mtu": 1450,                      # default 1500
      "dataDir": "/var/lib/bpflb",      # IPAM reservations (ipam/<name>/) and endpoint records (endpoints/)
      "agentSocket": "/run/bpflb/cni.sock"}  # read by the launcher only
 ``lo`` is brought up by the plugin itself, so no separate loopback plugin is chained.
+
+Dual stack: a pod gets one address per configured range (host-local style, both under the IPAM lock; if
+the second allocation fails the first is given back, so nothing leaks), both on eth0, with a default
+route per family (netsetup.py); the result lists both, each with the pod interface's index. CHECK checks
+both, DEL releases both, and both are registered for the datapath. A node with one range behaves as
+before.
 
 Endpoint registry: <dataDir>/endpoints/<containerID>:<ifname>.json per attachment (pod IP, host veth
 name and ifindex, MACs, netns, pod name from CNI_ARGS), written after the attachment is complete and
@@ -128,9 +136,9 @@ class Request:
         return self.config.get("mtu", DEFAULT_MTU)
 
     @property
-    def pool(self) -> Pool | None:
-        cidr = self.config.get("podCIDR")
-        return Pool.of(cidr) if cidr else None
+    def pools(self) -> list[Pool]:
+        """One per configured range, in the configuration's order (empty: no pod CIDR yet)."""
+        return [Pool.of(c) for c in pod_cidrs(self.config)]
 
     @property
     def ipam_dir(self) -> str:
@@ -207,6 +215,44 @@ def attachment_lock(data_dir: str, cid: str, ifname: str, wait: bool = True, rem
 
 
 # ---- parsing: environment and configuration -> Request, or the spec's error --------------------------
+def pod_cidrs(config: dict) -> list[str]:
+    """The configured ranges: podCIDRs if given, else podCIDR (validated by _check_pod_cidrs)."""
+    if config.get("podCIDRs"):
+        return list(config["podCIDRs"])
+    return [config["podCIDR"]] if config.get("podCIDR") else []
+
+
+def _range(field: str, cidr: object, versions: tuple[int, ...]) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    families = " or ".join(f"IPv{v}" for v in versions)
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)  # type: ignore[arg-type]
+        if net.version not in versions or net.num_addresses < 4:
+            raise ValueError
+    except (TypeError, ValueError):
+        size = "/30" if versions == (4,) else "/30 (IPv4) or /126 (IPv6)"
+        raise CNIError(E_INVALID_CONFIG, f"{field} {cidr!r} is not an {families} CIDR of {size} or larger") from None
+    return net
+
+
+def _check_pod_cidrs(config: dict) -> None:
+    cidr = config.get("podCIDR")
+    if cidr is not None:
+        _range("podCIDR", cidr, (4,))
+    cidrs = config.get("podCIDRs")
+    if cidrs is None:
+        return
+    if not isinstance(cidrs, list) or not 1 <= len(cidrs) <= 2:
+        raise CNIError(E_INVALID_CONFIG, f"podCIDRs {json.dumps(cidrs)[:200]} must be a list of one or two CIDRs, "
+                                         "at most one per family (a Node's spec.podCIDRs)")
+    nets = [_range(f"podCIDRs[{i}]", c, (4, 6)) for i, c in enumerate(cidrs)]
+    if len(nets) == 2 and nets[0].version == nets[1].version:
+        raise CNIError(E_INVALID_CONFIG, f"podCIDRs {cidrs} holds two IPv{nets[0].version} ranges: at most one "
+                                         "per family")
+    if cidr is not None and cidr != cidrs[0]:
+        raise CNIError(E_INVALID_CONFIG, f"podCIDR {cidr!r} is not podCIDRs[0] {cidrs[0]!r} (as on a Node, the "
+                                         "two must agree)")
+
+
 def _config(stdin: bytes) -> dict:
     try:
         config = json.loads(stdin or b"{}")
@@ -248,14 +294,8 @@ def _check_config(command: str, config: dict) -> None:
             and all(isinstance(i, dict) and isinstance(i.get("address", ""), str) for i in prev.get("ips", []))):
         raise CNIError(E_INVALID_CONFIG, "prevResult must be a result object whose ips are "
                                          '[{"address": "<ip>/<prefix>", ...}]')
-    cidr = config.get("podCIDR")
-    if cidr is not None and command != "DEL":  # DEL needs no pool: it must always work
-        try:
-            net = ipaddress.IPv4Network(cidr, strict=False)
-            if net.num_addresses < 4:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise CNIError(E_INVALID_CONFIG, f"podCIDR {cidr!r} is not an IPv4 CIDR of /30 or larger") from None
+    if command != "DEL":  # DEL needs no pool: it must always work
+        _check_pod_cidrs(config)
     mtu = config.get("mtu", DEFAULT_MTU)
     if command == "ADD" and (not isinstance(mtu, int) or isinstance(mtu, bool) or not 576 <= mtu <= 65535):
         raise CNIError(E_INVALID_CONFIG, f"mtu {mtu!r} must be an integer between 576 and 65535")
@@ -301,17 +341,21 @@ def parse(env: dict[str, str], stdin: bytes) -> Request:
 
 
 # ---- the commands ----------------------------------------------------------------------------------
-def _result(req: Request, pool: Pool, ip: str, att: netsetup.Attachment) -> dict:
-    gateway = str(pool.gateway)
-    ip_entry: dict[str, Any] = {"address": f"{ip}/{pool.subnet.prefixlen}", "gateway": gateway, "interface": 1}
+def _result(req: Request, given: list[tuple[Pool, str]], att: netsetup.Attachment) -> dict:
+    """Every address with its interface (1: the pod's eth0, ``interfaces[1]``) and a default route per family."""
+    ips, routes = [], []
+    for pool, ip in given:
+        gateway = str(pool.gateway)
+        entry: dict[str, Any] = {"address": f"{ip}/{pool.subnet.prefixlen}", "gateway": gateway, "interface": 1}
+        if _vt(req.version) < (1, 0, 0):
+            entry["version"] = str(pool.version)
+        ips.append(entry)
+        routes.append({"dst": "0.0.0.0/0" if pool.version == 4 else "::/0", "gw": gateway})
     host: dict[str, Any] = {"name": att.host_if, "mac": att.host_mac}
     pod: dict[str, Any] = {"name": req.ifname, "mac": att.pod_mac, "sandbox": req.netns}
-    if _vt(req.version) < (1, 0, 0):
-        ip_entry["version"] = "4"
     if _vt(req.version) >= (1, 1, 0):
         host["mtu"] = pod["mtu"] = att.mtu
-    return {"cniVersion": req.version, "interfaces": [host, pod], "ips": [ip_entry],
-            "routes": [{"dst": "0.0.0.0/0", "gw": gateway}], "dns": {}}
+    return {"cniVersion": req.version, "interfaces": [host, pod], "ips": ips, "routes": routes, "dns": {}}
 
 
 def _write_json(path: str, doc: dict) -> None:
@@ -334,8 +378,8 @@ def cmd_add(req: Request, sink: EndpointSink | None = None) -> dict:
 
 
 def _add(req: Request, netns_fd: int, sink: EndpointSink | None) -> dict:
-    pool = req.pool
-    if pool is None:
+    pools = req.pools
+    if not pools:
         raise CNIError(E_TRY_AGAIN, NO_POD_CIDR)
     # ADD again for an attachment that exists in another netns, without DEL (the spec forbids it): refused
     # before anything is touched, so the failed ADD's undo cannot take down the first one's veth, address and
@@ -346,19 +390,17 @@ def _add(req: Request, netns_fd: int, sink: EndpointSink | None) -> dict:
         if rec is not None and rec.get("netns") != req.netns:
             raise CNIError(E_INVALID_ENV, f"container {req.container_id} already has interface {req.ifname} "
                                           f"(in {rec.get('netns', '?')}): DEL it first")
-    try:
-        ipam = IPAM(req.data_dir, req.name)
-        ip = ipam.allocate(pool, req.container_id, req.ifname)
-    except PoolExhausted as e:
-        raise CNIError(E_TRY_AGAIN, f"pod CIDR {pool.subnet} is exhausted", str(e)) from None
-    except OSError as e:
-        raise CNIError(E_IO, f"IPAM state under {req.ipam_dir}: {e.strerror}") from None
+    given = _allocate(req, pools)
     host_if = netsetup.host_ifname(req.container_id, req.ifname)
+    addrs = [netsetup.Address(ip, str(pool.gateway)) for pool, ip in given]
     try:
-        att = netsetup.attach(netns_fd, req.ifname, host_if, ip, str(pool.gateway), req.mtu, req.netns)
+        att = netsetup.attach(netns_fd, req.ifname, host_if, addrs, req.mtu, req.netns)
+        first_pool, first_ip = given[0]
         _write_json(req.record_path(), {
             "containerID": req.container_id, "ifname": req.ifname, "netns": req.netns, "network": req.name,
-            "ip": ip, "gateway": str(pool.gateway), "podCIDR": str(pool.subnet),
+            # "ip", "gateway" and "podCIDR": the first address (what a single-stack record held); "ips": all
+            "ip": first_ip, "gateway": str(first_pool.gateway), "podCIDR": str(first_pool.subnet),
+            "ips": [{"ip": ip, "gateway": str(pool.gateway), "podCIDR": str(pool.subnet)} for pool, ip in given],
             "hostInterface": host_if, "hostIfindex": att.host_index, "hostMAC": att.host_mac, "podMAC": att.pod_mac,
             "podNamespace": req.args.get("K8S_POD_NAMESPACE", ""), "podName": req.args.get("K8S_POD_NAME", "")})
     except Exception as e:  # leave nothing behind: the runtime need not call DEL after a failed ADD
@@ -367,31 +409,78 @@ def _add(req: Request, netns_fd: int, sink: EndpointSink | None) -> dict:
             raise CNIError(E_IO, str(e)) from None
         raise CNIError(E_IO, f"setting up {req.ifname} in {req.netns}: {e}") from None
     if sink is not None:
-        try:
-            sink.added(ip, att.host_index, att.pod_mac)
-        except Exception as e:
-            _undo(req, host_if)
-            raise CNIError(E_IO, f"registering {ip} for the datapath: {e}") from None
-    return _result(req, pool, ip, att)
+        registered: list[str] = []
+        for _, ip in given:
+            try:
+                sink.added(ip, att.host_index, att.pod_mac)
+            except Exception as e:
+                _undo(req, host_if, sink, registered)
+                raise CNIError(E_IO, f"registering {ip} for the datapath: {e}") from None
+            registered.append(ip)
+    return _result(req, given, att)
 
 
-def _undo(req: Request, host_if: str) -> None:
+def _allocate(req: Request, pools: list[Pool]) -> list[tuple[Pool, str]]:
+    """An address from each pool. If one fails, the addresses this call reserved are given back (those
+    the attachment held before, a retried ADD's, stay). A family no longer configured is given back."""
+    try:
+        ipam = IPAM(req.data_dir, req.name)
+        held = set(ipam.find_all(req.container_id, req.ifname))
+    except OSError as e:
+        raise CNIError(E_IO, f"IPAM state under {req.ipam_dir}: {e.strerror}") from None
+    given: list[tuple[Pool, str]] = []
+    try:
+        for pool in pools:
+            given.append((pool, ipam.allocate(pool, req.container_id, req.ifname)))
+        for version in {4, 6} - {p.version for p in pools}:
+            ipam.release(req.container_id, req.ifname, version)
+    except (PoolExhausted, OSError) as e:
+        for _, ip in given:
+            if ip not in held:
+                try:
+                    ipam.release_ip(ip, req.container_id, req.ifname)
+                except OSError:
+                    pass
+        if isinstance(e, PoolExhausted):
+            raise CNIError(E_TRY_AGAIN, f"pod CIDR {pools[len(given)].subnet} is exhausted", str(e)) from None
+        raise CNIError(E_IO, f"IPAM state under {req.ipam_dir}: {e.strerror}") from None
+    return given
+
+
+def _undo(req: Request, host_if: str, sink: EndpointSink | None = None, registered: list[str] = ()) -> None:
     """Best effort: the error that made ADD fail is what the runtime needs to see."""
-    for step in (lambda: netsetup.detach(host_if),
-                 lambda: IPAM(req.data_dir, req.name).release(req.container_id, req.ifname),
-                 lambda: os.unlink(req.record_path())):
+    steps = [lambda ip=ip: sink.removed(ip) for ip in registered] if sink is not None else []
+    steps += [lambda: netsetup.detach(host_if),
+              lambda: IPAM(req.data_dir, req.name).release_all(req.container_id, req.ifname),
+              lambda: os.unlink(req.record_path())]
+    for step in steps:
         try:
             step()
         except Exception:
             pass
 
 
-def _is_ipv4(ip: str) -> bool:
+def _is_ip(ip: str) -> bool:
     try:
-        ipaddress.IPv4Address(ip)
+        ipaddress.ip_address(ip)
         return True
     except ValueError:
         return False
+
+
+def _record_addresses(rec: dict) -> list[netsetup.Address] | None:
+    """A record's addresses ("ips"; a single-stack record of an older version: "ip" and "gateway"), or
+    None if they do not read as addresses."""
+    entries = rec.get("ips") if "ips" in rec else [{"ip": rec.get("ip"), "gateway": rec.get("gateway")}]
+    if not isinstance(entries, list) or not entries:
+        return None
+    out = []
+    for e in entries:
+        if not (isinstance(e, dict) and isinstance(e.get("ip"), str) and isinstance(e.get("gateway"), str)
+                and _is_ip(e["ip"])):
+            return None
+        out.append(netsetup.Address(e["ip"], e["gateway"]))
+    return out
 
 
 def _read_record(path: str) -> dict | None:
@@ -417,15 +506,16 @@ def _remove(req: Request, cid: str, ifname: str, sink: EndpointSink | None = Non
     the record last (so a DEL cut short leaves a record for the next DEL or GC to find)."""
     paths = _records(req, cid, ifname)
     if sink is not None:
-        ips = set()
+        ips: set = set()
         if os.path.isdir(req.ipam_dir):
-            ips.add(IPAM(req.data_dir, req.name).find(cid, ifname))
+            ips.update(IPAM(req.data_dir, req.name).find_all(cid, ifname))
         for path in paths:
-            ip = (_read_record(path) or {}).get("ip")
-            ips.add(ip if isinstance(ip, str) else None)
-        for ip in sorted(filter(None, ips)):
-            if _is_ipv4(ip):
-                _unregister(req, sink, ip, (cid, ifname))
+            rec = _read_record(path) or {}
+            entries = rec.get("ips") if isinstance(rec.get("ips"), list) else []
+            ips.update(e.get("ip") for e in entries if isinstance(e, dict))
+            ips.add(rec.get("ip"))
+        for ip in sorted(ip for ip in ips if isinstance(ip, str) and _is_ip(ip)):
+            _unregister(req, sink, ip, (cid, ifname))
     host_if = netsetup.host_ifname(cid, ifname)
     try:
         netsetup.detach(host_if)
@@ -433,7 +523,7 @@ def _remove(req: Request, cid: str, ifname: str, sink: EndpointSink | None = Non
         raise CNIError(E_IO, f"removing {host_if}: {e}") from None
     if os.path.isdir(req.ipam_dir):  # no IPAM directory: nothing was ever reserved here
         try:
-            IPAM(req.data_dir, req.name).release(cid, ifname)
+            IPAM(req.data_dir, req.name).release_all(cid, ifname)
         except OSError as e:
             raise CNIError(E_IO, f"releasing the address of {cid}/{ifname} under {req.ipam_dir}: {e.strerror}") from None
     for path in paths:
@@ -469,7 +559,8 @@ def cmd_check(req: Request, sink: EndpointSink | None = None) -> None:
     if not paths:
         raise CNIError(E_UNKNOWN_CONTAINER, f"no attachment {req.container_id}/{req.ifname} in network {req.name}")
     rec = _read_record(paths[0])
-    if rec is None or not all(isinstance(rec.get(k), str) for k in ("ip", "hostInterface", "gateway")):
+    addrs = _record_addresses(rec) if rec is not None and isinstance(rec.get("hostInterface"), str) else None
+    if addrs is None:
         raise CNIError(E_IO, f"the record of {req.container_id}/{req.ifname} ({paths[0]}) is damaged")
     try:
         os.close(netsetup.open_pod_netns(req.netns))
@@ -478,20 +569,23 @@ def cmd_check(req: Request, sink: EndpointSink | None = None) -> None:
     prev = req.config.get("prevResult")
     if isinstance(prev, dict):  # what the runtime was told on ADD must still be what we hold
         told = {i.get("address", "").split("/")[0] for i in prev.get("ips") or ()}
-        if rec["ip"] not in told:
-            raise CNIError(E_CHECK_FAILED, f"prevResult does not list {rec['ip']}, the address of "
-                                           f"{req.container_id}/{req.ifname}")
-    if not os.path.isdir(req.ipam_dir) or IPAM(req.data_dir, req.name).find(req.container_id, req.ifname) != rec["ip"]:
-        raise CNIError(E_CHECK_FAILED, f"the IPAM reservation of {rec['ip']} for {req.container_id}/{req.ifname} "
-                                       "is missing")
-    problem = netsetup.check(req.netns, req.ifname, rec["hostInterface"], rec["ip"], rec["gateway"])
+        for a in addrs:
+            if a.ip not in told:
+                raise CNIError(E_CHECK_FAILED, f"prevResult does not list {a.ip}, an address of "
+                                               f"{req.container_id}/{req.ifname}")
+    held = IPAM(req.data_dir, req.name).find_all(req.container_id, req.ifname) if os.path.isdir(req.ipam_dir) else []
+    for a in addrs:
+        if a.ip not in held:
+            raise CNIError(E_CHECK_FAILED, f"the IPAM reservation of {a.ip} for {req.container_id}/{req.ifname} "
+                                           "is missing")
+    problem = netsetup.check(req.netns, req.ifname, rec["hostInterface"], addrs)
     if problem:
         raise CNIError(E_CHECK_FAILED, f"CHECK failed: {problem}")
 
 
 def cmd_status(req: Request, sink: EndpointSink | None = None) -> None:
-    pool = req.pool
-    if pool is None:
+    pools = req.pools
+    if not pools:
         raise CNIError(E_NOT_AVAILABLE, NO_POD_CIDR)
     try:
         ipam = IPAM(req.data_dir, req.name)
@@ -499,20 +593,25 @@ def cmd_status(req: Request, sink: EndpointSink | None = None) -> None:
         with open(probe, "w") as f:
             f.write("ok")
         os.unlink(probe)
-        free = ipam.free(pool)
-        in_use = pool.size - free
+        free = [ipam.free(pool) for pool in pools]
     except OSError as e:
         raise CNIError(E_NOT_AVAILABLE, f"IPAM state under {req.ipam_dir} is not writable: {e.strerror}") from None
-    if in_use and not _node_forwards(str(pool.gateway)):
-        raise CNIError(E_LIMITED_CONNECTIVITY, f"the node lost its pod gateway ({netsetup.HOST_DEV} with "
-                                               f"{pool.gateway}, ip_forward): existing pods may be cut off")
-    if free <= 0:
-        raise CNIError(E_NOT_AVAILABLE, f"pod CIDR {pool.subnet} has no free address (all {pool.size} reserved)")
+    for pool, left in zip(pools, free):
+        if pool.size - left and not _node_forwards(pool):
+            what = (f"its pod gateway ({netsetup.HOST_DEV} with {pool.gateway}, ip_forward)" if pool.version == 4
+                    else "IPv6 forwarding (net.ipv6.conf.all.forwarding)")
+            raise CNIError(E_LIMITED_CONNECTIVITY, f"the node lost {what}: existing pods may be cut off")
+    for pool, left in zip(pools, free):
+        if left <= 0:
+            raise CNIError(E_NOT_AVAILABLE, f"pod CIDR {pool.subnet} has no free address (all {pool.size} reserved)")
 
 
-def _node_forwards(gateway: str) -> bool:
+def _node_forwards(pool: Pool) -> bool:
     from pyroute2 import IPRoute
 
+    if pool.version == 6:
+        return netsetup.node_forwards(6)
+    gateway = str(pool.gateway)
     try:
         if not netsetup.node_forwards():
             return False

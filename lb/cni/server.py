@@ -21,7 +21,8 @@ request, in the wire format, written then renamed) and reports success, as Ciliu
 pod never sticks in Terminating. The kernel half of the attachment already went with the pod's
 namespace; the agent replays the queue (IPAM, record, lb_endpoints entry) before it listens again.
 
-The agent fills in ``podCIDR`` from its Node's spec.podCIDR when the network configuration has none.
+The agent fills in ``podCIDRs`` from its Node's spec.podCIDRs (one range per family) when the network
+configuration names no range (neither podCIDR nor podCIDRs).
 """
 from __future__ import annotations
 
@@ -204,6 +205,9 @@ def _answer(rc: int, out: bytes) -> bytes:
     return _U32.pack(rc) + _U32.pack(len(out)) + out
 
 
+RANGE_KEYS = ("podCIDR", "podCIDRs")  # one setting: a configuration naming either keeps its own ranges
+
+
 def with_defaults(stdin: bytes, defaults: dict) -> bytes:
     if not defaults:
         return stdin
@@ -213,9 +217,22 @@ def with_defaults(stdin: bytes, defaults: dict) -> bytes:
         return stdin  # the plugin reports the decoding error
     if not isinstance(conf, dict):
         return stdin
+    own_ranges = any(k in conf for k in RANGE_KEYS)
     for k, v in defaults.items():
-        conf.setdefault(k, v)
+        if not (own_ranges and k in RANGE_KEYS):
+            conf.setdefault(k, v)
     return json.dumps(conf).encode()
+
+
+def node_pod_cidrs(cidrs) -> list[str]:
+    """A Node's spec.podCIDRs as the plugin takes them: the first range of each family, in order."""
+    out, seen = [], set()
+    for c in cidrs:
+        family = 6 if ":" in c else 4
+        if family not in seen:
+            seen.add(family)
+            out.append(c)
+    return out
 
 
 async def _refuse(writer: asyncio.StreamWriter, what: str, why: str) -> None:
@@ -366,6 +383,7 @@ class DatapathEndpoints:
             log.warning("tc pod program not attached: %s", "; ".join(failed))
 
     def added(self, ip: str, ifindex: int, mac: str) -> None:
+        """One entry per pod address (a dual-stack pod has two, with one ifindex and MAC)."""
         self.map.added(ip, ifindex, mac)
         self._sync_tc()
 
@@ -415,10 +433,10 @@ async def serve_for_agent(settings, tracker, stop: asyncio.Event, datapath_ready
             log.info("installed CNI plugin %s and %s (pod MTU %d, socket %s)", binary, conf, mtu, s.cni_socket)
 
     def defaults() -> dict:
-        """The pod CIDR comes from this node's Node object unless the conflist names one."""
+        """The pod CIDRs come from this node's Node object unless the conflist names its own."""
         node = tracker.node
-        v4 = [c for c in (node.pod_cidrs if node else ()) if ":" not in c]
-        return {"podCIDR": v4[0]} if v4 else {}
+        cidrs = node_pod_cidrs(node.pod_cidrs if node else ())
+        return {"podCIDRs": cidrs} if cidrs else {}
 
     await datapath_ready()
     endpoints = DatapathEndpoints(s.paths)
