@@ -15,6 +15,13 @@ holds this node's IP (found at apply time, whatever its name), else the default 
 needs every node on one L2 segment (the next hop must be directly reachable); across routers, announce
 the pod CIDRs with a routing daemon (BGP) instead and run with --network-mode none.
 
+IPv6 (dual-stack Nodes: spec.podCIDRs holds an IPv6 range too): in direct mode a remote node's IPv6 pod
+CIDR is routed via its IPv6 InternalIP (else ExternalIP) out of the same uplink, refused on the same
+grounds as an IPv4 one; a node with no IPv6 address gets no IPv6 route (named in the plan's problems).
+The VXLAN overlay carries IPv4 only: in overlay mode IPv6 pod CIDRs are not routed (one problem says so;
+run dual-stack clusters in direct mode). IPv6 forwards only when net.ipv6.conf.all.forwarding is 1 (the
+node-wide switch, no per-device decision and no netlink setter): apply() warns when it is 0.
+
 Kernel settings go over netlink (RTM_SETLINK, IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF), per device and in
 the namespace of the IPRoute given, never through /proc/sys: kubelet mounts /proc/sys read-only in a
 non-privileged container, and CAP_NET_ADMIN (which the DaemonSet grants) is all RTM_SETLINK needs.
@@ -78,12 +85,29 @@ def node_ip(node: Node) -> str | None:
     return None
 
 
-def v4_pod_cidr(node: Node) -> ipaddress.IPv4Network | None:
+def node_ip6(node: Node) -> str | None:
+    """The IPv6 InternalIP (else ExternalIP): the next hop of the node's IPv6 pod CIDR in direct mode."""
+    for kind in ("InternalIP", "ExternalIP"):
+        for t, addr in node.addresses:
+            if t == kind and ":" in addr:
+                return addr
+    return None
+
+
+def _pod_cidr(node: Node, version: int):
     for c in node.pod_cidrs:
         net = ipaddress.ip_network(c, strict=False)
-        if net.version == 4:
+        if net.version == version:
             return net
     return None
+
+
+def v4_pod_cidr(node: Node) -> ipaddress.IPv4Network | None:
+    return _pod_cidr(node, 4)
+
+
+def v6_pod_cidr(node: Node) -> ipaddress.IPv6Network | None:
+    return _pod_cidr(node, 6)
 
 
 def vtep_mac(ip: str) -> str:
@@ -101,12 +125,26 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str | None =
     if my_ip is None:
         problems.append(f"Node {self_name} has no InternalIP")
     routes, neigh, fdb = set(), set(), set()
-    node_ips = [ipaddress.ip_address(a) for n in nodes.values() if (a := node_ip(n))]
+    node_ips = [ipaddress.ip_address(a) for n in nodes.values() for a in (node_ip(n), node_ip6(n)) if a]
     accepted: list[tuple[ipaddress.IPv4Network, str]] = [(my_cidr, self_name)] if my_cidr else []
+    accepted6: list[tuple[ipaddress.IPv6Network, str]] = [(c, self_name)] if (c := v6_pod_cidr(me)) else []
+    unrouted6 = []
     for name, node in sorted(nodes.items()):
         if name == self_name:
             continue
-        ip, cidr = node_ip(node), v4_pod_cidr(node)
+        ip, cidr, cidr6 = node_ip(node), v4_pod_cidr(node), v6_pod_cidr(node)
+        if cidr6 is not None:
+            if mode != "direct":
+                unrouted6.append(name)
+            elif (ip6 := node_ip6(node)) is None:
+                problems.append(f"Node {name}: IPv6 podCIDR {cidr6} not routed: the Node has no IPv6 address")
+            elif why := route_refusal(cidr6, node_ips, accepted6):
+                problems.append(f"Node {name}: IPv6 podCIDR {cidr6} not routed: it {why}")
+            else:
+                accepted6.append((cidr6, name))
+                routes.add(RouteSpec(str(cidr6), ip6, uplink))
+        if cidr is None and cidr6 is not None:
+            continue  # an IPv6-only node: nothing to route over IPv4
         if ip is None or cidr is None:
             problems.append(f"Node {name} skipped: {'no InternalIP' if ip is None else 'no IPv4 podCIDR'}")
             continue
@@ -123,21 +161,29 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str | None =
             routes.add(RouteSpec(str(cidr), gw, VXLAN_DEV, onlink=True))
             neigh.add((gw, mac))
             fdb.add((mac, ip))
+    if unrouted6:
+        problems.append(f"IPv6 pod CIDRs of {', '.join(unrouted6)} not routed: the {mode} mode carries IPv4 only "
+                        "(dual-stack pod networks need --network-mode direct)")
     vtep = f"{my_cidr.network_address}" if (mode == "overlay" and my_cidr) else None
     return Plan(mode, my_ip, vtep, frozenset(routes), frozenset(neigh), frozenset(fdb), tuple(problems))
 
 
 _NOT_POD_NETWORKS = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
-                                                       "240.0.0.0/4")]
+                                                       "240.0.0.0/4",
+                                                       # IPv4-compatible (with :: and ::1), IPv4-mapped,
+                                                       # link-local, multicast
+                                                       "::/96", "::ffff:0:0/96", "fe80::/10", "ff00::/8")]
 MIN_POD_PREFIX = 8  # a remote pod CIDR broader than a /8 would swallow other networks' routes
+MIN_POD_PREFIX6 = 32  # the same for IPv6: a node's range is a /64 or so; a /32 is a whole provider's
 
 
-def route_refusal(cidr: ipaddress.IPv4Network, node_ips: list, accepted: list[tuple[ipaddress.IPv4Network, str]]) -> str:
+def route_refusal(cidr, node_ips: list, accepted: list) -> str:
     """Why a remote Node's pod CIDR must not become a route here ("" if it may). Node objects are
     written by kubelets and controllers, not by bpflb: a wrong one must not turn into a default route,
     hijack this node's own pods or the node network, or shadow another node's pods."""
-    if cidr.prefixlen < MIN_POD_PREFIX:
-        return f"is broader than /{MIN_POD_PREFIX} (a default or near-default route)"
+    least = MIN_POD_PREFIX if cidr.version == 4 else MIN_POD_PREFIX6
+    if cidr.prefixlen < least:
+        return f"is broader than /{least} (a default or near-default route)"
     for net in _NOT_POD_NETWORKS:
         if cidr.overlaps(net):
             return f"overlaps {net}, which is not a pod network"
@@ -258,6 +304,30 @@ def _devconf_changes(ipr, index: int, name: str, **want: int) -> list[str]:
         return []
 
 
+def _family(cidr: str) -> int:
+    return socket.AF_INET6 if ":" in cidr else socket.AF_INET
+
+
+_ipv6_forwarding_warned = False
+
+
+def _warn_ipv6_forwarding(needed: bool) -> None:
+    """Once: IPv6 pod routes on a node whose net.ipv6.conf.all.forwarding is 0 (read, never written)."""
+    global _ipv6_forwarding_warned
+    if not needed or _ipv6_forwarding_warned:
+        return
+    from . import sysctl
+
+    try:
+        on = sysctl.read("net/ipv6/conf/all/forwarding") == "1"
+    except sysctl.SysctlError:
+        on = False
+    if not on:
+        _ipv6_forwarding_warned = True
+        log.warning("IPv6 pod routes are installed but net.ipv6.conf.all.forwarding is 0: this node forwards no "
+                    "IPv6 pod traffic until its administrator sets it to 1")
+
+
 def apply(p: Plan, ipr=None) -> list[str]:
     """Make this network namespace match the plan; returns what changed."""
     from pyroute2 import IPRoute
@@ -315,14 +385,16 @@ def apply(p: Plan, ipr=None) -> list[str]:
             for ip, mac in sorted(have_neigh - p.neighbours):
                 ipr.neigh("del", dst=ip, lladdr=mac, ifindex=dev)
                 changes.append(f"neigh {ip} removed")
-        # Routes we own.
+        # Routes we own, of both families.
         have_routes = {}
-        for r in ipr.get_routes(family=socket.AF_INET, proto=RTPROT_BPFLB):
-            if r["proto"] != RTPROT_BPFLB:
-                continue
-            dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
-            have_routes[dst] = r
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for r in ipr.get_routes(family=family, proto=RTPROT_BPFLB):
+                if r["proto"] != RTPROT_BPFLB:
+                    continue
+                dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+                have_routes[dst] = r
         want = {r.dst: r for r in p.routes}
+        _warn_ipv6_forwarding(any(":" in dst for dst in want))
         for dst, spec in sorted(want.items()):
             idx = [uplink] if spec.dev is None and uplink is not None else ipr.link_lookup(ifname=spec.dev or "")
             if not idx:
@@ -332,10 +404,10 @@ def apply(p: Plan, ipr=None) -> list[str]:
             if cur is not None and cur.get_attr("RTA_GATEWAY") == spec.gateway and cur.get_attr("RTA_OIF") == idx[0]:
                 continue
             ipr.route("replace", dst=dst, gateway=spec.gateway, oif=idx[0], proto=RTPROT_BPFLB,
-                      flags=4 if spec.onlink else 0)  # RTNH_F_ONLINK
+                      family=_family(dst), flags=4 if spec.onlink else 0)  # RTNH_F_ONLINK
             changes.append(f"route {dst} via {spec.gateway} dev {spec.dev or ipr.get_links(idx[0])[0].get_attr('IFLA_IFNAME')}")
         for dst in sorted(set(have_routes) - set(want)):
-            ipr.route("del", dst=dst, proto=RTPROT_BPFLB)
+            ipr.route("del", dst=dst, proto=RTPROT_BPFLB, family=_family(dst))
             changes.append(f"route {dst} removed")
         return changes
     finally:

@@ -241,3 +241,68 @@ def test_a_hostile_pod_cidr_never_becomes_a_route(cidr, why, mode):
     assert {r.dst for r in p.routes} == {"10.244.2.0/24"}  # node2 still routed, node9 not at all
     assert not any(ip == "192.168.50.9" for _, ip in p.fdb)
     assert any(f"Node node9 skipped: podCIDR" in pr and why in pr for pr in p.problems), p.problems
+
+
+# ---- IPv6 pod routes (dual-stack Nodes), planned: pure, no kernel ---------------------------------------
+def dual_node(n: int, mutate=None) -> dict:
+    """node_object(n) made dual-stack: pod CIDRs 10.244.N.0/24 and fd00:244:N::/64, InternalIPs
+    192.168.50.N and fd00:50::N."""
+    from lb.testing.cluster import node_ip6
+
+    obj = node_object(n, f"node{n}")
+    obj["spec"]["podCIDRs"] = [f"10.244.{n}.0/24", f"fd00:244:{n:x}::/64"]
+    obj["status"]["addresses"].insert(1, {"type": "InternalIP", "address": node_ip6(n)})
+    if mutate:
+        mutate(obj)
+    return obj
+
+
+def _addresses(*addrs):
+    return lambda o: o["status"].update(addresses=[{"type": t, "address": a} for t, a in addrs])
+
+
+def _cidrs(*cidrs):
+    return lambda o: o["spec"].update(podCIDR=cidrs[0], podCIDRs=list(cidrs))
+
+
+@pytest.mark.parametrize("mode, node2, routes, problem", [
+    pytest.param("direct", None, {("10.244.2.0/24", "192.168.50.2"), ("fd00:244:2::/64", "fd00:50::2")}, None,
+                 id="dual-stack: a route per family"),
+    pytest.param("direct", _cidrs("fd00:244:2::/64", "10.244.2.0/24"),
+                 {("10.244.2.0/24", "192.168.50.2"), ("fd00:244:2::/64", "fd00:50::2")}, None,
+                 id="IPv6 range listed first"),
+    pytest.param("direct", _addresses(("InternalIP", "192.168.50.2")), {("10.244.2.0/24", "192.168.50.2")},
+                 "Node node2: IPv6 podCIDR fd00:244:2::/64 not routed: the Node has no IPv6 address",
+                 id="no IPv6 address: IPv4 only, said so"),
+    pytest.param("direct", _addresses(("InternalIP", "192.168.50.2"), ("ExternalIP", "fd00:50::2")),
+                 {("10.244.2.0/24", "192.168.50.2"), ("fd00:244:2::/64", "fd00:50::2")}, None,
+                 id="IPv6 ExternalIP when there is no IPv6 InternalIP"),
+    pytest.param("direct", _cidrs("10.244.2.0/24"), {("10.244.2.0/24", "192.168.50.2")}, None,
+                 id="single-stack IPv4 node: as before"),
+    pytest.param("direct", _cidrs("fd00:244:2::/64"), {("fd00:244:2::/64", "fd00:50::2")}, None,
+                 id="IPv6-only node: no IPv4 complaint"),
+    pytest.param("direct", _cidrs("10.244.2.0/24", "fd00:244:1::/64"), {("10.244.2.0/24", "192.168.50.2")},
+                 "IPv6 podCIDR fd00:244:1::/64 not routed: it overlaps fd00:244:1::/64 of Node node1",
+                 id="IPv6 range shadowing this node's own"),
+    pytest.param("direct", _cidrs("10.244.2.0/24", "fd00:50::/64"), {("10.244.2.0/24", "192.168.50.2")},
+                 "contains the node address fd00:50::1", id="IPv6 range over the node network"),
+    pytest.param("direct", _cidrs("10.244.2.0/24", "::/0"), {("10.244.2.0/24", "192.168.50.2")},
+                 "is broader than /32", id="IPv6 default route"),
+    pytest.param("direct", _cidrs("10.244.2.0/24", "fe80::/64"), {("10.244.2.0/24", "192.168.50.2")},
+                 "overlaps fe80::/10, which is not a pod network", id="IPv6 link-local"),
+    pytest.param("overlay", None, {("10.244.2.0/24", "10.244.2.0")},
+                 "IPv6 pod CIDRs of node2 not routed: the overlay mode carries IPv4 only",
+                 id="overlay: IPv4 only, said so"),
+])
+def test_ipv6_pod_routes_are_planned_in_direct_mode(mode, node2, routes, problem):
+    from lb import nodenet
+    from lb.objects import parse_node
+
+    nodes = {n.name: n for n in map(parse_node, (dual_node(1), dual_node(2, node2)))}
+    p = nodenet.plan("node1", nodes, mode)
+    assert {(r.dst, r.gateway) for r in p.routes} == routes
+    assert all(r.dev == (nodenet.VXLAN_DEV if mode == "overlay" else None) for r in p.routes)
+    if problem is None:
+        assert p.problems == ()
+    else:
+        assert any(problem in pr for pr in p.problems), p.problems
