@@ -20,7 +20,8 @@ CIDR is routed via its IPv6 InternalIP (else ExternalIP) out of the same uplink,
 grounds as an IPv4 one; a node with no IPv6 address gets no IPv6 route (named in the plan's problems).
 The VXLAN overlay carries IPv4 only: in overlay mode IPv6 pod CIDRs are not routed (one problem says so;
 run dual-stack clusters in direct mode). IPv6 forwards only when net.ipv6.conf.all.forwarding is 1 (the
-node-wide switch, no per-device decision and no netlink setter): apply() warns when it is 0.
+node-wide switch; Linux 6.17's per-device force_forwarding is a /proc/sys file as well, and RTM_SETLINK
+sets no IPv6 devconf): apply() warns when it is 0.
 
 Kernel settings go over netlink (RTM_SETLINK, IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF), per device and in
 the namespace of the IPRoute given, never through /proc/sys: kubelet mounts /proc/sys read-only in a

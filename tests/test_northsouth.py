@@ -28,8 +28,6 @@ def shared_bed(request, tmp_path_factory):
         bed.a = bed.pod(1, "a")      # node 1
         bed.b = bed.pod(2, "b")      # node 2
         bed.c = bed.pod(1, "c")      # node 1: the in-cluster caller
-        bed.a6 = bed.v6_pod(1, "a6")
-        bed.b6 = bed.v6_pod(2, "b6")
         yield bed
 
 
@@ -43,8 +41,9 @@ def answered(bed: NorthSouthBed, ip: str, port: int) -> bool:
     return not bed.outside_tcp(ip, port).error
 
 
-def backend(pod) -> str:
-    return f"{pod.ip}:{POD_PORT}"  # as peer_server writes its own address (no brackets for IPv6)
+def backend(pod, family: str = "IPv4") -> str:
+    # as peer_server writes its own address (no brackets for IPv6)
+    return f"{pod.ip6 if family == 'IPv6' else pod.ip}:{POD_PORT}"
 
 
 def test_outside_client_routes_only_to_the_bed(bed):
@@ -107,7 +106,8 @@ def test_no_endpoints_is_refused_at_once(bed):
     bed.apply(service("np-empty", node_port=30102), endpoint_slice("np-empty", [bed.a]))
     bed.wait(lambda: answered(bed, node_ip(1), 30102), what="NodePort with an endpoint")
     bed.apply(endpoint_slice("np-empty", []))
-    bed.wait(lambda: bed.outside_tcp(node_ip(1), 30102).error, what="endpoint removal programmed")
+    for n in (1, 2):  # each node's proxy programs the removal in its own time
+        bed.wait(lambda: bed.outside_tcp(node_ip(n), 30102).error, what=f"endpoint removal programmed on node {n}")
     for n in (1, 2):
         for _ in range(3):
             # refused, not dropped: the error comes back well inside the 2 s connect timeout
@@ -176,17 +176,24 @@ def test_nodeport_from_a_pod_and_from_the_node(bed):
             assert r["errors"] == {} and sum(r["answered"].values()) == 10, (caller, target, r)
 
 
+def test_pods_are_dual_stack_from_the_bundled_cni(bed):
+    """Every pod of the bed is the plugin's, with an address from each of its node's spec.podCIDRs."""
+    for pod in (bed.a, bed.b, bed.c):
+        assert pod.ip.startswith(f"10.244.{pod.node}.") and pod.ip6.startswith(f"fd00:244:{pod.node:x}::"), pod
+
+
 def test_ipv6_nodeport(bed):
+    """IPv6 backends are the CNI's dual-stack pods (their IPv6 addresses): a local and a remote one."""
     bed.apply(service("np6", node_port=30107, family="IPv6"),
-              endpoint_slice("np6", [bed.a6, bed.b6], family="IPv6"))
+              endpoint_slice("np6", [bed.a, bed.b], family="IPv6"))
     for n in (1, 2):
         bed.wait(lambda: answered(bed, node_ip6(n), 30107), what=f"IPv6 NodePort node {n}")
         replies = [bed.outside_tcp(node_ip6(n), 30107) for _ in range(30)]
-        assert {r.server for r in replies} == {f"{bed.a6.ip}:{POD_PORT}", f"{bed.b6.ip}:{POD_PORT}"}
+        assert {r.server for r in replies} == {backend(bed.a, "IPv6"), backend(bed.b, "IPv6")}
         assert {r.client_ip for r in replies} == {node_ip6(n)}
     bed.apply(service("np6-local", node_port=30117, family="IPv6",
                       mutate=lambda s: s["spec"].update(externalTrafficPolicy="Local")),
-              endpoint_slice("np6-local", [bed.a6], family="IPv6"))
+              endpoint_slice("np6-local", [bed.a], family="IPv6"))
     bed.wait(lambda: answered(bed, node_ip6(1), 30117), what="IPv6 eTP Local")
     assert bed.outside_tcp(node_ip6(1), 30117).client_ip == OUTSIDE_V6
 

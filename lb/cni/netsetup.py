@@ -17,8 +17,8 @@ solicitation for its next hop is answered by the node (Calico and Cilium route p
 next hop the same way), and the node has a /128 route to the pod through the veth. The pod's namespace
 needs no sysctl for it: IPv6 is on in a new namespace, and an address with NODAD needs no accept_dad.
 Forwarding is the node's: IPv6 forwards only when net.ipv6.conf.all.forwarding is 1 (ip6_forward reads
-the global switch, not the input device's), which has no netlink setter either; ADD warns once when
-it is 0, as for IPv4.
+the global switch; the per-device force_forwarding of Linux 6.17+ is a /proc/sys file too, and RTM_SETLINK
+sets no IPv6 devconf), so ADD warns once when it is 0, as for IPv4.
 
 Nothing here writes /proc/sys: kubelet mounts it read-only in every container that is not privileged.
 A device's proxy_arp and forwarding are set over rtnetlink (RTM_SETLINK with IFLA_AF_SPEC/AF_INET/
@@ -125,7 +125,7 @@ IP_FORWARD_OFF = ("net.ipv4.ip_forward is 0 on this node: bpflb forwards per dev
                   "none, whatever routes between nodes must enable forwarding on the uplink (Kubernetes expects "
                   "sysctl -w net.ipv4.ip_forward=1). bpflb does not write /proc/sys: it is read-only in its container")
 IPV6_FORWARD_OFF = ("net.ipv6.conf.all.forwarding is 0 on this node: pods' IPv6 traffic to and from other hosts "
-                    "is not forwarded (the kernel forwards IPv6 only on the node-wide switch, which has no netlink "
+                    "is not forwarded (the kernel forwards IPv6 on the node-wide switch, which has no netlink "
                     "setter); the node's administrator must run sysctl -w net.ipv6.conf.all.forwarding=1 "
                     "(Kubernetes expects it on dual-stack nodes)")
 _warned_forwarding = False

@@ -15,21 +15,20 @@ relay in that netns (lb/testing/kube_proxy_bed.py's LoopbackRelay).
         bed.outside_tcp(node_ip(1), 30080)                     # -> Reply(server=..., client=...)
 
 Address plan (one place):
-  node N           eth0 192.168.50.N/24 and fd00:50::N/64 (cluster.py), pod CIDR 10.244.N.0/24
+  node N           eth0 192.168.50.N/24 and fd00:50::N/64 (cluster.py), both InternalIPs of its Node;
+                   pod CIDRs (spec.podCIDRs, dual stack) 10.244.N.0/24 and fd00:244:N::/64
   outside client   eth0 192.168.50.100/24 and fd00:50::100/64 on the same bridge; routes: LB and External
                    IPs 172.30.0.0/16 via node 1, each pod CIDR via its node (the benchmark's direct
                    column), fd00:244:N::/64 via node N; nothing else: no default route, no way out
-  IPv4 pods        the CNI plugin's IPAM, from the node's pod CIDR, behind host veths "lxc..."
-  IPv6 pods        the bundled CNI is IPv4-only, so an IPv6 backend is made by hand (v6_pod) the way the
-                   plugin makes an IPv4 one: a netns behind a host veth "v6<name>", fd00:244:N::1X/128,
-                   a /128 route on the node, the host end holding only the pod's gateway fe80::1; with
-                   bpflb it is registered in lb_endpoints as the plugin registers its pods
+  pods             dual stack, from the bundled CNI plugin's IPAM (both of the node's pod CIDRs), behind
+                   host veths "lxc...": Pod.ip the IPv4 address, Pod.ip6 the IPv6 one (default route via
+                   fe80::1 on the host veth); with bpflb both are registered in lb_endpoints by the agent
   LB ingress IPs   172.30.0.0/24, External IPs 172.30.1.0/24 (routed to node 1 by the outside client)
   Services         ClusterIPs from 10.96.0.0/16 and fd00:96::/108 (the API server's ranges)
 
-Pod routes between nodes: with bpflb, the agent's --network-mode direct installs them; with kube-proxy
-(which routes nothing) the bed installs the same routes ("10.244.M.0/24 via 192.168.50.M"), as a routing
-daemon or a CNI would. Pods' CNI server: with bpflb the agent's (--cni-socket); with kube-proxy the same
+Pod routes between nodes: with bpflb, the agent's --network-mode direct installs them (both families);
+with kube-proxy (which routes nothing) the bed installs the same routes ("10.244.M.0/24 via 192.168.50.M",
+"fd00:244:M::/64 via fd00:50::M"), as a routing daemon or a CNI would. Pods' CNI server: with bpflb the agent's (--cni-socket); with kube-proxy the same
 server run alone (`python -m lb.cni.server`), so both modes make pods the same way.
 
 Everything made here (namespaces, veths, cgroups, pins, processes, CNI attachments) is removed on exit,
@@ -82,8 +81,8 @@ def pod_cidr(n: int) -> str:
     return f"10.244.{n}.0/24"
 
 
-def pod_ip6(n: int, i: int = 0) -> str:
-    return f"fd00:244:{n:x}::{0x10 + i:x}"
+def pod_cidr6(n: int) -> str:
+    return f"fd00:244:{n:x}::/64"
 
 
 # ---- API objects ------------------------------------------------------------------------------------
@@ -102,19 +101,20 @@ def service(name: str, type: str = "NodePort", port: int = 80, node_port: int | 
 
 def endpoint_slice(svc: str, pods: list["Pod"], proto: str = "TCP", family: str = "IPv4",
                    name: str | None = None) -> dict:
-    """The Service's EndpointSlice: every pod ready, with its nodeName (what eTP Local selects on)."""
+    """The Service's EndpointSlice: every pod ready, with its nodeName (what eTP Local selects on), by
+    its address of the slice's family."""
     return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": name or f"{svc}-1", "namespace": "default",
                          "labels": {"kubernetes.io/service-name": svc}},
             "addressType": family, "ports": [{"name": "p", "port": POD_PORT, "protocol": proto}],
-            "endpoints": [{"addresses": [p.ip], "conditions": {"ready": True, "serving": True, "terminating": False},
+            "endpoints": [{"addresses": [p.ip6 if family == "IPv6" else p.ip], "conditions": {"ready": True, "serving": True, "terminating": False},
                            "nodeName": p.node_name} for p in pods]}
 
 
 def node_object(n: int, name: str) -> dict:
     return {"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-            "spec": {"podCIDR": pod_cidr(n), "podCIDRs": [pod_cidr(n)]}}
+            "spec": {"podCIDR": pod_cidr(n), "podCIDRs": [pod_cidr(n), pod_cidr6(n)]}}
 
 
 # ---- what a client sees -----------------------------------------------------------------------------
@@ -212,9 +212,9 @@ class Pod:
     node: int
     node_name: str
     netns: str          # /run/netns name
-    ip: str
+    ip: str             # the CNI result's IPv4 address
+    ip6: str = ""       # and its IPv6 one
     proc: subprocess.Popen | None = None
-    cni: bool = True    # made by cnitool (else by hand, IPv6)
 
 
 # ---- the bed ----------------------------------------------------------------------------------------
@@ -275,9 +275,8 @@ class NorthSouthBed:
             self.node_dir(n).mkdir(parents=True, exist_ok=True)
             self.relays[n] = LoopbackRelay(_NsRef(self.cluster.node_ns(n)), self.cp.port).__enter__()
             self._kubeconfig(n)
-            self._pod_routes_v6(n)
             if not self.bpflb:
-                self._pod_routes_v4(n)
+                self._pod_routes(n)
         self._nodes()
         for n in range(1, self.nodes + 1):
             self.start_proxy(n)
@@ -332,20 +331,15 @@ class NorthSouthBed:
             ipr.route("add", dst="172.30.0.0/16", gateway=node_ip(1))
             for n in range(1, self.nodes + 1):
                 ipr.route("add", dst=pod_cidr(n), gateway=node_ip(n))
-                ipr.route("add", dst=f"fd00:244:{n:x}::/64", gateway=node_ip6(n), family=socket.AF_INET6)
+                ipr.route("add", dst=pod_cidr6(n), gateway=node_ip6(n), family=socket.AF_INET6)
 
-    def _pod_routes_v4(self, n: int) -> None:
+    def _pod_routes(self, n: int) -> None:
         """What --network-mode direct installs, for the kube-proxy modes (kube-proxy routes nothing)."""
         with IPRoute(netns=self.cluster.node_ns(n)) as ipr:
             for m in range(1, self.nodes + 1):
                 if m != n:
                     ipr.route("add", dst=pod_cidr(m), gateway=node_ip(m))
-
-    def _pod_routes_v6(self, n: int) -> None:
-        with IPRoute(netns=self.cluster.node_ns(n)) as ipr:
-            for m in range(1, self.nodes + 1):
-                if m != n:
-                    ipr.route("add", dst=f"fd00:244:{m:x}::/64", gateway=node_ip6(m), family=socket.AF_INET6)
+                    ipr.route("add", dst=pod_cidr6(m), gateway=node_ip6(m), family=socket.AF_INET6)
 
     # ---- API objects ----
     def _kubeconfig(self, n: int) -> Path:
@@ -457,7 +451,7 @@ class NorthSouthBed:
         d = self.node_dir(n)
         sock = str(d / "cni.sock")
         install(str(d / "cni-bin"), str(d / "net.d"), launcher=build_launcher(str(self.workdir / "launcher")),
-                pod_cidr=pod_cidr(n), socket=sock, data_dir=str(d / "cni-data"))
+                pod_cidrs=[pod_cidr(n), pod_cidr6(n)], socket=sock, data_dir=str(d / "cni-data"))
         log = open(d / "cni-server.log", "a")
         with log:
             p = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.cluster.node_ns(n)}", sys.executable, "-m",
@@ -476,8 +470,8 @@ class NorthSouthBed:
                               capture_output=True, text=True, env=env)
 
     def pod(self, n: int, name: str, serve: bool = True) -> Pod:
-        """A pod on node n made as a runtime makes one: `cnitool add bpflb <netns>` through the installed
-        launcher; then a peer_server on its IP (TCP and UDP, POD_PORT) in node n's cgroup."""
+        """A dual-stack pod on node n made as a runtime makes one: `cnitool add bpflb <netns>` through the
+        installed launcher; then a peer_server on both its IPs (TCP and UDP, POD_PORT) in node n's cgroup."""
         ns = f"bl{self.tag}n{n}{name}"
         netns.create(ns)
         self.cluster.pods[(n, name)] = ns          # the cluster removes the netns
@@ -486,54 +480,23 @@ class NorthSouthBed:
         r = self._cnitool(n, "add", "bpflb", f"/run/netns/{ns}")
         if r.returncode != 0:
             raise RuntimeError(f"cnitool add on node {n}: {r.stdout} {r.stderr}")
-        pod.ip = json.loads(r.stdout)["ips"][0]["address"].split("/")[0]
+        for entry in json.loads(r.stdout)["ips"]:
+            ip = entry["address"].split("/")[0]
+            if ":" in ip:
+                pod.ip6 = ip
+            else:
+                pod.ip = ip
+        if not (pod.ip and pod.ip6):
+            raise RuntimeError(f"cnitool add on node {n} did not give a dual-stack pod: {r.stdout}")
         if serve:
             self.serve(pod)
-        return pod
-
-    def v6_pod(self, n: int, name: str, i: int = 0) -> Pod:
-        """An IPv6 backend by hand (the bundled CNI is IPv4-only): netns behind host veth "v6<name>"."""
-        ns = f"bl{self.tag}n{n}{name}"
-        netns.create(ns)
-        self.cluster.pods[(n, name)] = ns
-        host_if = f"v6{name}"[:15]
-        pod = Pod(name, n, self.node_name(n), ns, pod_ip6(n, i), cni=False)
-        self.pods.append(pod)
-        with IPRoute(netns=self.cluster.node_ns(n)) as ipr:
-            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
-            host = ipr.link_lookup(ifname=host_if)[0]
-            # as the plugin does for IPv4: no global address on the host end, a /128 route to the pod,
-            # and a fixed link-local gateway (fe80::1) the pod routes through
-            ipr.addr("add", index=host, address="fe80::1", prefixlen=64, flags=0x02)
-            ipr.link("set", index=host, state="up")
-            ipr.route("add", dst=f"{pod.ip}/128", oif=host, family=socket.AF_INET6)
-        with IPRoute(netns=ns) as ipr:
-            eth = ipr.link_lookup(ifname="eth0")[0]
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            ipr.addr("add", index=eth, address=pod.ip, prefixlen=128, flags=0x02)
-            ipr.link("set", index=eth, state="up")
-            ipr.route("add", dst="fd00::/8", gateway="fe80::1", oif=eth, family=socket.AF_INET6)
-            pod_mac = ipr.get_links(eth)[0].get_attr("IFLA_ADDRESS")
-        if self.bpflb:  # as the plugin registers its pods (lb/cni/plugin.py: sink.added)
-            from ..maps.endpoints import PinnedEndpointMap
-            m = PinnedEndpointMap(self.cluster.bpf_root(n))
-            try:
-                m.added(pod.ip, host, pod_mac)
-            finally:
-                m.close()
-            # and as the agent's endpoint sink then attaches the pod program (in the node's netns: the
-            # ifindexes are its devices')
-            code = ("import sys; from lb import datapath; from lb.settings import Paths; "
-                    "sys.exit(1 if datapath.sync_tc_endpoints(Paths(cgroup_root=sys.argv[1], bpf_root=sys.argv[2])) else 0)")
-            subprocess.run(["nsenter", f"--net=/run/netns/{self.cluster.node_ns(n)}", sys.executable, "-c", code,
-                            self.cluster.cgroup(n), self.cluster.bpf_root(n)], cwd=ROOT, check=True)
-        self.serve(pod)
         return pod
 
     def serve(self, pod: Pod) -> None:
         if pod.proc is not None and pod.proc.poll() is None:
             return
-        p = subprocess.Popen([sys.executable, "-m", "lb.testing.peer_server", "--port", str(POD_PORT), "--udp", pod.ip],
+        p = subprocess.Popen([sys.executable, "-m", "lb.testing.peer_server", "--port", str(POD_PORT), "--udp", pod.ip,
+                              pod.ip6],
                              preexec_fn=lambda: enter(pod.netns, self.cluster.cgroup(pod.node)),
                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
         pod.proc = p
@@ -554,15 +517,9 @@ class NorthSouthBed:
             pod.proc.wait(5)
         if pod in self.pods:
             self.pods.remove(pod)
-        if pod.cni:
-            r = self._cnitool(pod.node, "del", "bpflb", f"/run/netns/{pod.netns}")
-            if r.returncode != 0:
-                raise RuntimeError(f"cnitool del: {r.stdout} {r.stderr}")
-        else:
-            with IPRoute(netns=self.cluster.node_ns(pod.node)) as ipr:
-                idx = ipr.link_lookup(ifname=f"v6{pod.name}"[:15])
-                if idx:
-                    ipr.link("del", index=idx[0])
+        r = self._cnitool(pod.node, "del", "bpflb", f"/run/netns/{pod.netns}")
+        if r.returncode != 0:
+            raise RuntimeError(f"cnitool del: {r.stdout} {r.stderr}")
 
     # ---- clients ----
     def outside_socket(self, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
