@@ -306,3 +306,44 @@ def test_ipv6_pod_routes_are_planned_in_direct_mode(mode, node2, routes, problem
         assert p.problems == ()
     else:
         assert any(problem in pr for pr in p.problems), p.problems
+
+
+APPLY = r"""
+import json, sys
+from lb import nodenet
+from lb.objects import parse_node
+nodes = {o["metadata"]["name"]: parse_node(o) for o in json.loads(sys.argv[2])}
+print(json.dumps(nodenet.apply(nodenet.plan(sys.argv[1], nodes, "direct"))))
+"""
+
+
+def test_direct_routing_installs_and_prunes_ipv6_pod_routes(two_nodes_on_ens):
+    """apply() of a dual-stack plan in a real namespace: the IPv6 pod CIDR route via the other node's IPv6
+    address on the uplink carries traffic (to an address of node 2's pod range, held on its lo), and goes
+    when the Node loses its IPv6 range; the IPv4 route stays."""
+    from lb.testing.cluster import node_ip6
+
+    ns, _, uplinks = two_nodes_on_ens
+    for n in (1, 2):
+        subprocess.run(["ip", "-n", ns[n], "addr", "add", f"{node_ip6(n)}/64", "dev", uplinks[n], "nodad"], check=True)
+    subprocess.run(["ip", "-n", ns[2], "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "-n", ns[2], "addr", "add", "fd00:244:2::5/128", "dev", "lo"], check=True)
+
+    def apply(objs) -> list[str]:
+        r = subprocess.run(["nsenter", f"--net=/run/netns/{ns[1]}", sys.executable, "-c", APPLY, "node1",
+                            json.dumps(objs)], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+    def routes6() -> list[str]:
+        return subprocess.run(["ip", "-n", ns[1], "-6", "route", "show", "proto", "193"], capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    assert f"route fd00:244:2::/64 via {node_ip6(2)} dev {uplinks[1]}" in apply([dual_node(1), dual_node(2)])
+    assert routes6()[:5] == ["fd00:244:2::/64", "via", node_ip6(2), "dev", uplinks[1]]
+    r = subprocess.run(["ip", "netns", "exec", ns[1], "ping", "-6", "-c1", "-W2", "fd00:244:2::5"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    changes = apply([dual_node(1), dual_node(2, _cidrs("10.244.2.0/24"))])
+    assert changes == ["route fd00:244:2::/64 removed"] and routes6() == []
+    assert apply([dual_node(1), dual_node(2, _cidrs("10.244.2.0/24"))]) == []  # idempotent
