@@ -177,9 +177,29 @@ def test_nodeport_from_a_pod_and_from_the_node(bed):
 
 
 def test_pods_are_dual_stack_from_the_bundled_cni(bed):
-    """Every pod of the bed is the plugin's, with an address from each of its node's spec.podCIDRs."""
+    """Every pod of the bed is the plugin's, with an address from each of its node's spec.podCIDRs; with
+    bpflb the agent registers both in lb_endpoints (one host veth and MAC) and DEL takes both out (the
+    kube-proxy modes have no such map: the CNI server runs alone there)."""
     for pod in (bed.a, bed.b, bed.c):
         assert pod.ip.startswith(f"10.244.{pod.node}.") and pod.ip6.startswith(f"fd00:244:{pod.node:x}::"), pod
+    if not bed.bpflb:
+        return
+    from lb.maps.endpoints import PinnedEndpointMap
+
+    def endpoints(n: int) -> dict:
+        m = PinnedEndpointMap(bed.cluster.bpf_root(n))
+        try:
+            return m.dump()
+        finally:
+            m.close()
+
+    for pod in (bed.a, bed.b, bed.c):
+        got = endpoints(pod.node)
+        assert pod.ip in got and got.get(pod.ip6) == got[pod.ip], (pod, got)
+    tmp = bed.pod(2, "tmp", serve=False)
+    assert {tmp.ip, tmp.ip6} <= set(endpoints(2))
+    bed.remove_pod(tmp)
+    assert not {tmp.ip, tmp.ip6} & set(endpoints(2))
 
 
 def test_ipv6_nodeport(bed):
