@@ -4,27 +4,32 @@ connection to the pod, at 1 / 1 000 / 10 000 Services.
     python bench/nodeport.py [--quick] [--services 1,1000,10000] [--modes kube-proxy-nftables,...]
 
 The bed is lb/testing/northsouth.py's (two netns nodes on a bridge, an outside client netns, pods made by
-the bundled CNI, a real kube-apiserver), one per proxy mode, brought up one after the other in this run.
-In each: pod `a` on node 1 runs bench/tcp_server.c (connect+close and request/response listeners) and an
-iperf3 server; one Service (eTP Cluster, endpoint `a` alone) exposes them on NodePorts. The outside
-client (bench/tcp_client.c, iperf3) dials three targets, alternating in short rounds:
+the bundled CNI, a real kube-apiserver), one per proxy mode, all up at the same time (each in its own
+namespaces, with its own API server). In each: pod `a` on node 1 runs bench/tcp_server.c (connect+close
+and request/response listeners) and an iperf3 server; one Service (eTP Cluster, endpoint `a` alone)
+exposes them on NodePorts. Each bed's outside client (bench/tcp_client.c, iperf3) dials three targets:
 
     direct      the pod IP (the outside netns routes each pod CIDR via its node): no service proxy
     np-local    node 1's IP:NodePort (the backend is on that node)
     np-remote   node 2's IP:NodePort (the backend is on node 1: forwarded and masqueraded)
 
-The extra Services are ClusterIP Services, each with one endpoint (never dialled), created through the
-API server before a scale is measured; a fresh "sentinel" NodePort Service created after them answers
-only once the proxy has programmed everything before it (the watches deliver in order).
+Every (mode, target) pair is measured in short turns, in an order that reverses every round, so the
+machine's noise falls on all of them alike: the ratios between beds are measured side by side, as the
+ratios within one.
+
+The extra Services are ClusterIP Services, each with one endpoint (never dialled), created through each
+bed's API server before a scale is measured; a fresh "sentinel" NodePort Service created after them
+answers only once the proxy has programmed everything before it (the watches deliver in order).
 
 Figures: connections/s (connect+close, median of rounds), request/response latency per connection
 (connect, one request line, its reply, close; p50/p99 over samples timed inside the C client), TCP
-throughput (iperf3, median of runs). "direct" in a kube-proxy bed still crosses node 1's netfilter with
-conntrack on (kube-proxy's rules load it for every flow of the netns), in the bpflb bed it does not, so
-the normalised cross-bed ratio below is conservative for bpflb; the raw ratio is printed beside it. Ratios: each NodePort target over direct *in the same bed*, and
-bpflb over kube-proxy nftables as the ratio of those ratios (direct normalises the bed-to-bed noise).
-Targets (issue 10): bpflb >= 1.2x kube-proxy nftables connections/s at 10 000 Services; bpflb latency
-p99 within 1.1x of direct.
+throughput (iperf3, median of runs). Ratios: each NodePort target over direct in the same bed, and
+bpflb over kube-proxy nftables target by target. "direct" is not the same path in both beds: in a
+kube-proxy bed it still crosses node 1's netfilter with conntrack on (kube-proxy's rules load it for
+every flow of the netns), in the bpflb bed it does not; the cross-bed ratio normalised by each bed's
+direct is printed in brackets (it charges bpflb with kube-proxy's conntrack cost on direct).
+Targets (issue 10): bpflb >= 1.2x kube-proxy nftables connections/s at 10 000 Services (np-local,
+side by side); bpflb latency p99 within 1.1x of direct.
 
 --bpf-stats (bpflb beds): turns kernel.bpf_stats_enabled on (restored afterwards) and, for each target's
 connect+close rounds, prints what the tc programs of both nodes ran: runs per connection and ns per run,
@@ -45,6 +50,8 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import bpf_stats, build_c, code_version, median, percentile, sigterm_exits
@@ -176,85 +183,129 @@ def prog_counters(ids: dict[int, str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def measure(bed: NorthSouthBed, client: Client, pod_ip: str, q: argparse.Namespace) -> dict[str, dict[str, float]]:
-    addr = {"direct": (pod_ip, CC_PORT, RR_PORT, IPERF_PORT), "np-local": (node_ip(1), NP_CC, NP_RR, NP_IPERF),
-            "np-remote": (node_ip(2), NP_CC, NP_RR, NP_IPERF)}
-    out = {t: {} for t in TARGETS}
-    rates = {t: [] for t in TARGETS}
-    progs = tc_programs(bed) if q.bpf_stats and bed.bpflb else {}
-    runs = {t: {} for t in TARGETS}  # target -> label -> [run_time_ns, run_cnt]
+@dataclass
+class Proxy:
+    """One proxy mode's bed, up for the whole run: its backend pod, its client, its Services."""
+    mode: str
+    bed: NorthSouthBed
+    client: Client
+    pod_ip: str
+    api: Api
+    made: int = 1  # the bench Service
+    progs: dict[int, str] = field(default_factory=dict)
+
+    def addr(self, t: str) -> tuple[str, int, int, int]:
+        return {"direct": (self.pod_ip, CC_PORT, RR_PORT, IPERF_PORT), "np-local": (node_ip(1), NP_CC, NP_RR, NP_IPERF),
+                "np-remote": (node_ip(2), NP_CC, NP_RR, NP_IPERF)}[t]
+
+
+def start_proxy(mode: str, workdir: Path, stack: ExitStack) -> Proxy:
+    bed = stack.enter_context(NorthSouthBed(mode, workdir / mode))
+    a = bed.pod(1, "a", serve=False)
+    server = subprocess.Popen([build_c("tcp_server"), f"{a.ip}:{RR_PORT}:r", f"{a.ip}:{CC_PORT}:c"],
+                              stdout=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: enter(a.netns, bed.cluster.cgroup(1)))
+    a.proc = server   # killed with the pod
+    if server.stdout.readline().strip() != "ready":
+        raise RuntimeError("tcp_server did not start")
+    iperf_srv = subprocess.Popen(["iperf3", "-s", "-B", a.ip, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, preexec_fn=lambda: enter(a.netns, None))
+    bed.cluster.procs.append(iperf_srv)
+    bed.apply(*bench_service("bench", a.ip, [("cc", 81, CC_PORT, NP_CC), ("rr", 80, RR_PORT, NP_RR),
+                                             ("iperf", 5201, IPERF_PORT, NP_IPERF)]))
+    client = Client(bed)
+    stack.callback(client.close)
+    return Proxy(mode, bed, client, a.ip, Api(bed))
+
+
+def scale_to(px: Proxy, scale: int, i: int) -> None:
+    """Create ClusterIP Services up to `scale`, then wait until the proxy programmed them all."""
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        def create(k: int) -> None:
+            svc, es = filler(k)
+            px.api.post("/api/v1/namespaces/default/services", svc)
+            px.api.post("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", es)
+        list(pool.map(create, range(px.made, scale)))
+    px.made = max(px.made, scale)
+    created = time.monotonic() - t0
+    # the sentinel: answers once the proxy programmed everything created before it
+    px.bed.apply(*bench_service(f"sentinel{i}", px.pod_ip, [("cc", 81, CC_PORT, 30300 + i)]))
+    px.bed.wait(lambda: px.client.run(node_ip(1), 30300 + i, "c", 1)[0] == 1, timeout=900,
+                what=f"{scale} Services programmed")
+    print(f"# {px.mode}: {scale} Services (created in {created:.0f} s, programmed after {time.monotonic() - t0:.0f} s)",
+          flush=True)
+
+
+def measure(proxies: list[Proxy], q: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    """Every (proxy, target) pair measured in turns: round r runs each pair once, in an order that
+    reverses every round, so machine noise falls on all pairs alike and the ratios between them,
+    across beds too, are side by side."""
+    pairs = [(px, t) for px in proxies for t in TARGETS]
+    rates: dict[tuple[str, str], list[float]] = {(px.mode, t): [] for px, t in pairs}
+    runs: dict[tuple[str, str], dict[str, list[int]]] = {(px.mode, t): {} for px, t in pairs}
+    for px in proxies:
+        px.progs = tc_programs(px.bed) if q.bpf_stats and px.bed.bpflb else {}
     for r in range(q.rounds):
-        order = TARGETS if r % 2 == 0 else TARGETS[::-1]
-        for t in order:
-            before = prog_counters(progs) if progs else {}
-            ok, failed, first, ns = client.run(addr[t][0], addr[t][1], "c", q.conns)
+        for px, t in (pairs if r % 2 == 0 else pairs[::-1]):
+            before = prog_counters(px.progs) if px.progs else {}
+            ok, failed, first, ns = px.client.run(px.addr(t)[0], px.addr(t)[1], "c", q.conns)
             if failed:
-                raise RuntimeError(f"{t}: {failed} failed connections (errno {first})")
-            rates[t].append(ok / (ns / 1e9))
-            for label, (rt, rc) in (prog_counters(progs) if progs else {}).items():
-                acc = runs[t].setdefault(label, [0, 0])
+                raise RuntimeError(f"{px.mode} {t}: {failed} failed connections (errno {first})")
+            rates[(px.mode, t)].append(ok / (ns / 1e9))
+            for label, (rt, rc) in (prog_counters(px.progs) if px.progs else {}).items():
+                acc = runs[(px.mode, t)].setdefault(label, [0, 0])
                 acc[0] += rt - before[label][0]
                 acc[1] += rc - before[label][1]
-    for t in TARGETS if progs else ():
-        parts = [f"{label} {rc / (q.rounds * q.conns):.2f} runs/conn x {rt / rc:.0f} ns"
-                 for label, (rt, rc) in sorted(runs[t].items()) if rc]
-        print(f"# bpf_stats {t:10} " + ("; ".join(parts) or "no program ran"), flush=True)
-    lat = {t: [] for t in TARGETS}
+    for px, t in pairs:
+        if px.progs:
+            parts = [f"{label} {rc / (q.rounds * q.conns):.2f} runs/conn x {rt / rc:.0f} ns"
+                     for label, (rt, rc) in sorted(runs[(px.mode, t)].items()) if rc]
+            print(f"# bpf_stats {px.mode} {t:10} " + ("; ".join(parts) or "no program ran"), flush=True)
+    lat: dict[tuple[str, str], list[float]] = {(px.mode, t): [] for px, t in pairs}
     for i in range(q.samples):
-        for t in (TARGETS if i % 2 == 0 else TARGETS[::-1]):
-            ok, failed, first, ns = client.run(addr[t][0], addr[t][2], "r", 1)
+        for px, t in (pairs if i % 2 == 0 else pairs[::-1]):
+            ok, failed, first, ns = px.client.run(px.addr(t)[0], px.addr(t)[2], "r", 1)
             if failed:
-                raise RuntimeError(f"{t}: request/response failed (errno {first})")
-            lat[t].append(ns / 1e3)
-    thr = {t: [] for t in TARGETS}
+                raise RuntimeError(f"{px.mode} {t}: request/response failed (errno {first})")
+            lat[(px.mode, t)].append(ns / 1e3)
+    thr: dict[tuple[str, str], list[float]] = {(px.mode, t): [] for px, t in pairs}
     for i in range(q.iperf_runs):
-        for t in (TARGETS if i % 2 == 0 else TARGETS[::-1]):
-            thr[t].append(iperf(bed, addr[t][0], addr[t][3], q.iperf_seconds))
-    for t in TARGETS:
-        out[t] = {"conn/s": median(rates[t]), "p50 us": percentile(lat[t], 50), "p99 us": percentile(lat[t], 99),
-                  "Gbit/s": median(thr[t]) if thr[t] else float("nan")}
+        for px, t in (pairs if i % 2 == 0 else pairs[::-1]):
+            thr[(px.mode, t)].append(iperf(px.bed, px.addr(t)[0], px.addr(t)[3], q.iperf_seconds))
+    out: dict[str, dict[str, dict[str, float]]] = {px.mode: {} for px in proxies}
+    for px, t in pairs:
+        k = (px.mode, t)
+        out[px.mode][t] = {"conn/s": median(rates[k]), "p50 us": percentile(lat[k], 50),
+                           "p99 us": percentile(lat[k], 99), "Gbit/s": median(thr[k]) if thr[k] else float("nan")}
     return out
 
 
-def run_mode(mode: str, q: argparse.Namespace, results: dict) -> None:
-    with tempfile.TemporaryDirectory(prefix="bpflb-nodeport-") as d, NorthSouthBed(mode, Path(d)) as bed:
-        a = bed.pod(1, "a", serve=False)
-        server = subprocess.Popen([build_c("tcp_server"), f"{a.ip}:{RR_PORT}:r", f"{a.ip}:{CC_PORT}:c"],
-                                  stdout=subprocess.PIPE, text=True,
-                                  preexec_fn=lambda: enter(a.netns, bed.cluster.cgroup(1)))
-        a.proc = server   # killed with the pod
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError("tcp_server did not start")
-        iperf_srv = subprocess.Popen(["iperf3", "-s", "-B", a.ip, "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, preexec_fn=lambda: enter(a.netns, None))
-        bed.cluster.procs.append(iperf_srv)
-        bed.apply(*bench_service("bench", a.ip, [("cc", 81, CC_PORT, NP_CC), ("rr", 80, RR_PORT, NP_RR),
-                                                 ("iperf", 5201, IPERF_PORT, NP_IPERF)]))
-        api = Api(bed)
-        client = Client(bed)
-        made = 1  # the bench Service
-        try:
-            for i, scale in enumerate(q.services):
-                t0 = time.monotonic()
-                with ThreadPoolExecutor(16) as pool:
-                    def create(k: int) -> None:
-                        svc, es = filler(k)
-                        api.post("/api/v1/namespaces/default/services", svc)
-                        api.post("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", es)
-                    list(pool.map(create, range(made, scale)))
-                made = max(made, scale)
-                created = time.monotonic() - t0
-                # the sentinel: answers once the proxy programmed everything created before it
-                bed.apply(*bench_service(f"sentinel{i}", a.ip, [("cc", 81, CC_PORT, 30300 + i)]))
-                bed.wait(lambda: client.run(node_ip(1), 30300 + i, "c", 1)[0] == 1, timeout=900,
-                         what=f"{scale} Services programmed")
-                synced = time.monotonic() - t0
-                print(f"# {mode}: {scale} Services (created in {created:.0f} s, programmed after {synced:.0f} s)",
-                      flush=True)
-                results[(mode, scale)] = measure(bed, client, a.ip, q)
-                print_cell(mode, scale, results[(mode, scale)])
-        finally:
-            client.close()
+def run(modes: list[str], q: argparse.Namespace, results: dict, failed: list[str]) -> None:
+    """Every mode's bed up at once (each in its own namespaces, with its own API server), scaled
+    together, measured in turns."""
+    with tempfile.TemporaryDirectory(prefix="bpflb-nodeport-") as d, ExitStack() as stack:
+        proxies = []
+        for mode in modes:
+            try:
+                proxies.append(start_proxy(mode, Path(d), stack))
+            except Exception as e:  # one mode failing leaves the others' figures
+                failed.append(mode)
+                print(f"# {mode}: FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
+        for i, scale in enumerate(q.services):
+            for px in list(proxies):
+                try:
+                    scale_to(px, scale, i)
+                except Exception as e:
+                    failed.append(px.mode)
+                    proxies.remove(px)
+                    print(f"# {px.mode}: FAILED at {scale} Services: {str(e)[:2000]}", file=sys.stderr, flush=True)
+            if not proxies:
+                return
+            cells = measure(proxies, q)
+            for px in proxies:
+                results[(px.mode, scale)] = cells[px.mode]
+                print_cell(px.mode, scale, cells[px.mode])
 
 
 def print_cell(mode: str, scale: int, cell: dict) -> None:
@@ -282,7 +333,8 @@ def summary(results: dict, modes: list[str], scales: list[int]) -> None:
     others = [m for m in modes if m != ref]
     if ref not in modes or not others:
         return
-    print(f"\n# vs {ref}, conn/s: normalised (each over its own bed's direct) and raw (>1: faster than {ref})")
+    print(f"\n# vs {ref}, conn/s, the two beds measured in turns (>1: faster than {ref}); in brackets, each "
+          f"over its own bed's direct first")
     for mode in others:
         for scale in scales:
             a, b = results.get((mode, scale)), results.get((ref, scale))
@@ -291,11 +343,11 @@ def summary(results: dict, modes: list[str], scales: list[int]) -> None:
             parts = []
             for t in TARGETS[1:]:
                 x = (a[t]["conn/s"] / a["direct"]["conn/s"]) / (b[t]["conn/s"] / b["direct"]["conn/s"])
-                parts.append(f"{t}: {x:.2f}x (raw {a[t]['conn/s'] / b[t]['conn/s']:.2f}x)")
+                parts.append(f"{t}: {a[t]['conn/s'] / b[t]['conn/s']:.2f}x ({x:.2f}x)")
             print(f"  {mode:20} {scale:>6}  " + "   ".join(parts))
     if ("bpflb", max(scales)) in results and (ref, max(scales)) in results:
         a, b, s = results[("bpflb", max(scales))], results[(ref, max(scales))], max(scales)
-        x = (a["np-local"]["conn/s"] / a["direct"]["conn/s"]) / (b["np-local"]["conn/s"] / b["direct"]["conn/s"])
+        x = a["np-local"]["conn/s"] / b["np-local"]["conn/s"]
         p99 = a["np-local"]["p99 us"] / a["direct"]["p99 us"]
         print(f"\n# targets at {s} Services: bpflb conn/s {x:.2f}x kube-proxy nftables (target >= 1.2x): "
               f"{'met' if x >= 1.2 else 'NOT met'}; bpflb p99 {p99:.2f}x direct (target <= 1.1x): "
@@ -323,14 +375,9 @@ def main() -> int:
     print(f"# lb at {code_version()}; modes {modes}; Services {a.services}; {a.rounds} rounds x {a.conns} "
           f"connections, {a.samples} latency samples, {a.iperf_runs} x {a.iperf_seconds} s iperf3 per target")
     results: dict = {}
-    failed = []
-    for mode in modes:
-        try:
-            with bpf_stats(a.bpf_stats and mode == "bpflb"):
-                run_mode(mode, a, results)
-        except Exception as e:  # one mode failing (bpflb before its datapath lands) leaves the others' figures
-            failed.append(mode)
-            print(f"# {mode}: FAILED: {str(e)[:2000]}", file=sys.stderr, flush=True)
+    failed: list[str] = []
+    with bpf_stats(a.bpf_stats and "bpflb" in modes):
+        run(modes, a, results, failed)
     summary(results, modes, a.services)
     return 1 if failed else 0
 

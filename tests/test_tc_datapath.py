@@ -600,13 +600,31 @@ def test_a_flow_stamped_by_another_cpu_after_our_clock_read_is_live(tcbed, maps)
         stream.close()
 
 
+def hold_every_masquerade_port(tcbed, closed_ns: int) -> None:
+    """Every masquerade port towards pod2 held by a flow of another client that closed at closed_ns."""
+    fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, NAT_MAP))
+    try:
+        for port in range(61000, 65536):
+            key = CtTuple.from_buffer_copy(pack_ip(POD2_4) + pack_ip(NODE1_4) +
+                                           struct.pack("=HHB3x", socket.htons(PORT), socket.htons(port), 6))
+            val = NatVal(client_port=socket.htons(port), frontend_port=socket.htons(NODEPORT),
+                         flags=CT_F_SNAT | CT_F_CLOSING, rev_nat_id=1, last_ns=closed_ns)
+            ctypes.memmove(val.client, pack_ip("10.99.0.1"), 16)
+            ctypes.memmove(val.frontend, pack_ip(NODE1_4), 16)
+            bpfsys.update(fd, bytes(key), bytes(val))
+    finally:
+        os.close(fd)
+
+
 def test_many_short_connections_to_a_remote_backend_through_a_masqueraded_nodeport(tcbed, maps):
     """More connections than there are masquerade ports, opened and closed (RST) back to back. The lb_nat entries of closed flows stayed until
     the LRU evicted them (never, below its size): once the 4536 ports of the backend were all held by
     dead flows every new flow's SYN was dropped, and in the north-south bench ~6% of np-remote
     connections failed. A flow that is over gives its port to a new one (as conntrack reuses a closed
-    tuple), so none may fail."""
+    tuple), so none may fail. Every port starts held by a flow that closed a while ago (a SYN takes the
+    first such port it tries, so a test that only dialled would not keep the range full)."""
     program(maps, nodeport(), 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    hold_every_masquerade_port(tcbed, time.clock_gettime_ns(time.CLOCK_BOOTTIME) - 1_000_000_000)
     # 12 000 client ports: the kernel hands out about half of them before it reuses one (a reused
     # client port ended its old flow anyway), more than the 4536 masquerade ports.
     sysctl(tcbed.path("c"), {"net.ipv4.ip_local_port_range": "40000 51999"})
@@ -628,8 +646,10 @@ def test_many_short_connections_to_a_remote_backend_through_a_masqueraded_nodepo
     finally:
         sysctl(tcbed.path("c"), {"net.ipv4.ip_local_port_range": "32768 60999"})
     assert not failed, failed
-    ports = {r["reply_to"] for r in nat_rows(tcbed.bpf_root) if r["masquerade"]}
-    assert len(ports) > 3000  # the range was (nearly) full: ports were taken over, not merely free
+    # The other client's flows gave their ports over (a reused client port frees its own flow's port,
+    # so the range does not stay full).
+    others = [r for r in nat_rows(tcbed.bpf_root) if not r["client"].startswith(CLIENT4 + ":")]
+    assert len(others) < 1000, len(others)
     assert tcbed.ask(NODE1_4, NODEPORT) == ("pod2", NODE1_4)
 
 
@@ -643,18 +663,7 @@ def test_a_masquerade_port_goes_to_a_new_flow_only_a_while_after_its_flow_closed
     ago, they are taken over and the connection succeeds."""
     program(maps, nodeport(), 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
     ahead = time.clock_gettime_ns(time.CLOCK_BOOTTIME) + 4_000_000_000
-    fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, NAT_MAP))
-    try:
-        for port in range(61000, 65536):
-            key = CtTuple.from_buffer_copy(pack_ip(POD2_4) + pack_ip(NODE1_4) +
-                                           struct.pack("=HHB3x", socket.htons(PORT), socket.htons(port), 6))
-            val = NatVal(client_port=socket.htons(port), frontend_port=socket.htons(NODEPORT),
-                         flags=CT_F_SNAT | CT_F_CLOSING, rev_nat_id=1, last_ns=ahead)
-            ctypes.memmove(val.client, pack_ip("10.99.0.1"), 16)
-            ctypes.memmove(val.frontend, pack_ip(NODE1_4), 16)
-            bpfsys.update(fd, bytes(key), bytes(val))
-    finally:
-        os.close(fd)
+    hold_every_masquerade_port(tcbed, ahead)
     with pytest.raises(OSError):  # every SYN dropped (timeout): no port to give
         tcbed.ask(NODE1_4, NODEPORT, timeout=1.5)
     wait_for(lambda: time.clock_gettime_ns(time.CLOCK_BOOTTIME) > ahead + 20_000_000, timeout=10)
