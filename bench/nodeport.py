@@ -269,6 +269,10 @@ def measure(proxies: list[Proxy], q: argparse.Namespace) -> dict[str, dict[str, 
             if failed:
                 raise RuntimeError(f"{px.mode} {t}: request/response failed (errno {first})")
             lat[(px.mode, t)].append(ns / 1e3)
+    for px, t in pairs:
+        xs = lat[(px.mode, t)]
+        print(f"# latency {px.mode} {t:10} " + "  ".join(f"p{q:g} {percentile(xs, q):.0f} us"
+                                                       for q in (10, 50, 90, 95, 99, 99.9)), flush=True)
     thr: dict[tuple[str, str], list[float]] = {(px.mode, t): [] for px, t in pairs}
     for i in range(q.iperf_runs):
         for px, t in (pairs if i % 2 == 0 else pairs[::-1]):
@@ -363,13 +367,13 @@ def main() -> int:
     ap.add_argument("--bpf-stats", action="store_true",
                     help="bpflb: per target, the tc programs' runs per connection and ns per run (bpf_stats)")
     ap.add_argument("--rounds", type=int, default=None, help="connect+close rounds per target (default 12; --quick 4)")
-    ap.add_argument("--samples", type=int, default=None, help="latency samples per target (default 3000; --quick 300)")
+    ap.add_argument("--samples", type=int, default=None, help="latency samples per target (default 10000; --quick 1000)")
     ap.add_argument("--no-iperf", action="store_true", help="skip the throughput runs")
     a = ap.parse_args()
     a.services = [int(x) for x in (a.services or ("1,100" if a.quick else "1,1000,10000")).split(",")]
     rounds, a.conns = (4, 300) if a.quick else (12, 1000)
     a.rounds = a.rounds or rounds
-    a.samples = a.samples or (300 if a.quick else 3000)
+    a.samples = a.samples or (1000 if a.quick else 10000)
     a.iperf_runs, a.iperf_seconds = (0, 1) if a.no_iperf else (1, 1) if a.quick else (3, 3)
     modes = a.modes.split(",")
     print(f"# lb at {code_version()}; modes {modes}; Services {a.services}; {a.rounds} rounds x {a.conns} "
