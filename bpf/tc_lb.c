@@ -21,8 +21,12 @@
  * Not translated, passed on to the stack as they are (documented in docs, see also lb/datapath.py):
  *  - IPv4 fragments and IPv6 packets with extension headers (no ports to match). Only the first
  *    fragment carries ports; a client that fragments a datagram to a frontend is not served.
- *  - ICMP errors about a translated flow (e.g. "fragmentation needed" from a router towards the
- *    client): they reach the stack untranslated; PMTU discovery across the node relies on the MSS.
+ * ICMP errors about a translated flow (port unreachable from a backend with nothing on the port,
+ * fragmentation needed / packet too big, time exceeded) are translated as conntrack translates a RELATED
+ * packet: from the backend's side (tc_pod, or tc_ext for a remote backend) the outer header becomes
+ * frontend -> client and the quoted packet client -> frontend; from the client's side (tc_ext) the outer
+ * header becomes masquerade address (or client) -> backend and the quote backend -> that address. See
+ * icmp_error().
  * Rules as kube-proxy nftables applies them: no endpoints at all -> reject (ICMP port unreachable, as
  * nft "reject" does: the client's connect fails at once with ECONNREFUSED); LB_SVC_F_DROP_EMPTY
  * (externalTrafficPolicy Local, none here) -> silent drop; LB_SVC_F_SRC_RANGES -> the client must be in
@@ -95,7 +99,7 @@ static __always_inline int is_v4_mapped(const __u32 *a)
 	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
 }
 
-/* Parse Ethernet + IPv4/IPv6 + TCP/UDP. 0 if the packet is one we may translate. */
+/* Parse Ethernet + IPv4/IPv6 + TCP/UDP. 0 if the packet is one we may translate, 1 for ICMP (ICMPv6). */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -153,6 +157,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		p->t.dport = uh->dest;
 		return 0;
 	}
+	if (p->t.proto == (p->v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP))
+		return 1; /* maybe an error about a translated flow: icmp_error() */
 	return -1;
 }
 
@@ -289,35 +295,43 @@ static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dmac, con
  * A non-GSO packet larger than the egress MTU still gets FRAG_NEEDED and is dropped (no ICMP back:
  * PMTU discovery across the node relies on the MSS, see the top of this file).
  */
-static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt *p, __u32 fallback)
+static __always_inline int redirect_fib_in(struct __sk_buff *skb, const struct pkt *p, __u32 fallback,
+					   struct bpf_fib_lookup *fib)
 {
-	struct bpf_fib_lookup fib = {};
 	int rc;
 
-	fib.ifindex = skb->ifindex;
-	fib.l4_protocol = p->t.proto;
-	fib.sport = p->t.sport;
-	fib.dport = p->t.dport;
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->ifindex = skb->ifindex;
+	fib->l4_protocol = p->t.proto;
+	fib->sport = p->t.sport;
+	fib->dport = p->t.dport;
 	if (p->v6) {
-		fib.family = AF_INET6;
-		__builtin_memcpy(fib.ipv6_src, p->t.saddr, 16);
-		__builtin_memcpy(fib.ipv6_dst, p->t.daddr, 16);
+		fib->family = AF_INET6;
+		__builtin_memcpy(fib->ipv6_src, p->t.saddr, 16);
+		__builtin_memcpy(fib->ipv6_dst, p->t.daddr, 16);
 	} else {
-		fib.family = AF_INET;
-		fib.ipv4_src = p->t.saddr[3];
-		fib.ipv4_dst = p->t.daddr[3];
+		fib->family = AF_INET;
+		fib->ipv4_src = p->t.saddr[3];
+		fib->ipv4_dst = p->t.daddr[3];
 	}
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (set_macs(skb, fib.dmac, fib.smac) < 0)
+		if (set_macs(skb, fib->dmac, fib->smac) < 0)
 			return TC_ACT_SHOT;
-		return bpf_redirect(fib.ifindex, 0);
+		return bpf_redirect(fib->ifindex, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return redirect_neigh(fib.ifindex, 0, 0, 0);
+		return redirect_neigh(fib->ifindex, 0, 0, 0);
 	if (fallback)
 		return redirect_neigh(fallback, 0, 0, 0);
 	return TC_ACT_SHOT;
+}
+
+static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt *p, __u32 fallback)
+{
+	struct bpf_fib_lookup fib;
+
+	return redirect_fib_in(skb, p, fallback, &fib);
 }
 
 /* ---- conntrack ------------------------------------------------------------------------------------ */
@@ -581,6 +595,164 @@ static __always_inline int reject(struct __sk_buff *skb, const struct pkt *p)
 		     : reject4(skb, sizeof(struct udphdr), offsetof(struct udphdr, check));
 }
 
+/* ---- ICMP errors about a translated flow ---------------------------------------------------------- */
+
+/* Offsets in an ICMP error (parse() admits only a fixed-size outer header): its header, the quoted IP
+ * header, the quoted L4 header. */
+#define ICMP4_OFF (ETH_HLEN_ + sizeof(struct iphdr))
+#define ICMP4_QUOTE (ICMP4_OFF + 8)
+#define ICMP4_QUOTE_L4 (ICMP4_QUOTE + sizeof(struct iphdr))
+#define ICMP6_OFF (ETH_HLEN_ + sizeof(struct ipv6hdr))
+#define ICMP6_QUOTE (ICMP6_OFF + 8)
+#define ICMP6_QUOTE_L4 (ICMP6_QUOTE + sizeof(struct ipv6hdr))
+
+/* Is this ICMP (ICMPv6) packet an error quoting a TCP or UDP packet? *q gets the quoted packet's tuple.
+ * The errors conntrack relates to a flow: destination unreachable (fragmentation needed among them),
+ * time exceeded, parameter problem; ICMPv6 also packet too big. 0 or -1. */
+static __always_inline int icmp_quote(struct __sk_buff *skb, const struct pkt *p, struct lb_ct_tuple *q,
+				      struct ipv6hdr *buf)
+{
+	__u16 ports[2];
+	__u8 type;
+
+	if (bpf_skb_load_bytes(skb, p->v6 ? ICMP6_OFF : ICMP4_OFF, &type, 1) < 0)
+		return -1;
+	if (p->v6) {
+		struct ipv6hdr *in = buf;
+
+		if (type != ICMPV6_DEST_UNREACH && type != ICMPV6_PKT_TOOBIG && type != ICMPV6_TIME_EXCEED &&
+		    type != ICMPV6_PARAMPROB)
+			return -1;
+		if (bpf_skb_load_bytes(skb, ICMP6_QUOTE, in, sizeof(*in)) < 0)
+			return -1;
+		q->proto = in->nexthdr;
+		__builtin_memcpy(q->saddr, in->saddr.in6_u.u6_addr32, 16);
+		__builtin_memcpy(q->daddr, in->daddr.in6_u.u6_addr32, 16);
+		if (bpf_skb_load_bytes(skb, ICMP6_QUOTE_L4, ports, 4) < 0)
+			return -1;
+	} else {
+		struct iphdr *in = (struct iphdr *)buf;
+
+		if (type != ICMP_DEST_UNREACH && type != ICMP_TIME_EXCEEDED && type != ICMP_PARAMETERPROB)
+			return -1;
+		if (bpf_skb_load_bytes(skb, ICMP4_QUOTE, in, sizeof(*in)) < 0)
+			return -1;
+		if (in->ihl != 5 || (in->frag_off & bpf_htons(0x1fff)))
+			return -1; /* options, or not the first fragment: no ports quoted */
+		q->proto = in->protocol;
+		q->saddr[2] = bpf_htonl(0xffff);
+		q->daddr[2] = bpf_htonl(0xffff);
+		q->saddr[3] = in->saddr;
+		q->daddr[3] = in->daddr;
+		if (bpf_skb_load_bytes(skb, ICMP4_QUOTE_L4, ports, 4) < 0)
+			return -1;
+	}
+	if (q->proto != IPPROTO_TCP && q->proto != IPPROTO_UDP)
+		return -1;
+	q->sport = ports[0];
+	q->dport = ports[1];
+	return 0;
+}
+
+/* The new addresses and ports of an ICMP error: outer header os -> od, quoted packet qs:qsport -> qd:qdport. */
+struct icmp_xlate_to {
+	__u32 qs[4], qd[4], os[4], od[4]; /* in header order: bpf_csum_diff takes each pair at once */
+	__u16 qsport, qdport;
+	__u8 qproto;
+};
+
+/*
+ * Rewrite an ICMP error to *to, every checksum covering what changes kept right: the quoted IPv4
+ * header's, the quoted L4 checksum (UDP's is always quoted, TCP's when the quote reaches it; the quote's
+ * pseudo-header and ports changed), the ICMP checksum (it covers the quote; ICMPv6's also the outer
+ * addresses), the outer IPv4 header's. TTL (hop limit) - 1, as forwarding would; 1 or 0 is dropped.
+ * The fields are written directly: ICMP is never checksum-offloaded. 0 or -1.
+ */
+static __always_inline int icmp_xlate(struct __sk_buff *skb, struct pkt *p, const struct icmp_xlate_to *to)
+{
+	__u32 want = (p->v6 ? ICMP6_QUOTE_L4 : ICMP4_QUOTE_L4) + sizeof(struct tcphdr);
+
+	if (want > skb->len)
+		want = skb->len;
+	if (bpf_skb_pull_data(skb, want) < 0)
+		return -1;
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 qa, qp, icd, oa;
+	__u16 *l4, *l4c = 0, *icsum;
+
+	if (p->v6) {
+		struct ipv6hdr *ip = data + ETH_HLEN_;
+		struct icmp6hdr *ic = data + ICMP6_OFF;
+		struct ipv6hdr *in = data + ICMP6_QUOTE;
+
+		l4 = data + ICMP6_QUOTE_L4;
+		if ((void *)(l4 + 4) > end)
+			return -1;
+		if (ip->hop_limit <= 1)
+			return -1;
+		/* saddr and daddr are adjacent in both the header and *to (qs, qd; os, od) */
+		qa = (__u32)bpf_csum_diff((__be32 *)in->saddr.in6_u.u6_addr32, 32, (__be32 *)to->qs, 32, 0);
+		oa = (__u32)bpf_csum_diff((__be32 *)ip->saddr.in6_u.u6_addr32, 32, (__be32 *)to->os, 32, 0);
+		icd = oa; /* ICMPv6's checksum covers the outer addresses (pseudo-header) */
+		__builtin_memcpy(in->saddr.in6_u.u6_addr32, to->qs, 16);
+		__builtin_memcpy(in->daddr.in6_u.u6_addr32, to->qd, 16);
+		ip->hop_limit--;
+		__builtin_memcpy(ip->saddr.in6_u.u6_addr32, to->os, 16);
+		__builtin_memcpy(ip->daddr.in6_u.u6_addr32, to->od, 16);
+		icsum = &ic->icmp6_cksum;
+	} else {
+		struct iphdr *ip = data + ETH_HLEN_;
+		struct icmphdr *ic = data + ICMP4_OFF;
+		struct iphdr *in = data + ICMP4_QUOTE;
+
+		l4 = data + ICMP4_QUOTE_L4;
+		if ((void *)(l4 + 4) > end)
+			return -1;
+		if (ip->ttl <= 1)
+			return -1;
+		qa = csum_add(csum_add(~in->saddr, to->qs[3]), csum_add(~in->daddr, to->qd[3]));
+		__u16 old = in->check;
+		in->check = ~csum_fold32(csum_add(~(__u32)old & 0xffff, qa));
+		icd = csum_add(~(__u32)old & 0xffff, in->check); /* the quoted header's checksum is quoted too */
+		in->saddr = to->qs[3];
+		in->daddr = to->qd[3];
+		oa = csum_add(csum_add(~ip->saddr, to->os[3]), csum_add(~ip->daddr, to->od[3]));
+		__u16 *ttl_word = (__u16 *)&ip->ttl;
+		__u32 td = ~(__u32)*ttl_word & 0xffff;
+		ip->ttl--;
+		td = csum_add(td, *ttl_word);
+		ip->saddr = to->os[3];
+		ip->daddr = to->od[3];
+		ip->check = ~csum_fold32(csum_add(~(__u32)ip->check & 0xffff, csum_add(oa, td)));
+		icsum = &ic->checksum;
+	}
+	qp = csum_add(csum_add(~(__u32)l4[0] & 0xffff, to->qsport), csum_add(~(__u32)l4[1] & 0xffff, to->qdport));
+	/* the quoted L4 checksum: UDP's at byte 6 (0: none, IPv4 only), TCP's at byte 16 if quoted */
+	if (to->qproto == IPPROTO_UDP)
+		l4c = &l4[3];
+	else if ((void *)(l4 + 9) <= end)
+		l4c = &l4[8];
+	if (l4c && (*l4c || p->v6)) {
+		__u16 old = *l4c;
+		__u16 n = ~csum_fold32(csum_add(~(__u32)old & 0xffff, csum_add(qa, qp)));
+
+		if (n == 0 && to->qproto == IPPROTO_UDP)
+			n = 0xffff;
+		*l4c = n;
+		icd = csum_add(icd, csum_add(~(__u32)old & 0xffff, n));
+	}
+	l4[0] = to->qsport;
+	l4[1] = to->qdport;
+	icd = csum_add(icd, csum_add(qa, qp));
+	*icsum = ~csum_fold32(csum_add(~(__u32)*icsum & 0xffff, icd));
+	__builtin_memcpy(p->t.saddr, to->os, 16);
+	__builtin_memcpy(p->t.daddr, to->od, 16);
+	p->t.sport = 0;
+	p->t.dport = 0;
+	return 0;
+}
+
 /* ---- a new flow ------------------------------------------------------------------------------------ */
 
 /* A local socket owns the reply tuple (a listener on the port, or a connection with that peer)? */
@@ -629,6 +801,8 @@ struct new_flow_scratch {
 	struct bpf_fib_lookup fib;
 	struct lb_ct_tuple orig; /* nat_reclaim's lookup key */
 	struct lb_nat_val nv;
+	struct lb_ct_val ct;     /* the new flow's entry */
+	struct lb_ct_tuple r;    /* its reply tuple */
 };
 BPF_PERCPU_ARRAY(new_flow_scratch, struct new_flow_scratch, 1);
 
@@ -771,12 +945,12 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 {
 	struct lb_svc_key key = {};
 	struct lb_svc_val *svc;
-	struct lb_ct_val ct = {};
 	struct lb_backend *be = 0;
+	__u16 ct_flags = 0;
 	__u32 backend_id = 0;
 	__u16 slot = 0;
 
-	svc = frontend_of(p, &key, &ct.flags);
+	svc = frontend_of(p, &key, &ct_flags);
 	if (!svc)
 		return TC_ACT_OK; /* not a frontend: the stack's */
 	__u16 count = svc->count;
@@ -833,25 +1007,33 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		lb_ext_affinity_v1.update(&ak, &av);
 	}
 
-	__builtin_memcpy(ct.backend, be->addr, 16);
-	ct.backend_port = be->port;
-	ct.backend_id = backend_id;
-	ct.rev_nat_id = rev_nat_id;
-	ct.slot = slot;
-	ct.ifindex_in = skb->ifindex;
-	ct.created_ns = now;
-	ct.last_ns = now;
-
+	/* the flow's entry and reply tuple are built in per-CPU scratch (bpflb_tc_ext's stack is near its
+	 * 512 bytes) */
 	__u32 zero = 0;
 	struct new_flow_scratch *sc = new_flow_scratch.lookup(&zero);
 	if (!sc)
 		return TC_ACT_SHOT;
+	struct lb_ct_val *ct = &sc->ct;
+	struct lb_ct_tuple *r = &sc->r;
+
+	__builtin_memset(ct, 0, sizeof(*ct));
+	__builtin_memset(r, 0, sizeof(*r));
+	ct->flags = ct_flags;
+	__builtin_memcpy(ct->backend, be->addr, 16);
+	ct->backend_port = be->port;
+	ct->backend_id = backend_id;
+	ct->rev_nat_id = rev_nat_id;
+	ct->slot = slot;
+	ct->ifindex_in = skb->ifindex;
+	ct->created_ns = now;
+	ct->last_ns = now;
+
 	struct lb_endpoint *ep = lb_endpoints_v1.lookup((struct lb_endpoint_key *)be->addr);
 	__u32 out_dev = skb->ifindex;
 	if (ep) {
-		ct.flags |= LB_CT_F_LOCAL;
-		ct.ifindex_out = ep->ifindex;
-		__builtin_memcpy(ct.mac, ep->mac, 6);
+		ct->flags |= LB_CT_F_LOCAL;
+		ct->ifindex_out = ep->ifindex;
+		__builtin_memcpy(ct->mac, ep->mac, 6);
 	} else if (flags & LB_SVC_F_SNAT) {
 		/* The device the backend is reached through decides the masquerade address. */
 		struct bpf_fib_lookup *fib = &sc->fib;
@@ -881,10 +1063,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 	nv->rev_nat_id = rev_nat_id;
 	nv->last_ns = now;
 
-	struct lb_ct_tuple r = {};
-	__builtin_memcpy(r.saddr, ct.backend, 16);
-	r.sport = ct.backend_port;
-	r.proto = p->t.proto;
+	__builtin_memcpy(r->saddr, ct->backend, 16);
+	r->sport = ct->backend_port;
+	r->proto = p->t.proto;
 	if (flags & LB_SVC_F_SNAT) {
 		/* Masquerade to the address of the device the backend is reached through; a local pod is
 		 * reached through its veth, so it sees the address the client came in on. */
@@ -896,28 +1077,28 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		if (!da)
 			return TC_ACT_SHOT;
 		if (p->v6)
-			__builtin_memcpy(ct.nat_addr, da->v6, 16);
+			__builtin_memcpy(ct->nat_addr, da->v6, 16);
 		else
-			__builtin_memcpy(ct.nat_addr, da->v4, 16);
-		if (ct.nat_addr[0] == 0 && ct.nat_addr[3] == 0)
+			__builtin_memcpy(ct->nat_addr, da->v4, 16);
+		if (ct->nat_addr[0] == 0 && ct->nat_addr[3] == 0)
 			return TC_ACT_SHOT; /* no address of this family to masquerade to */
-		ct.flags |= LB_CT_F_SNAT;
-		nv->flags = ct.flags;
-		__builtin_memcpy(r.daddr, ct.nat_addr, 16);
+		ct->flags |= LB_CT_F_SNAT;
+		nv->flags = ct->flags;
+		__builtin_memcpy(r->daddr, ct->nat_addr, 16);
 		int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-		if (nat_claim(skb, &r, nv, p->v6, syn, now, &key, sc) < 0)
+		if (nat_claim(skb, r, nv, p->v6, syn, now, &key, sc) < 0)
 			return TC_ACT_SHOT;
-		ct.nat_port = r.dport;
+		ct->nat_port = r->dport;
 	} else {
-		nv->flags = ct.flags;
-		__builtin_memcpy(r.daddr, p->t.saddr, 16);
-		r.dport = p->t.sport;
-		lb_nat_v1.update(&r, nv);
+		nv->flags = ct->flags;
+		__builtin_memcpy(r->daddr, p->t.saddr, 16);
+		r->dport = p->t.sport;
+		lb_nat_v1.update(r, nv);
 	}
 	if (closes(p))
-		ct.flags |= LB_CT_F_CLOSING;
-	lb_ct_v1.update(&p->t, &ct);
-	return forward(skb, p, &ct);
+		ct->flags |= LB_CT_F_CLOSING;
+	lb_ct_v1.update(&p->t, ct);
+	return forward(skb, p, ct);
 }
 
 /* ---- entry points ---------------------------------------------------------------------------------- */
@@ -940,6 +1121,84 @@ static __always_inline void flow_closes(struct pkt *p, struct lb_ct_val *ct, __u
 }
 
 /*
+ * An ICMP error about a translated flow (parse() said ICMP), as conntrack handles a RELATED packet
+ * (nf_nat_icmp_reply_translation): the error and its quote are translated as the flow's packets are.
+ *  - From the backend's side (tc_pod, or tc_ext for a remote backend): the quote is what the backend got,
+ *    masquerade address (or client) -> backend; lb_nat has its reply tuple. The outer header becomes
+ *    frontend -> client, the quote client -> frontend, and it goes on to the client as a reply does.
+ *  - From the client's side (tc_ext only): the quote is a reply the client got, frontend -> client;
+ *    lb_ct has its flow. The outer header becomes masquerade address (or client) -> backend, the quote
+ *    backend -> that address, and it goes on to the backend as the flow's packets do.
+ * Anything else ICMP is the stack's.
+ */
+/* Per-CPU room for icmp_error's locals (inlined into bpflb_tc_ext, whose stack is near BPF's 512 bytes). */
+struct icmp_scratch {
+	struct lb_ct_tuple q, t;
+	struct icmp_xlate_to to;
+	struct lb_ct_val ct;
+	struct ipv6hdr quoted; /* icmp_quote's copy of the quoted IP header */
+	struct bpf_fib_lookup fib;
+};
+BPF_PERCPU_ARRAY(icmp_scratch, struct icmp_scratch, 1);
+
+static __always_inline int icmp_error(struct __sk_buff *skb, struct pkt *p, int from_client)
+{
+	__u32 zero = 0;
+	struct icmp_scratch *sc = icmp_scratch.lookup(&zero);
+
+	if (!sc)
+		return TC_ACT_OK;
+	struct lb_ct_tuple *q = &sc->q, *t = &sc->t;
+	struct icmp_xlate_to *to = &sc->to;
+	struct lb_ct_val *ct = &sc->ct;
+
+	__builtin_memset(sc, 0, sizeof(*sc));
+	if (icmp_quote(skb, p, q, &sc->quoted) < 0)
+		return TC_ACT_OK;
+	/* the quote reversed: a backend's reply tuple (lb_nat), or a client's flow tuple (lb_ct) */
+	__builtin_memcpy(t->saddr, q->daddr, 16);
+	__builtin_memcpy(t->daddr, q->saddr, 16);
+	t->sport = q->dport;
+	t->dport = q->sport;
+	t->proto = q->proto;
+	to->qproto = q->proto;
+	__u32 fallback = 0; /* the device redirect_fib falls back to */
+	struct lb_nat_val *nv = lb_nat_v1.lookup(t);
+	if (nv) {
+		fallback = nv->ifindex_in;
+		__builtin_memcpy(to->os, nv->frontend, 16);
+		__builtin_memcpy(to->od, nv->client, 16);
+		__builtin_memcpy(to->qs, nv->client, 16);
+		__builtin_memcpy(to->qd, nv->frontend, 16);
+		to->qsport = nv->client_port;
+		to->qdport = nv->frontend_port;
+	} else {
+		if (!from_client)
+			return TC_ACT_OK;
+		struct lb_ct_val *ctp = lb_ct_v1.lookup(t);
+		if (!ctp)
+			return TC_ACT_OK;
+		__builtin_memcpy(ct, ctp, sizeof(*ct));
+		const __u32 *as = (ct->flags & LB_CT_F_SNAT) ? ct->nat_addr : t->saddr;
+
+		__builtin_memcpy(to->os, as, 16);
+		__builtin_memcpy(to->od, ct->backend, 16);
+		__builtin_memcpy(to->qs, ct->backend, 16);
+		__builtin_memcpy(to->qd, as, 16);
+		to->qsport = ct->backend_port;
+		to->qdport = (ct->flags & LB_CT_F_SNAT) ? ct->nat_port : t->sport;
+	}
+	if (icmp_xlate(skb, p, to) < 0)
+		return TC_ACT_SHOT;
+	if (!nv && (ct->flags & LB_CT_F_LOCAL)) {
+		if (set_macs(skb, ct->mac, 0) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect_peer(ct->ifindex_out, 0);
+	}
+	return redirect_fib_in(skb, p, fallback, &sc->fib);
+}
+
+/*
  * Per packet of an established flow from a client: one lb_ct lookup, one lb_services lookup (is the
  * backend still in its slot?), the rewrite, and the redirect; the entry is written only on a FIN or RST
  * or when its stamp is older than CT_REFRESH_NS. lb_nat is looked up first only for a packet whose
@@ -952,8 +1211,11 @@ int bpflb_tc_ext(struct __sk_buff *skb)
 	struct lb_nat_val *nv;
 	struct lb_ct_val *ct;
 
-	if (parse(skb, &p) < 0)
+	int kind = parse(skb, &p);
+	if (kind < 0)
 		return TC_ACT_OK;
+	if (kind > 0)
+		return icmp_error(skb, &p, 1);
 	__u16 dport = bpf_ntohs(p.t.dport);
 	if (dport >= NAT_PORT_MIN && dport <= NAT_PORT_MAX) {
 		/* A remote backend's reply to a masqueraded flow? */
@@ -993,8 +1255,11 @@ int bpflb_tc_pod(struct __sk_buff *skb)
 	struct pkt p = {};
 	struct lb_nat_val *nv;
 
-	if (parse(skb, &p) < 0)
+	int kind = parse(skb, &p);
+	if (kind < 0)
 		return TC_ACT_OK;
+	if (kind > 0)
+		return icmp_error(skb, &p, 0);
 	nv = lb_nat_v1.lookup(&p.t);
 	if (!nv)
 		return TC_ACT_OK; /* the pod's own traffic: the stack's */

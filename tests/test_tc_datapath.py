@@ -192,6 +192,8 @@ class TcBed:
                                   "net.ipv6.conf.default.accept_ra": "0"})
         for k in ("n1", "n2"):
             sysctl(self.path(k), {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
+        for k in ("c", "p1", "p2"):  # ICMP errors are tested: no per-destination rate limit in the way
+            sysctl(self.path(k), {"net.ipv4.icmp_ratelimit": "0", "net.ipv6.icmp.ratelimit": "0"})
         with IPRoute(netns=self.ns["br"]) as ipr:
             ipr.link("add", ifname="br0", kind="bridge")
             br = ipr.link_lookup(ifname="br0")[0]
@@ -501,6 +503,76 @@ def test_ipv6_udp_local_policy(tcbed, maps):
     program(maps, nodeport(UDP, v6=True), 1, [POD1_6], SVC_F_NODEPORT)
     name, src, reply_from = tcbed.ask_udp(NODE1_6, NODEPORT)
     assert (name, src, reply_from) == ("pod1", CLIENT6, (NODE1_6, NODEPORT))
+
+
+# ---- ICMP errors about a translated flow -----------------------------------------------------------
+
+CLOSED_PORT = 9999  # nothing listens on it in the pods: they answer ICMP port unreachable
+
+
+def refused_udp(bed: TcBed, ip: str, port: int, timeout: float = 2.0) -> bool:
+    """One datagram from a connected UDP socket: True if the kernel reports ECONNREFUSED, i.e. an ICMP
+    port unreachable came back from ip (the error's source) quoting exactly the datagram the client sent
+    (the kernel finds the socket by the quote), False if data came back; a timeout raises."""
+    s = bed.sock(ip, socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))
+        s.send(b"?\n")
+        try:
+            s.recv(2048)
+        except ConnectionRefusedError:
+            return True
+        return False
+    finally:
+        s.close()
+
+
+def icmp_unreachables_in(bed: TcBed, k: str, v6: bool) -> int:
+    """ICMP (ICMPv6) destination unreachable messages namespace k received (/proc/net/snmp, snmp6)."""
+    if v6:
+        text = subprocess.run(["nsenter", f"--net={bed.path(k)}", "cat", "/proc/net/snmp6"], capture_output=True,
+                              text=True, check=True).stdout
+        return int(dict(line.split() for line in text.splitlines() if line.strip())["Icmp6InDestUnreachs"])
+    lines = subprocess.run(["nsenter", f"--net={bed.path(k)}", "cat", "/proc/net/snmp"], capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    head, vals = [line.split() for line in lines if line.startswith("Icmp:")][:2]
+    return int(dict(zip(head[1:], vals[1:]))["InDestUnreachs"])
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("where,flags", [("local", SVC_F_SNAT | SVC_F_NODEPORT), ("remote", SVC_F_SNAT | SVC_F_NODEPORT),
+                                         ("local", SVC_F_NODEPORT)], ids=["local", "remote", "local-policy-local"])
+def test_a_backends_port_unreachable_reaches_the_client_translated(tcbed, maps, v6, where, flags):
+    """A UDP NodePort whose backend has nothing on the target port: the pod answers ICMP port unreachable,
+    quoting the datagram it got (masquerade address or client -> pod). As conntrack translates a RELATED
+    packet, the error reaches the client from the frontend, quoting the datagram the client sent, and the
+    client's connected socket fails with ECONNREFUSED at once. Untranslated, the error went to the node's
+    stack (masqueraded) or to the client quoting a datagram it never sent, and the client timed out."""
+    pod = {(False, "local"): POD1_4, (False, "remote"): POD2_4, (True, "local"): POD1_6,
+           (True, "remote"): POD2_6}[(v6, where)]
+    program(maps, nodeport(UDP, v6), 1, [pod], flags, port=CLOSED_PORT)
+    assert refused_udp(tcbed, NODE1_6 if v6 else NODE1_4, NODEPORT)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_a_clients_port_unreachable_reaches_the_backend_translated(tcbed, maps, v6):
+    """The other way: the client sends a datagram and closes its socket before the reply; its kernel
+    answers the reply with ICMP port unreachable, quoting it (frontend -> client). Translated as the
+    flow's packets are, it reaches the backend pod (its ICMP counters count it); untranslated, the node's
+    own stack took it (it is addressed to the frontend)."""
+    pod, node = (POD1_6, NODE1_6) if v6 else (POD1_4, NODE1_4)
+    program(maps, nodeport(UDP, v6), 1, [pod], SVC_F_SNAT | SVC_F_NODEPORT)
+    assert tcbed.ask_udp(node, NODEPORT)[0] == "pod1"  # the flow works
+    before = icmp_unreachables_in(tcbed, "p1", v6)
+
+    def send_and_close() -> bool:
+        s = tcbed.sock(node, socket.SOCK_DGRAM)
+        s.sendto(b"?\n", (node, NODEPORT))
+        s.close()  # the reply finds no socket
+        time.sleep(0.05)
+        return icmp_unreachables_in(tcbed, "p1", v6) > before
+    wait_for(send_and_close, what="the ICMP error at the backend")
 
 
 # ---- bulk transfers: GSO superpackets --------------------------------------------------------------
