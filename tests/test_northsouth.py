@@ -159,6 +159,18 @@ def test_udp_nodeport(bed):
         assert r.ttl == (63 if n == 1 else 62), r
 
 
+def test_a_backends_port_unreachable_reaches_the_outside_client(bed):
+    """A UDP NodePort whose endpoint's port has nothing listening: the pod answers ICMP port unreachable.
+    Behind kube-proxy, conntrack translates it as a RELATED packet and the outside client's connected
+    socket fails at once with ECONNREFUSED, through the backend's node and through the other one."""
+    es = endpoint_slice("udp-closed", [bed.a], proto="UDP")
+    es["ports"][0]["port"] = 9999  # nothing listens there
+    bed.apply(service("udp-closed", node_port=30118, proto="UDP"), es)
+    for n in (1, 2):
+        bed.wait(lambda: bed.outside_udp(node_ip(n), 30118, timeout=0.5, connected=True)[0].error == "ECONNREFUSED",
+                 what=f"ECONNREFUSED through node {n}")
+
+
 def test_session_affinity_from_outside(bed):
     bed.apply(service("aff", node_port=30105, mutate=lambda s: s["spec"].update(sessionAffinity="ClientIP")),
               endpoint_slice("aff", [bed.a, bed.b]))
