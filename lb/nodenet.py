@@ -18,8 +18,9 @@ the pod CIDRs with a routing daemon (BGP) instead and run with --network-mode no
 IPv6 (dual-stack Nodes: spec.podCIDRs holds an IPv6 range too): in direct mode a remote node's IPv6 pod
 CIDR is routed via its IPv6 InternalIP (else ExternalIP) out of the same uplink, refused on the same
 grounds as an IPv4 one; a node with no IPv6 address gets no IPv6 route (named in the plan's problems).
-The VXLAN overlay carries IPv4 only: in overlay mode IPv6 pod CIDRs are not routed (one problem says so;
-run dual-stack clusters in direct mode). IPv6 forwards only when net.ipv6.conf.all.forwarding is 1 (the
+The VXLAN overlay carries IPv6 inside the same IPv4 tunnel: a remote IPv6 pod CIDR is routed via its first
+address (onlink) on bpflb_vxlan, whose permanent neighbour entry names the remote VTEP MAC, and this node's
+bpflb_vxlan holds the first address of its own IPv6 range (/128), as for IPv4. IPv6 forwards only when net.ipv6.conf.all.forwarding is 1 (the
 node-wide switch; Linux 6.17's per-device force_forwarding is a /proc/sys file as well, and RTM_SETLINK
 sets no IPv6 devconf): apply() warns when it is 0.
 
@@ -72,13 +73,14 @@ class Plan:
     node_ip: str | None
     vtep_addr: str | None  # overlay: this node's bpflb_vxlan address
     routes: frozenset[RouteSpec] = frozenset()
+    vtep_addr6: str | None = None  # overlay, dual-stack: its IPv6 address there
     neighbours: frozenset[tuple[str, str]] = frozenset()  # (ip, mac) on bpflb_vxlan
     fdb: frozenset[tuple[str, str]] = frozenset()  # (mac, remote node ip) on bpflb_vxlan
     problems: tuple[str, ...] = ()
 
 
 def node_ip(node: Node) -> str | None:
-    """InternalIP first, as kubelet reports it; IPv4 only (the overlay is IPv4)."""
+    """InternalIP first, as kubelet reports it; IPv4 (the overlay's tunnel is IPv4, for both families inside)."""
     for kind in ("InternalIP", "ExternalIP"):
         for t, addr in node.addresses:
             if t == kind and ":" not in addr:
@@ -129,21 +131,28 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str | None =
     node_ips = [ipaddress.ip_address(a) for n in nodes.values() for a in (node_ip(n), node_ip6(n)) if a]
     accepted: list[tuple[ipaddress.IPv4Network, str]] = [(my_cidr, self_name)] if my_cidr else []
     accepted6: list[tuple[ipaddress.IPv6Network, str]] = [(c, self_name)] if (c := v6_pod_cidr(me)) else []
-    unrouted6 = []
     for name, node in sorted(nodes.items()):
         if name == self_name:
             continue
         ip, cidr, cidr6 = node_ip(node), v4_pod_cidr(node), v6_pod_cidr(node)
         if cidr6 is not None:
-            if mode != "direct":
-                unrouted6.append(name)
-            elif (ip6 := node_ip6(node)) is None:
-                problems.append(f"Node {name}: IPv6 podCIDR {cidr6} not routed: the Node has no IPv6 address")
+            # direct: via the remote's IPv6 address; overlay: IPv6 inside the IPv4 tunnel, as the IPv4
+            # range, via the range's first address (onlink) whose neighbour entry names the remote VTEP MAC
+            hop = node_ip6(node) if mode == "direct" else ip
+            if hop is None:
+                problems.append(f"Node {name}: IPv6 podCIDR {cidr6} not routed: the Node has no "
+                                + ("IPv6 address" if mode == "direct" else "IPv4 address (the tunnel's endpoint)"))
             elif why := route_refusal(cidr6, node_ips, accepted6):
                 problems.append(f"Node {name}: IPv6 podCIDR {cidr6} not routed: it {why}")
             else:
                 accepted6.append((cidr6, name))
-                routes.add(RouteSpec(str(cidr6), ip6, uplink))
+                if mode == "direct":
+                    routes.add(RouteSpec(str(cidr6), hop, uplink))
+                else:
+                    gw6, mac = str(cidr6.network_address), vtep_mac(hop)
+                    routes.add(RouteSpec(str(cidr6), gw6, VXLAN_DEV, onlink=True))
+                    neigh.add((gw6, mac))
+                    fdb.add((mac, hop))
         if cidr is None and cidr6 is not None:
             continue  # an IPv6-only node: nothing to route over IPv4
         if ip is None or cidr is None:
@@ -162,11 +171,11 @@ def plan(self_name: str, nodes: dict[str, Node], mode: str, uplink: str | None =
             routes.add(RouteSpec(str(cidr), gw, VXLAN_DEV, onlink=True))
             neigh.add((gw, mac))
             fdb.add((mac, ip))
-    if unrouted6:
-        problems.append(f"IPv6 pod CIDRs of {', '.join(unrouted6)} not routed: the {mode} mode carries IPv4 only "
-                        "(dual-stack pod networks need --network-mode direct)")
     vtep = f"{my_cidr.network_address}" if (mode == "overlay" and my_cidr) else None
-    return Plan(mode, my_ip, vtep, frozenset(routes), frozenset(neigh), frozenset(fdb), tuple(problems))
+    my_cidr6 = v6_pod_cidr(me)
+    vtep6 = f"{my_cidr6.network_address}" if (mode == "overlay" and my_cidr6) else None
+    return Plan(mode, my_ip, vtep, routes=frozenset(routes), vtep_addr6=vtep6, neighbours=frozenset(neigh),
+                fdb=frozenset(fdb), problems=tuple(problems))
 
 
 _NOT_POD_NETWORKS = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
@@ -361,11 +370,13 @@ def apply(p: Plan, ipr=None) -> list[str]:
                     changes.append(f"{VXLAN_DEV} mtu {mtu}")
             ipr.link("set", index=dev, state="up")
             changes += _devconf_changes(ipr, dev, VXLAN_DEV, forwarding=1, rp_filter=0)
-            if p.vtep_addr:
-                have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=dev)}
-                if p.vtep_addr not in have:
-                    ipr.addr("add", index=dev, address=p.vtep_addr, prefixlen=32)
-                    changes.append(f"{VXLAN_DEV} address {p.vtep_addr}/32")
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=dev)}
+            if p.vtep_addr and p.vtep_addr not in have:
+                ipr.addr("add", index=dev, address=p.vtep_addr, prefixlen=32)
+                changes.append(f"{VXLAN_DEV} address {p.vtep_addr}/32")
+            if p.vtep_addr6 and p.vtep_addr6 not in have:
+                ipr.addr("add", index=dev, address=p.vtep_addr6, prefixlen=128, flags=0x02)  # IFA_F_NODAD
+                changes.append(f"{VXLAN_DEV} address {p.vtep_addr6}/128")
             # FDB: remote VTEP MAC -> remote node IP
             have_fdb = set()
             for e in ipr.fdb("dump", ifindex=dev):
@@ -378,13 +389,14 @@ def apply(p: Plan, ipr=None) -> list[str]:
             for mac, dst in sorted(have_fdb - p.fdb):
                 ipr.fdb("del", ifindex=dev, lladdr=mac, dst=dst)
                 changes.append(f"fdb {mac} -> {dst} removed")
-            have_neigh = {(n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR")) for n in ipr.get_neighbours(ifindex=dev, family=socket.AF_INET)
-                          if n["state"] & NUD_PERMANENT}
+            have_neigh = {(n.get_attr("NDA_DST"), n.get_attr("NDA_LLADDR"))
+                          for family in (socket.AF_INET, socket.AF_INET6)
+                          for n in ipr.get_neighbours(ifindex=dev, family=family) if n["state"] & NUD_PERMANENT}
             for ip, mac in sorted(p.neighbours - have_neigh):
-                ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=dev, state=NUD_PERMANENT)
+                ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=dev, state=NUD_PERMANENT, family=_family(ip))
                 changes.append(f"neigh {ip} {mac}")
             for ip, mac in sorted(have_neigh - p.neighbours):
-                ipr.neigh("del", dst=ip, lladdr=mac, ifindex=dev)
+                ipr.neigh("del", dst=ip, lladdr=mac, ifindex=dev, family=_family(ip))
                 changes.append(f"neigh {ip} removed")
         # Routes we own, of both families.
         have_routes = {}

@@ -290,11 +290,17 @@ def _cidrs(*cidrs):
                  "is broader than /32", id="IPv6 default route"),
     pytest.param("direct", _cidrs("10.244.2.0/24", "fe80::/64"), {("10.244.2.0/24", "192.168.50.2")},
                  "overlaps fe80::/10, which is not a pod network", id="IPv6 link-local"),
-    pytest.param("overlay", None, {("10.244.2.0/24", "10.244.2.0")},
-                 "IPv6 pod CIDRs of node2 not routed: the overlay mode carries IPv4 only",
-                 id="overlay: IPv4 only, said so"),
+    pytest.param("overlay", None, {("10.244.2.0/24", "10.244.2.0"), ("fd00:244:2::/64", "fd00:244:2::")}, None,
+                 id="overlay: both families in the IPv4 tunnel, via each range's first address"),
+    pytest.param("overlay", _cidrs("fd00:244:2::/64"), {("fd00:244:2::/64", "fd00:244:2::")}, None,
+                 id="overlay: an IPv6-only range still rides the IPv4 tunnel"),
+    pytest.param("overlay", _addresses(("InternalIP", "fd00:50::2")), set(),
+                 "IPv6 podCIDR fd00:244:2::/64 not routed: the Node has no IPv4 address (the tunnel's endpoint)",
+                 id="overlay: no IPv4 address, no tunnel: said so"),
+    pytest.param("overlay", _cidrs("10.244.2.0/24", "fe80::/64"), {("10.244.2.0/24", "10.244.2.0")},
+                 "overlaps fe80::/10, which is not a pod network", id="overlay: refused as in direct mode"),
 ])
-def test_ipv6_pod_routes_are_planned_in_direct_mode(mode, node2, routes, problem):
+def test_ipv6_pod_routes_are_planned(mode, node2, routes, problem):
     from lb import nodenet
     from lb.objects import parse_node
 
@@ -306,6 +312,10 @@ def test_ipv6_pod_routes_are_planned_in_direct_mode(mode, node2, routes, problem
         assert p.problems == ()
     else:
         assert any(problem in pr for pr in p.problems), p.problems
+    if mode == "overlay":  # each routed range's gateway has the remote VTEP MAC, which the FDB sends to node 2
+        assert p.neighbours == {(r.gateway, nodenet.vtep_mac("192.168.50.2")) for r in p.routes}
+        assert p.fdb == ({(nodenet.vtep_mac("192.168.50.2"), "192.168.50.2")} if p.routes else set())
+        assert (p.vtep_addr, p.vtep_addr6) == ("10.244.1.0", "fd00:244:1::")
 
 
 APPLY = r"""
@@ -313,7 +323,7 @@ import json, sys
 from lb import nodenet
 from lb.objects import parse_node
 nodes = {o["metadata"]["name"]: parse_node(o) for o in json.loads(sys.argv[2])}
-print(json.dumps(nodenet.apply(nodenet.plan(sys.argv[1], nodes, "direct"))))
+print(json.dumps(nodenet.apply(nodenet.plan(sys.argv[1], nodes, sys.argv[3] if len(sys.argv) > 3 else "direct"))))
 """
 
 
@@ -347,3 +357,34 @@ def test_direct_routing_installs_and_prunes_ipv6_pod_routes(two_nodes_on_ens):
     changes = apply([dual_node(1), dual_node(2, _cidrs("10.244.2.0/24"))])
     assert changes == ["route fd00:244:2::/64 removed"] and routes6() == []
     assert apply([dual_node(1), dual_node(2, _cidrs("10.244.2.0/24"))]) == []  # idempotent
+
+
+def test_overlay_carries_ipv6_pod_traffic_in_the_ipv4_tunnel(two_nodes_on_ens):
+    """apply() of a dual-stack overlay plan on both nodes (no IPv6 address on their uplinks: IPv4 only
+    between them): bpflb_vxlan holds each node's first IPv6 range address, the other node's range is
+    routed through the tunnel, and node 1 pings an address of node 2's range (on its lo) and gets the
+    answer; the route and the neighbour entry go with the range, and a repeat apply changes nothing."""
+    ns, _, _ = two_nodes_on_ens
+    subprocess.run(["ip", "-n", ns[2], "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "-n", ns[2], "addr", "add", "fd00:244:2::5/128", "dev", "lo"], check=True)
+
+    def apply(n: int, objs) -> list[str]:
+        r = subprocess.run(["nsenter", f"--net=/run/netns/{ns[n]}", sys.executable, "-c", APPLY, f"node{n}",
+                            json.dumps(objs), "overlay"], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+    from lb import nodenet
+
+    both = [dual_node(1), dual_node(2)]
+    changes = apply(1, both)
+    assert {f"{nodenet.VXLAN_DEV} address fd00:244:1::/128", f"route fd00:244:2::/64 via fd00:244:2:: dev {nodenet.VXLAN_DEV}",
+            f"neigh fd00:244:2:: {nodenet.vtep_mac('192.168.50.2')}"} <= set(changes), changes
+    apply(2, both)
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{ns[1]}", "ping", "-6", "-c1", "-W2", "fd00:244:2::5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    v4_only = [dual_node(1), dual_node(2, _cidrs("10.244.2.0/24"))]
+    assert sorted(apply(1, v4_only)) == ["neigh fd00:244:2:: removed", "route fd00:244:2::/64 removed"]
+    assert apply(1, v4_only) == []
