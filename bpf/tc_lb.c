@@ -19,8 +19,8 @@
  *                (its source may be a node address, which the stack drops as a martian).
  *
  * Not translated, passed on to the stack as they are (documented in docs, see also lb/datapath.py):
- *  - IPv4 fragments and IPv6 packets with extension headers (no ports to match). Only the first
- *    fragment carries ports; a client that fragments a datagram to a frontend is not served.
+ *  - IPv6 packets with extension headers (fragments among them: no ports to match). IPv4 fragments are
+ *    translated (lb_frags, see parse()); a later fragment that overtakes its first is the stack's.
  * ICMP errors about a translated flow (port unreachable from a backend with nothing on the port,
  * fragmentation needed / packet too big, time exceeded) are translated as conntrack translates a RELATED
  * packet: from the backend's side (tc_pod, or tc_ext for a remote backend) the outer header becomes
@@ -92,7 +92,30 @@ struct pkt {
 	__u32 l4;               /* offset of the L4 header (the IP header is at ETH_HLEN_) */
 	__u8 v6;
 	__u8 tcp_flags;
+	__u8 frag;              /* IPv4: FRAG_FIRST (ports here) or FRAG_LATER (ports from lb_frags), else 0 */
 };
+
+#define FRAG_FIRST 1
+#define FRAG_LATER 2
+
+/*
+ * IPv4 fragments of a datagram to or from a translated flow, as conntrack serves them after its defrag:
+ * the first fragment (offset 0, MF) carries the L4 header; parse() remembers its ports by (source,
+ * destination, IP ID, protocol), and a later fragment (no L4 header) takes them from there, so it finds
+ * its flow and is translated with it (addresses only: its bytes are payload; the L4 checksum, in the
+ * first fragment, covers the whole datagram and is updated there). A later fragment that arrives before
+ * the first is left to the stack. IPv6 fragments (an extension header) are not handled.
+ */
+struct frag_key {
+	__u32 saddr, daddr;
+	__u16 id;
+	__u8 proto;
+	__u8 pad;
+};
+struct frag_ports {
+	__u16 sport, dport;
+};
+BPF_TABLE("lru_hash", struct frag_key, struct frag_ports, lb_frags, 4096);
 
 static __always_inline int is_v4_mapped(const __u32 *a)
 {
@@ -116,14 +139,37 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			return -1;
 		if (ip->ihl != 5)
 			return -1; /* IP options: not translated */
-		if (ip->frag_off & bpf_htons(0x3fff))
-			return -1; /* a fragment (MF or an offset): no ports to match, left to the stack */
 		p->t.proto = ip->protocol;
 		p->t.saddr[2] = bpf_htonl(0xffff);
 		p->t.daddr[2] = bpf_htonl(0xffff);
 		p->t.saddr[3] = ip->saddr;
 		p->t.daddr[3] = ip->daddr;
 		l4 = ETH_HLEN_ + sizeof(*ip);
+		if (ip->frag_off & bpf_htons(0x3fff)) {
+			struct frag_key fk = { .saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id, .proto = ip->protocol };
+
+			if (p->t.proto != IPPROTO_TCP && p->t.proto != IPPROTO_UDP)
+				return -1;
+			if (ip->frag_off & bpf_htons(0x1fff)) {
+				/* a later fragment: the ports its first fragment had */
+				struct frag_ports *fp = lb_frags.lookup(&fk);
+
+				if (!fp)
+					return -1; /* (first fragment not seen: the stack's) */
+				p->t.sport = fp->sport;
+				p->t.dport = fp->dport;
+				p->l4 = l4;
+				p->frag = FRAG_LATER;
+				return 0;
+			}
+			/* the first fragment: its ports, for the later ones */
+			__u16 *ports = data + l4;
+			if ((void *)(ports + 2) > end)
+				return -1;
+			struct frag_ports fp = { .sport = ports[0], .dport = ports[1] };
+			lb_frags.update(&fk, &fp);
+			p->frag = FRAG_FIRST;
+		}
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
@@ -218,9 +264,10 @@ static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, const __u
 	int ports = p->t.sport != sport || p->t.dport != dport;
 	if (ports)
 		pd = csum_add(csum_add(~(__u32)p->t.sport & 0xffff, sport), csum_add(~(__u32)p->t.dport & 0xffff, dport));
-	if (ad && bpf_l4_csum_replace(skb, coff, 0, ad, BPF_F_PSEUDO_HDR | mangled) < 0)
+	/* a later fragment has no L4 header: its addresses only (the first fragment's checksum took the rest) */
+	if (ad && p->frag != FRAG_LATER && bpf_l4_csum_replace(skb, coff, 0, ad, BPF_F_PSEUDO_HDR | mangled) < 0)
 		return -1;
-	if (pd && bpf_l4_csum_replace(skb, coff, 0, pd, mangled) < 0)
+	if (pd && p->frag != FRAG_LATER && bpf_l4_csum_replace(skb, coff, 0, pd, mangled) < 0)
 		return -1;
 
 	void *data = (void *)(long)skb->data;
@@ -258,8 +305,10 @@ static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, const __u
 		/* csum_replace_by_diff: fold(~check + diff), complemented. */
 		ip->check = ~csum_fold32(csum_add(~(__u32)ip->check & 0xffff, csum_add(ad, td)));
 	}
-	l4[0] = sport;
-	l4[1] = dport;
+	if (p->frag != FRAG_LATER) {
+		l4[0] = sport;
+		l4[1] = dport;
+	}
 	__builtin_memcpy(p->t.saddr, ns, 16);
 	__builtin_memcpy(p->t.daddr, nd, 16);
 	p->t.sport = sport;
@@ -1226,6 +1275,8 @@ int bpflb_tc_ext(struct __sk_buff *skb)
 
 	__u64 now = bpf_ktime_get_boot_ns();
 	ct = lb_ct_v1.lookup(&p.t);
+	if (!ct && p.frag == FRAG_LATER)
+		return TC_ACT_OK; /* no flow for it (its first fragment was not translated): the stack's */
 	if (ct) {
 		int syn = p.t.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 		__u16 flags = ct->flags;
@@ -1239,6 +1290,8 @@ int bpflb_tc_ext(struct __sk_buff *skb)
 			struct lb_ct_val c = *ct;
 			return forward(skb, &p, &c);
 		}
+		if (p.frag == FRAG_LATER)
+			return TC_ACT_SHOT; /* a later fragment of a flow that ended: its datagram is lost anyway */
 		/* Expired, a new connection on an old tuple, or its backend was removed: the flow ends here
 		 * (a TCP segment goes to a new backend, which resets it; a UDP flow picks a new backend, as
 		 * kube-proxy flushes a removed UDP endpoint's conntrack entries). */

@@ -171,6 +171,17 @@ def test_a_backends_port_unreachable_reaches_the_outside_client(bed):
                  what=f"ECONNREFUSED through node {n}")
 
 
+def test_a_fragmented_datagram_to_a_udp_nodeport(bed):
+    """A 4000-byte datagram leaves the outside client in three IPv4 fragments; only the first carries the
+    ports. kube-proxy's conntrack reassembles before it translates; the datagram reaches the backend
+    through the backend's node and through the other one."""
+    bed.apply(service("udp-frag", node_port=30119, proto="UDP"), endpoint_slice("udp-frag", [bed.a], proto="UDP"))
+    for n in (1, 2):
+        bed.wait(lambda: not bed.outside_udp(node_ip(n), 30119, timeout=0.5)[0].error, what=f"UDP NodePort node {n}")
+        r, src = bed.outside_udp(node_ip(n), 30119, size=4000)
+        assert (r.server, r.client_ip, src) == (backend(bed.a), node_ip(n), f"{node_ip(n)}:30119"), (r, src)
+
+
 def test_session_affinity_from_outside(bed):
     bed.apply(service("aff", node_port=30105, mutate=lambda s: s["spec"].update(sessionAffinity="ClientIP")),
               endpoint_slice("aff", [bed.a, bed.b]))

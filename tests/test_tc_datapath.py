@@ -117,8 +117,10 @@ while True:
             c.setblocking(False)
             sel.register(c, selectors.EVENT_READ, "conn")
         elif key.data == "udp":
-            data, peer = s.recvfrom(2048)
-            s.sendto(f"{name} {peer[0]}\n".encode(), peer)
+            data, peer = s.recvfrom(65536)
+            # "<name> <source it saw> <bytes it got>", padded to as many bytes as it got
+            line = f"{name} {peer[0]} {len(data)}\n".encode()
+            s.sendto(line + b"y" * max(0, len(data) - len(line)), peer)
         else:
             try:
                 data = s.recv(2048)
@@ -290,14 +292,16 @@ class TcBed:
         finally:
             s.close()
 
-    def ask_udp(self, ip: str, port: int, timeout: float = 2.0) -> tuple[str, str, tuple]:
-        """One datagram: (backend name, source it saw, the address the reply came from)."""
+    def ask_udp(self, ip: str, port: int, timeout: float = 2.0, size: int = 2) -> tuple[str, str, tuple]:
+        """One datagram of size bytes (the backend answers with as many): (backend name, source it saw, the
+        address the reply came from)."""
         s = self.sock(ip, socket.SOCK_DGRAM)
         s.settimeout(timeout)
         try:
-            s.sendto(b"?\n", (ip, port))
-            data, src = s.recvfrom(2048)
-            name, seen = data.decode().split()
+            s.sendto(b"?\n".ljust(size, b"x"), (ip, port))
+            data, src = s.recvfrom(65536)
+            name, seen, got = data.split(b"\n")[0].decode().split()
+            assert int(got) == size and len(data) == max(size, len(data.split(b"\n")[0]) + 1), (got, len(data))
             return name, seen, src[:2]
         finally:
             s.close()
@@ -573,6 +577,18 @@ def test_a_clients_port_unreachable_reaches_the_backend_translated(tcbed, maps, 
         time.sleep(0.05)
         return icmp_unreachables_in(tcbed, "p1", v6) > before
     wait_for(send_and_close, what="the ICMP error at the backend")
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_fragmented_datagrams_both_ways_through_a_udp_nodeport(tcbed, maps, where):
+    """A 4000-byte datagram leaves the client in three IPv4 fragments, and the backend's 4000-byte answer
+    leaves the pod in three: as behind conntrack (which reassembles first), the later fragments, which
+    carry no ports, follow their first fragment's flow, and both datagrams arrive whole. Untranslated,
+    the node reassembled the request itself and refused it (no socket on the NodePort there)."""
+    program(maps, nodeport(UDP), 1, [POD1_4 if where == "local" else POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    for size in (4000, 1400, 4000):  # fragmented, whole, fragmented again (the same flow)
+        name, src, reply_from = tcbed.ask_udp(NODE1_4, NODEPORT, size=size)
+        assert (name, src, reply_from) == ("pod1" if where == "local" else "pod2", NODE1_4, (NODE1_4, NODEPORT))
 
 
 # ---- bulk transfers: GSO superpackets --------------------------------------------------------------

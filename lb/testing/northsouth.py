@@ -542,18 +542,21 @@ class NorthSouthBed:
         finally:
             s.close()
 
-    def outside_udp(self, ip: str, port: int, timeout: float = 2.0, connected: bool = False) -> tuple[Reply, str]:
-        """One datagram from outside: the reply and the address it came from. Unconnected, or connected
-        (then an ICMP error quoting the datagram fails the socket: ECONNREFUSED for port unreachable)."""
+    def outside_udp(self, ip: str, port: int, timeout: float = 2.0, connected: bool = False,
+                    size: int = 3) -> tuple[Reply, str]:
+        """One datagram of size bytes from outside (more than the MTU: it leaves in IPv4 fragments): the
+        reply and the address it came from. Unconnected, or connected (then an ICMP error quoting the
+        datagram fails the socket: ECONNREFUSED for port unreachable)."""
         s = self.outside_socket(_family(ip), socket.SOCK_DGRAM)
         s.settimeout(timeout)
         t0 = time.monotonic()
         try:
+            msg = b"hi\n".ljust(size, b"x")
             if connected:
                 s.connect((ip, port))
-                s.send(b"hi\n")
+                s.send(msg)
             else:
-                s.sendto(b"hi\n", (ip, port))
+                s.sendto(msg, (ip, port))
             data, src = s.recvfrom(2048)
             line = data.decode().split()
             ttl = next((int(w[4:]) for w in line[2:] if w.startswith("ttl=")), -1)
