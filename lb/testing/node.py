@@ -316,7 +316,8 @@ class Host:
       shared (the agent sees the pods' namespaces containerd mounts there), and a directory of the node's own
       bound over each per-node hostPath of the DaemonSet (BIND_PATHS). runc resolves hostPaths in
       containerd's mount namespace, so the agent's pod sees its node's bpffs, cgroups and directories.
-    A process holds the mount and cgroup namespaces (`holder`); every process of the node enters them."""
+    - UTS: the node's name as its hostname (what a hostNetwork pod reports, as on a real node).
+    A process holds these namespaces (`holder`); every process of the node enters them."""
     name: str
     ip: str
     dir: Path
@@ -348,12 +349,12 @@ class Host:
         return ["sh", "-c", f'for f in {procs}; do echo $$ > "$f" || exit 125; done; exec "$@"', "sh", *argv]
 
     def enter(self, argv: list[str]) -> list[str]:
-        """argv as a process of this node: in its cgroup and its network, mount and cgroup namespaces
+        """argv as a process of this node: in its cgroup and its network, mount, cgroup and UTS namespaces
         (before they exist, in its network namespace only)."""
         if self.holder is None:
             return ["nsenter", f"--net={self.netns_path}", "--", *argv]
-        return self._move_then(["nsenter", f"--target={self.holder.pid}", "--net", "--mount", "--cgroup", "--",
-                                *argv])
+        return self._move_then(["nsenter", f"--target={self.holder.pid}", "--net", "--mount", "--cgroup", "--uts",
+                                "--", *argv])
 
     def make_namespaces(self) -> None:
         for cg in _cgroup_dirs(self.name):
@@ -361,7 +362,7 @@ class Host:
             if cg.parent.name == "cpuset":  # a child of a cpuset cgroup needs its cpus and mems first
                 for f in ("cpuset.cpus", "cpuset.mems"):
                     (cg / f).write_text((cg.parent / f).read_text())
-        lines = ["set -e",
+        lines = ["set -e", f"hostname {self.name}",
                  "umount -R /sys/fs/bpf 2>/dev/null || true",
                  "mount -t bpf bpf /sys/fs/bpf", "mount --make-shared /sys/fs/bpf",
                  f"umount -R {CGROUP_FS}"]
@@ -377,7 +378,7 @@ class Host:
         log = open(self.dir / "namespaces.log", "a")
         self._logs.append(log)
         argv = self._move_then(["nsenter", f"--net={self.netns_path}", "--", "unshare", "--mount", "--cgroup",
-                                "--propagation", "slave", "--", "sh", "-c", "\n".join(lines)])
+                                "--uts", "--propagation", "slave", "--", "sh", "-c", "\n".join(lines)])
         pre = _die_with_parent if threading.current_thread() is threading.main_thread() else None
         self.holder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                                        preexec_fn=pre, text=True)
@@ -387,7 +388,7 @@ class Host:
             self.holder.kill()
             self.holder.wait()
             self.holder = None
-            raise NodeError(f"{self.name}: mount and cgroup namespaces: {self.log_tail('namespaces')}")
+            raise NodeError(f"{self.name}: its namespaces: {self.log_tail('namespaces')}")
         self.procs["namespaces"] = self.holder
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -516,7 +517,7 @@ class Node:
             (h.dir / "found.json").write_text(json.dumps(found, indent=1))
         with self._step("network namespaces"):
             self._netns()
-        with self._step("mount and cgroup namespaces"):
+        with self._step("mount, cgroup and UTS namespaces"):
             for h in self.hosts:
                 h.make_namespaces()
         with self._step("certificates"):
@@ -972,7 +973,7 @@ spec:
 def kill_node(name: str) -> set[int]:
     """SIGKILL every process of the node `name`: its own (all in its network namespace and its cgroup:
     kubelet, containerd and its shims, the control plane, hostNetwork pods) and every pod's (in the cgroups
-    under /<name>). Returns those that would not go. The node's mount and cgroup namespaces go with them."""
+    under /<name>). Returns those that would not go. The node's mount, cgroup and UTS namespaces go with them."""
     ino = _ns_inode(str(NETNS_DIR / name))
     cgroups = _cgroup_dirs(name)
 
