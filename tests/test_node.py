@@ -24,24 +24,24 @@ NAME = "bpflb-node-test"
 MACHINE_PINS = Path("/sys/fs/bpf/bpflb")  # the DaemonSet's --bpf-root, were it the machine's bpffs
 
 
-def machine_state() -> dict:
-    """What the node may touch on the host, as comparable values."""
+def machine_state(name: str = NAME) -> dict:
+    """What the node (or nodes: NAME, NAME-2...) may touch on the host, as comparable values."""
     # Other sessions make and remove their own namespaces and mounts meanwhile: compare what could be ours.
-    ours = (str(nodemod.BASE_DIR), "/run/netns/cni-", f"/run/netns/{NAME}", "/var/lib/rancher", "/run/containerd",
+    ours = (str(nodemod.BASE_DIR), "/run/netns/cni-", f"/run/netns/{name}", "/var/lib/rancher", "/run/containerd",
             str(MACHINE_PINS), "/var/lib/kubelet", "/var/log/pods")
     mounts = sorted(m for m in (line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
                     if m.startswith(ours))
     netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
     return {
-        "netns": sorted(n for n in netns if n.startswith((NAME, "cni-"))),
+        "netns": sorted(n for n in netns if n.startswith((name, "cni-"))),
         "mounts": mounts,
         "sysctls": {k: nodemod._read_sysctl(k) for k in nodemod.KUBELET_SYSCTLS},
-        "cgroups": [str(d) for d in nodemod._cgroup_dirs(NAME) if d.exists()],
+        "cgroups": sorted(str(p) for d in nodemod._cgroup_dirs(name) for p in d.parent.glob(f"{name}*")),
         "pins": MACHINE_PINS.exists(),
         "cni": [str(p) for p in (CNI_BIN_DIR, CNI_CONF_DIR) if p.exists()],
         "bpffs": nodemod._propagation("/sys/fs/bpf"),
         "host_paths": [str(p) for p in nodemod.HOST_PATHS if p.exists()],
-        # bpflb's socket programs attach to the cgroup2 root: detached again once its pins are gone
+        # bpflb's socket programs attach to the node's cgroup subtree, never to the machine's cgroup2 root
         "root_cgroup_progs": subprocess.run(["bpftool", "cgroup", "show", default_cgroup_root()],
                                             capture_output=True, text=True).stdout,
     }

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 pass
-    print(f"node start {started:.0f} s, e2e {ran:.0f} s")
+    print(f"node start {started:.0f} s, e2e {ran:.0f} s, stop {dict(node.timings).get('stop', 0):.0f} s")
     return report(args.results, rc)
 
 

@@ -408,6 +408,9 @@ class Host:
         for p in self.procs.values():
             with contextlib.suppress(OSError):
                 p.kill()
+        for p in self.procs.values():  # reaped: a zombie still counts in a v1 cgroup's cgroup.procs
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
         for f in self._logs:
             f.close()
         self._logs.clear()
@@ -546,6 +549,7 @@ class Node:
         if self._lock_fd is None:
             return  # never started, or stopped already (or another node holds the machine)
         left: list[str] = []
+        t0 = time.monotonic()
         try:
             for h in self.hosts:
                 h.kill()
@@ -554,6 +558,7 @@ class Node:
         finally:
             for h in self.hosts:
                 left += sweep(h.name)
+            self.timings.append(("stop", time.monotonic() - t0))
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
