@@ -3,40 +3,44 @@ installed as a user installs it: for `make conformance`, tests (tests/test_node.
 
     with Node() as node:                      # minutes the first time (images imported, bpf compiled)
         node.kubectl("get", "pods", "-A")
-        node.in_node(["curl", ...])           # a command inside the node's network namespace
+        node.in_node(["curl", ...])           # a command as a process of the node (its namespaces, its cgroup)
+    with Node(nodes=2) as nodes: ...          # NAME with the control plane, NAME-2 with containerd + kubelet
 
 What start() assembles (stop() takes every piece away again, even after a failed step):
-- two network namespaces: the node's (NAME) and a "world" (NAME-world) joined by a veth; the node has
-  NODE_IP/24 with its default route via the world side, and the world has no route anywhere: a packet
-  nothing translated dies there. Every process of the node runs in the node's namespace
-  (`nsenter --net=/run/netns/NAME`; never `ip netns exec`, which remounts /sys and hides the cgroup2 mount).
+- a "world" network namespace (NAME-world): a bridge at WORLD_IP and no route anywhere, so a packet nothing
+  translated dies there; each node (Host) is a network namespace (NAME, NAME-2...) with eth0 on that bridge
+  at NODE_IP, NODE_IP+1... and its default route via WORLD_IP.
+- each node's mount, cgroup and UTS namespaces (Host says how): its own bpffs, its cgroup subtree /NAME as
+  the cgroup root it sees, its own directories at the DaemonSet's per-node hostPaths, its name as hostname.
+  Every process of the node runs in all of them (Host.enter; never `ip netns exec`, which remounts /sys).
 - certificates (lb/testing/pki.py): CA, kube-apiserver serving (node address, the `kubernetes` Service's
   ClusterIP, 127.0.0.1, kubernetes.default.svc...), kubelet serving, kube-apiserver -> kubelet client, and a
-  client certificate per component; the kubelet is system:node:NAME in system:nodes (Node authorizer and
-  NodeRestriction on).
-- etcd, kube-apiserver (0.0.0.0:6443 in the node's namespace), kube-controller-manager (allocates pod CIDRs
-  from CLUSTER_CIDR), kube-scheduler.
-- Debian's containerd with its own config, socket, root and state under the fixture's directory (cgroupfs,
+  client certificate per component; each kubelet is system:node:<its name> in system:nodes (Node authorizer
+  and NodeRestriction on).
+- on the first node: etcd, kube-apiserver (0.0.0.0:6443 in the node's namespace), kube-controller-manager
+  (allocates pod CIDRs from CLUSTER_CIDR), kube-scheduler.
+- on each node: Debian's containerd with its own config, socket, root and state under the fixture's directory (cgroupfs,
   overlayfs, pause image registry.k8s.io/pause:3.10.1), CNI directories where k3s keeps them (the paths
   manifests/daemonset.yaml mounts), Debian's `loopback` plugin copied there (containerd always calls it).
   Images are imported from OCI archives (scripts/build-node-images.sh, scripts/build-image.sh): nothing is
   pulled.
-- the kubelet, pods under the cgroup /NAME (cgroupfs driver, cgroup v1 allowed), clusterDNS DNS_IP.
+- on each node: the kubelet, pods under the root of the node's cgroup namespace (/NAME/kubepods on the
+  machine; cgroupfs driver, cgroup v1 allowed), clusterDNS DNS_IP.
 - bpflb: `kubectl apply -k` of a copy of manifests/ with the ConfigMap's api-server-host/-port set to the node
   address (README, "Install"); the agent installs its CNI launcher and conflist, the node turns Ready.
 - CoreDNS as kube-dns at DNS_IP (kubernetes plugin only: nothing is forwarded anywhere).
-Ready means: node Ready, the bpflb pod ready, CoreDNS ready, and a pod that resolves kubernetes.default and
-reaches the API server through the Service's ClusterIP.
+Ready means: every node Ready, the bpflb pods ready, CoreDNS ready, and a pod on the last node that resolves
+kubernetes.default and reaches the API server through the Service's ClusterIP.
 
 The kubelet writes kernel settings (vm.overcommit_memory, kernel.panic, ...): they are read at start and
 written back at stop. A previous run that was killed is swept at the next start (its directory records what
 it found before it changed anything).
 
-Service and pod networks are k3s's defaults (10.43.0.0/16, 10.42.0.0/16): bpflb's socket programs attach to the
-host's cgroup2 root, so every process on the machine sees this node's ClusterIPs; addresses apart from the
-10.96.0.0/16 that the other test beds use keep them from meeting each other's Services.
+Service and pod networks are k3s's defaults (10.43.0.0/16, 10.42.0.0/16), apart from the 10.96.0.0/16 the
+other test beds use. bpflb's socket programs attach to each node's cgroup subtree only: processes outside the
+nodes (the machine's, other test beds') never see these ClusterIPs.
 
-`python -m lb.testing.node` starts one, prints how to reach it and waits for Ctrl-C.
+`python -m lb.testing.node [--nodes 2]` starts one, prints how to reach it and waits for Ctrl-C.
 """
 from __future__ import annotations
 
