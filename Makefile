@@ -34,8 +34,8 @@ bench: components
 conformance: node-components
 	.venv/bin/python -m lb.testing.conformance
 
-# Two nodes on this machine (the second: containerd + kubelet only) and the two-node specs of service.go
-# (traffic policies, source IP, terminating endpoints, health-check NodePort); JUnit in
-# results/conformance-two-node/.
+# Two nodes on this machine (the second: containerd + kubelet only): the same set across them and the
+# two-node specs of service.go (traffic policies, source IP, terminating endpoints, health-check NodePort);
+# JUnit in results/conformance-two-node/.
 conformance-two-node: node-components
 	.venv/bin/python -m lb.testing.conformance --nodes 2

@@ -46,8 +46,12 @@ def test_upstream_service_conformance_passes_against_bpflb():
 
 
 def test_two_node_service_specs_pass_against_bpflb():
-    """Two nodes (lb/testing/node.py Node(nodes=2)): the specs of service.go that skip on one node."""
-    want = selected_specs(node_binaries()["E2E_TEST"], conformance.TWO_NODE_FOCUS, "")
-    assert want == 12  # v1.34.4: the 12 TWO_NODE_FOCUS names (all of service.go's two-node specs but SCTP)
+    """Two nodes (lb/testing/node.py Node(nodes=2)): the issue's set across them, and the specs of service.go
+    that skip on one node."""
+    e2e = node_binaries()["E2E_TEST"]
+    two_node = selected_specs(e2e, conformance.TWO_NODE_FOCUS, "")
+    assert two_node == 12  # v1.34.4: the 12 TWO_NODE_FOCUS names (all of service.go's two-node specs but SCTP)
+    want = selected_specs(e2e, conformance.focus_for(2))
+    assert want == selected_specs(e2e) + two_node
     passed, failed, rc, tail = run_conformance("--nodes", "2")
     assert (passed, failed, rc) == (want, 0, 0), tail

@@ -12,8 +12,8 @@ leaves the machine, and that node's socket programs serve it):
 JUnit goes to results/conformance/junit_01.xml (two nodes: results/conformance-two-node/); the last line
 printed is `N passed, N failed`, and the exit status is 0 only when nothing failed.
 
-With `--nodes 2` it starts two nodes (lb/testing/node.py) and runs the two-node specs of service.go
-(TWO_NODE_FOCUS: traffic policies, source IP, terminating endpoints, health-check NodePort) instead.
+With `--nodes 2` it starts two nodes (lb/testing/node.py) and runs the same set across them plus the two-node
+specs of service.go (TWO_NODE_FOCUS: traffic policies, source IP, terminating endpoints, health-check NodePort).
 
     python -m lb.testing.conformance [--nodes 2] [--focus REGEX] [--keep-node] [--results DIR]
 """
@@ -82,8 +82,9 @@ def read_junit(path: Path) -> list[Case]:
 
 
 def focus_for(nodes: int) -> str:
-    """The default focus: the issue's set on one node; the two-node specs on more."""
-    return FOCUS if nodes == 1 else TWO_NODE_FOCUS
+    """The default focus: the issue's set on one node; on more, the same set (now across nodes: pods, NodePorts
+    and ClusterIPs reached from the other node) and the two-node specs."""
+    return FOCUS if nodes == 1 else f"{FOCUS}|{TWO_NODE_FOCUS}"
 
 
 def run_e2e(node: Node, focus: str, skip: str, results: Path, timeout: float) -> int:
@@ -104,8 +105,8 @@ def run_e2e(node: Node, focus: str, skip: str, results: Path, timeout: float) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lb.testing.conformance", description=__doc__.split("\n")[0])
-    ap.add_argument("--nodes", type=int, default=1, help="nodes to start (2: the two-node specs by default)")
-    ap.add_argument("--focus", help="ginkgo focus regex (default: the issue's set; with --nodes 2, TWO_NODE_FOCUS)")
+    ap.add_argument("--nodes", type=int, default=1, help="nodes to start (2: the two-node specs too by default)")
+    ap.add_argument("--focus", help="ginkgo focus regex (default: the issue's set; with --nodes 2, TWO_NODE_FOCUS too)")
     ap.add_argument("--skip", default=SKIP)
     ap.add_argument("--results", type=Path, help=f"default: {RESULTS}, with --nodes 2 {RESULTS_TWO_NODE}")
     ap.add_argument("--timeout", type=float, default=3 * 3600)

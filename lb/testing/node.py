@@ -361,6 +361,10 @@ class Host:
                                 "--", *argv])
 
     def make_namespaces(self) -> None:
+        """The cgroup /NAME in every hierarchy, then the holder: it moves in there, unshares mount, cgroup and
+        UTS namespaces (mounts propagate from the machine into the node, never back), mounts what the class
+        docstring lists, says "ready" and sleeps until the node is killed; its namespaces go with the
+        node's last process."""
         for cg in _cgroup_dirs(self.name):
             cg.mkdir(exist_ok=True)
             if cg.parent.name == "cpuset":  # a child of a cpuset cgroup needs its cpus and mems first
