@@ -1,4 +1,4 @@
-.PHONY: setup components node-components demo demo-cluster test bench conformance
+.PHONY: setup components node-components demo demo-cluster test bench conformance conformance-two-node
 
 setup:
 	./scripts/setup.sh
@@ -33,3 +33,9 @@ bench: components
 # Service conformance tests against it; JUnit in results/conformance/. See README, "On a real node".
 conformance: node-components
 	.venv/bin/python -m lb.testing.conformance
+
+# Two nodes on this machine (the second: containerd + kubelet only): the same set across them and the
+# two-node specs of service.go (traffic policies, source IP, terminating endpoints, health-check NodePort);
+# JUnit in results/conformance-two-node/.
+conformance-two-node: node-components
+	.venv/bin/python -m lb.testing.conformance --nodes 2

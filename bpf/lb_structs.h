@@ -19,6 +19,8 @@
 #define LB_SVC_F_SNAT         (1 << 2) /* EXTERNAL, externalTrafficPolicy Cluster: masquerade to the node address */
 #define LB_SVC_F_SRC_RANGES   (1 << 3) /* loadBalancerSourceRanges: lb_src_ranges decides who may connect */
 #define LB_SVC_F_NODEPORT     (1 << 4) /* a wildcard node-address frontend (addr 0.0.0.0 / ::) */
+#define LB_SVC_F_EXT_LOCAL    (1 << 5) /* INTERNAL wildcard of an externalTrafficPolicy Local port: another
+                                        * node's address is left to that node (its local endpoints) */
 
 /* lb_svc_key.scope */
 #define LB_SCOPE_INTERNAL 0 /* traffic from inside the cluster (socket hooks) */
@@ -153,7 +155,8 @@ struct lb_endpoint {
 
 /* lb_node_addr.flags */
 #define LB_NODE_ADDR_F_NODEPORT (1 << 0) /* this node's: NodePorts are served on it (--nodeport-addresses), tc and sockets */
-#define LB_NODE_ADDR_F_REMOTE   (1 << 1) /* another node's: only local callers' sockets translate its NodePorts */
+#define LB_NODE_ADDR_F_REMOTE   (1 << 1) /* another node's: only local callers' sockets translate its NodePorts
+                                          * (externalTrafficPolicy Cluster ones: LB_SVC_F_EXT_LOCAL) */
 
 /* The node's own addresses, written by the agent: a packet (tc) or a connect (socket) to one of them
  * on a NodePort finds the wildcard frontend (0.0.0.0 / :: , LB_SVC_F_NODEPORT). */

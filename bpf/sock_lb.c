@@ -413,6 +413,14 @@ static __always_inline int sock_xlate_fwd(struct bpf_sock_addr *ctx, struct lb_a
 		svc = lb_services_v1.lookup(&key);
 		if (!svc)
 			return 0;
+		/* Another node's address on an externalTrafficPolicy Local nodePort: which endpoints serve
+		 * it, and that the client's address is kept, is that node's to decide (its own endpoints),
+		 * so the connect goes there untranslated, as behind kube-proxy, whose rules for it run on
+		 * that node only. Translated here, the caller would get this node's cluster set and reach
+		 * the backend from the overlay's address (e2e: "should support externalTrafficPolicy=Local
+		 * for type=NodePort", "should fallback to local terminating endpoints ... Local"). */
+		if (!(na->flags & LB_NODE_ADDR_F_NODEPORT) && (svc->flags & LB_SVC_F_EXT_LOCAL))
+			return 0;
 	}
 
 	__u16 count = svc->count;

@@ -122,3 +122,6 @@ class FrontendState(Struct, frozen=True, gc=False):
     snat: bool = False  # external traffic masqueraded to the node (externalTrafficPolicy Cluster)
     nodeport: bool = False  # a wildcard node-address frontend (ip "0.0.0.0" / "::", port = nodePort)
     src_ranges: tuple[str, ...] = ()  # loadBalancerSourceRanges this frontend is filtered by (empty: none)
+    # The INTERNAL wildcard of an externalTrafficPolicy Local nodePort: another node's address on it is that
+    # node's to serve (a local caller's connect is not translated).
+    ext_local: bool = False

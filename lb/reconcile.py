@@ -120,6 +120,7 @@ class IDAllocator:
 SVC_F_SNAT = getattr(_structs, "SVC_F_SNAT", 1 << 2)
 SVC_F_SRC_RANGES = getattr(_structs, "SVC_F_SRC_RANGES", 1 << 3)
 SVC_F_NODEPORT = getattr(_structs, "SVC_F_NODEPORT", 1 << 4)
+SVC_F_EXT_LOCAL = _structs.SVC_F_EXT_LOCAL
 
 
 def master_of(state: FrontendState, rev_nat_id: int, count: int) -> Master:
@@ -127,7 +128,8 @@ def master_of(state: FrontendState, rev_nat_id: int, count: int) -> Master:
         (SVC_F_AFFINITY if state.affinity_timeout else 0) | \
         (SVC_F_SNAT if state.snat else 0) | \
         (SVC_F_SRC_RANGES if state.src_ranges else 0) | \
-        (SVC_F_NODEPORT if state.nodeport else 0)
+        (SVC_F_NODEPORT if state.nodeport else 0) | \
+        (SVC_F_EXT_LOCAL if state.ext_local else 0)
     return Master(rev_nat_id, count, flags, state.affinity_timeout)
 
 

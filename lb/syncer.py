@@ -64,7 +64,8 @@ def read_interfaces() -> dict[str, tuple[str, ...]]:
 
 def remote_node_addresses(nodes: dict, me: str) -> set[str]:
     """Other nodes' InternalIP/ExternalIP addresses: a local caller dialling one of them on a nodePort
-    is translated at its socket (no packet hairpins through that node)."""
+    is translated at its socket (no packet hairpins through that node), unless the port's
+    externalTrafficPolicy is Local (that node serves it)."""
     out = set()
     for name, node in nodes.items():
         if name != me and node is not None:

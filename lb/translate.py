@@ -357,7 +357,11 @@ def translate_service(svc: Service, slices: Iterable[EndpointSlice], node: NodeV
                 # A nodePort on every node address --nodeport-addresses selects (lb_node_addrs):
                 # one wildcard frontend per family and scope (serviceNodePortsMap).
                 wildcard = WILDCARD[family]
-                out[Frontend(wildcard, port.node_port, proto, SCOPE_INTERNAL)] = _with(inside, nodeport=True)
+                # Local callers get the cluster set on this node's addresses; on another node's, an
+                # externalTrafficPolicy Local port is that node's to serve (ext_local: not translated at
+                # the socket, as kube-proxy's rules for it run on that node only).
+                out[Frontend(wildcard, port.node_port, proto, SCOPE_INTERNAL)] = _with(inside, nodeport=True,
+                                                                                       ext_local=ext_local)
                 out[Frontend(wildcard, port.node_port, proto, SCOPE_EXTERNAL)] = _with(outside, nodeport=True)
     return out
 

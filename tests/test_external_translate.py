@@ -53,7 +53,7 @@ def dump(out, clusterip=False) -> list[str]:
     for fe, st in sorted(out.items()):
         if fe.ip == "10.96.0.10" and not clusterip:
             continue
-        flags = [f for f, on in (("snat", st.snat), ("nodeport", st.nodeport)) if on]
+        flags = [f for f, on in (("snat", st.snat), ("nodeport", st.nodeport), ("ext-local", st.ext_local)) if on]
         if st.affinity_timeout:
             flags.append(f"affinity={st.affinity_timeout}")
         if st.src_ranges:
@@ -73,27 +73,27 @@ CASES = [
     # --- externalTrafficPolicy Local: the local policy chain, client IP kept; local callers short-circuited
     # to the cluster chain ("short-circuit pod traffic" / "short-circuit local traffic")
     ("nodeport-etp-local-uses-node-local-endpoints", lambda s: nodeport(s, "Local"), READY, [
-        f"INT 0.0.0.0:30080/TCP nodeport -> {LOCAL},{REMOTE}",
+        f"INT 0.0.0.0:30080/TCP nodeport ext-local -> {LOCAL},{REMOTE}",
         f"EXT 0.0.0.0:30080/TCP nodeport -> {LOCAL}"]),
     ("etp-local-terminating-local-endpoint-used-when-none-ready-here (KEP-1669)", lambda s: nodeport(s, "Local"),
      [ep(LOCAL, ready=False, serving=True, terminating=True), ep(REMOTE, node="node-b")], [
-         f"INT 0.0.0.0:30080/TCP nodeport -> {REMOTE}",
+         f"INT 0.0.0.0:30080/TCP nodeport ext-local -> {REMOTE}",
          f"EXT 0.0.0.0:30080/TCP nodeport -> {LOCAL}"]),
     ("etp-local-ready-local-endpoint-beats-terminating-one", lambda s: nodeport(s, "Local"),
      [ep(LOCAL), ep(LOCAL2, ready=False, serving=True, terminating=True)], [
-         f"INT 0.0.0.0:30080/TCP nodeport -> {LOCAL}",
+         f"INT 0.0.0.0:30080/TCP nodeport ext-local -> {LOCAL}",
          f"EXT 0.0.0.0:30080/TCP nodeport -> {LOCAL}"]),
     ("etp-local-not-serving-local-endpoint-is-not-a-fallback", lambda s: nodeport(s, "Local"),
      [ep(LOCAL, ready=False, serving=False, terminating=True), ep(REMOTE, node="node-b")], [
-         f"INT 0.0.0.0:30080/TCP nodeport -> {REMOTE}",
+         f"INT 0.0.0.0:30080/TCP nodeport ext-local -> {REMOTE}",
          "EXT 0.0.0.0:30080/TCP nodeport -> DROP"]),
     ("etp-local-no-local-endpoint-drops-silently (externalTrafficFilterVerdict drop)", lambda s: nodeport(s, "Local"),
      [ep(REMOTE, node="node-b")], [
-         f"INT 0.0.0.0:30080/TCP nodeport -> {REMOTE}",
+         f"INT 0.0.0.0:30080/TCP nodeport ext-local -> {REMOTE}",
          "EXT 0.0.0.0:30080/TCP nodeport -> DROP"]),
     ("etp-local-no-endpoint-anywhere-rejects (rejectChain)", lambda s: nodeport(s, "Local"),
      [ep(REMOTE, ready=False, serving=False, node="node-b")], [
-         "INT 0.0.0.0:30080/TCP nodeport -> REJECT",
+         "INT 0.0.0.0:30080/TCP nodeport ext-local -> REJECT",
          "EXT 0.0.0.0:30080/TCP nodeport -> REJECT"]),
     ("etp-cluster-no-endpoint-anywhere-rejects", nodeport, [], [
         "INT 0.0.0.0:30080/TCP nodeport -> REJECT",
@@ -115,7 +115,7 @@ CASES = [
         f"INT 192.0.2.10:80/TCP -> {LOCAL},{REMOTE}",
         f"EXT 192.0.2.10:80/TCP snat -> {LOCAL},{REMOTE}"]),
     ("lb-vip-etp-local-none-here-drops-external-only", lambda s: lb(s, "Local"), [ep(REMOTE, node="node-b")], [
-        f"INT 0.0.0.0:30080/TCP nodeport -> {REMOTE}",
+        f"INT 0.0.0.0:30080/TCP nodeport ext-local -> {REMOTE}",
         "EXT 0.0.0.0:30080/TCP nodeport -> DROP",
         f"INT 192.0.2.10:80/TCP -> {REMOTE}",
         "EXT 192.0.2.10:80/TCP -> DROP"]),
@@ -132,7 +132,7 @@ CASES = [
         f"EXT 192.0.2.10:80/TCP snat from=203.0.113.0/24 -> {LOCAL},{REMOTE}"]),
     ("source-ranges-kept-when-the-vip-drops", lambda s: lb(s, "Local", ranges=["203.0.113.0/24"]),
      [ep(REMOTE, node="node-b")], [
-         f"INT 0.0.0.0:30080/TCP nodeport -> {REMOTE}",
+         f"INT 0.0.0.0:30080/TCP nodeport ext-local -> {REMOTE}",
          "EXT 0.0.0.0:30080/TCP nodeport -> DROP",
          f"INT 192.0.2.10:80/TCP from=203.0.113.0/24 -> {REMOTE}",
          "EXT 192.0.2.10:80/TCP from=203.0.113.0/24 -> DROP"]),
@@ -173,7 +173,7 @@ CASES = [
      lambda s: (nodeport(s, "Local"), s["spec"].update(sessionAffinity="ClientIP",
                                                        sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}})),
      READY, [
-         f"INT 0.0.0.0:30080/TCP nodeport affinity=30 -> {LOCAL},{REMOTE}",
+         f"INT 0.0.0.0:30080/TCP nodeport ext-local affinity=30 -> {LOCAL},{REMOTE}",
          f"EXT 0.0.0.0:30080/TCP nodeport affinity=30 -> {LOCAL}"]),
     # --- ExternallyAccessible is per service port: a port without nodePort, VIP or externalIP has none
     ("port-without-node-port-has-no-external-frontend (ExternallyAccessible per port)",

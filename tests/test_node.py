@@ -21,26 +21,27 @@ from lb.testing.node import AGNHOST_IMAGE, CLUSTER_DOMAIN, CNI_BIN_DIR, CNI_CONF
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
 NAME = "bpflb-node-test"
+MACHINE_PINS = Path("/sys/fs/bpf/bpflb")  # the DaemonSet's --bpf-root, were it the machine's bpffs
 
 
-def machine_state() -> dict:
-    """What the node may touch on the host, as comparable values."""
+def machine_state(name: str = NAME) -> dict:
+    """What the node (or nodes: NAME, NAME-2...) may touch on the host, as comparable values."""
     # Other sessions make and remove their own namespaces and mounts meanwhile: compare what could be ours.
-    ours = (str(nodemod.BASE_DIR), "/run/netns/cni-", f"/run/netns/{NAME}", "/var/lib/rancher", "/run/containerd",
-            str(nodemod.BPF_PINS), "/var/lib/kubelet", "/var/log/pods")
+    ours = (str(nodemod.BASE_DIR), "/run/netns/cni-", f"/run/netns/{name}", "/var/lib/rancher", "/run/containerd",
+            str(MACHINE_PINS), "/var/lib/kubelet", "/var/log/pods")
     mounts = sorted(m for m in (line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
                     if m.startswith(ours))
     netns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
     return {
-        "netns": sorted(n for n in netns if n.startswith((NAME, "cni-"))),
+        "netns": sorted(n for n in netns if n.startswith((name, "cni-"))),
         "mounts": mounts,
         "sysctls": {k: nodemod._read_sysctl(k) for k in nodemod.KUBELET_SYSCTLS},
-        "cgroups": [str(d) for d in nodemod._cgroup_dirs(NAME) if d.exists()],
-        "pins": nodemod.BPF_PINS.exists(),
+        "cgroups": sorted(str(p) for d in nodemod._cgroup_dirs(name) for p in d.parent.glob(f"{name}*")),
+        "pins": MACHINE_PINS.exists(),
         "cni": [str(p) for p in (CNI_BIN_DIR, CNI_CONF_DIR) if p.exists()],
         "bpffs": nodemod._propagation("/sys/fs/bpf"),
         "host_paths": [str(p) for p in nodemod.HOST_PATHS if p.exists()],
-        # bpflb's socket programs attach to the cgroup2 root: detached again once its pins are gone
+        # bpflb's socket programs attach to the node's cgroup subtree, never to the machine's cgroup2 root
         "root_cgroup_progs": subprocess.run(["bpftool", "cgroup", "show", default_cgroup_root()],
                                             capture_output=True, text=True).stdout,
     }
@@ -89,11 +90,58 @@ def test_bpflb_pod_runs_and_installed_its_cni(node):
     pods = kubectl_json(node, "-n", "bpflb-system", "get", "pods")["items"]
     assert [p["status"]["phase"] for p in pods] == ["Running"]
     assert all(c["ready"] for c in pods[0]["status"]["containerStatuses"])
-    conflist = json.loads((CNI_CONF_DIR / "05-bpflb.conflist").read_text())
+    host = node.hosts[0]  # the agent wrote into the node's own directories, not the machine's
+    conflist = json.loads((host.host_path(CNI_CONF_DIR) / "05-bpflb.conflist").read_text())
     assert conflist["plugins"][0]["type"] == "bpflb-cni"
-    assert os.access(CNI_BIN_DIR / "bpflb-cni", os.X_OK)
+    assert os.access(host.host_path(CNI_BIN_DIR) / "bpflb-cni", os.X_OK)
+    assert not (CNI_CONF_DIR / "05-bpflb.conflist").exists()
     logs = node.kubectl("-n", "bpflb-system", "logs", pods[0]["metadata"]["name"])
     assert "initial sync complete" in logs
+
+
+def agent_pids(name: str) -> list[int]:
+    """The bpflb agents running in the cgroup subtree of node `name`."""
+    pids = nodemod._pids_in_cgroups(d for d in nodemod._cgroup_dirs(name) if d.parent.name == "unified")
+    return [p for p in pids if b"bpflb\x00agent" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def mount_of(pid: int, mountpoint: str) -> tuple[str, str, str]:
+    """(device, root, fstype) of a process's mount at mountpoint (the last one mounted there)."""
+    out = None
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        f = line.split()
+        if f[4] == mountpoint:
+            out = (f[2], f[3], f[f.index("-") + 1])
+    assert out, f"{pid}: nothing mounted at {mountpoint}"
+    return out
+
+
+def assert_agent_has_its_own_bpffs_and_cgroup(name: str) -> None:
+    """The agent of node `name` pinned into a bpffs of the node's (not the machine's) and attached its socket
+    programs to the node's cgroup subtree /NAME (on the machine: /sys/fs/cgroup/unified/NAME)."""
+    (agent,) = agent_pids(name)
+    machine_bpffs = mount_of(os.getpid(), "/sys/fs/bpf")
+    dev, _, fstype = mount_of(agent, "/sys/fs/bpf")
+    assert fstype == "bpf" and dev != machine_bpffs[0]
+    _, root, fstype = mount_of(agent, "/host/sys/fs/cgroup/unified")
+    assert (root, fstype) == (f"/{name}", "cgroup2")
+    attached = subprocess.run(["bpftool", "cgroup", "show", f"/sys/fs/cgroup/unified/{name}"], capture_output=True,
+                              text=True, check=True).stdout
+    assert "bpflb_conn4" in attached and "bpflb_send4" in attached, attached
+
+
+def test_agent_attached_to_its_node_and_pinned_in_its_bpffs(node):
+    assert_agent_has_its_own_bpffs_and_cgroup(node.name)
+    # The machine's cgroup2 root and bpffs are as they were: nothing of this node's there.
+    assert machine_state()["root_cgroup_progs"] == node.machine_before["root_cgroup_progs"]
+    assert not MACHINE_PINS.exists() or node.machine_before["pins"]
 
 
 def test_service_with_agnhost_backends_answers_and_resolves(node):
@@ -109,7 +157,7 @@ def test_service_with_agnhost_backends_answers_and_resolves(node):
                 for p in kubectl_json(node, "-n", ns, "get", "pods", "-l", "app=web")["items"]}
     assert len(backends) == 2 and all(ip.startswith(prefix) for ip in backends.values()), (pod_cidr, backends)
     # Each pod IP came from bpflb's CNI: the agent's endpoint records hold it.
-    records = [p.read_text() for p in (nodemod.BPFLB_STATE / "endpoints").glob("*.json")]
+    records = [p.read_text() for p in (node.hosts[0].host_path(nodemod.BPFLB_STATE) / "endpoints").glob("*.json")]
     assert all(any(f'"{ip}' in r for r in records) for ip in backends.values()), records
 
     cluster_ip = node.kubectl("-n", ns, "get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}")
@@ -138,15 +186,10 @@ def test_stop_leaves_the_machine_as_it_was(node):
     assert not nodemod._pids_in_cgroups(nodemod._cgroup_dirs(NAME))
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_node_process(p)]
     assert not (nodemod.BASE_DIR / NAME).exists()
-    # The agent's host directories are shared with whatever else runs here: all that was there stays, and
-    # nothing of this node's (its pod addresses, its socket, its records) is left.
-    files = bpflb_files()
-    assert node.bpflb_files_before <= files
-    assert not [f for f in files - node.bpflb_files_before if "10.42." in f or f.endswith(("cni.sock", "del-queue"))]
+    # The agent's directories were the node's own (bound over the hostPaths in its mount namespace): the
+    # machine's are as they were.
+    assert bpflb_files() == node.bpflb_files_before
 
 
 def _is_node_process(pid: str) -> bool:
-    try:
-        return str(nodemod.BASE_DIR / NAME).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    return str(nodemod.BASE_DIR / NAME).encode() in _cmdline(int(pid))

@@ -15,8 +15,8 @@ from lb.maps import bpfsys
 from lb.maps.pinned import create_shared_maps
 from lb.maps.services import MapFullError
 from lb.maps.structs import (SHARED_MAPS, CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_SNAT, DEV_ADDRS_MAP,
-                             DEV_ADDRS_SIZE, MAPS, NODE_ADDR_F_NODEPORT, SOCK_REVNAT_MAP, SVC_F_NODEPORT, SVC_F_SNAT,
-                             SVC_F_SRC_RANGES, DevAddr, packer)
+                             DEV_ADDRS_SIZE, MAPS, NODE_ADDR_F_NODEPORT, SOCK_REVNAT_MAP, SVC_F_EXT_LOCAL, SVC_F_NODEPORT,
+                             SVC_F_SNAT, SVC_F_SRC_RANGES, DevAddr, packer)
 from lb.settings import MAP_SIZE_FLAGS, MapSizes, Paths
 
 # A distinct size per map, so a macro passed to the wrong map shows.
@@ -121,7 +121,8 @@ def test_tc_program_sees_the_same_layouts(compiled_tc, name):
 def test_flags_match_the_header():
     header = (datapath.BPF_DIR / "lb_structs.h").read_text()
     for c, py in (("LB_SVC_F_SNAT", SVC_F_SNAT), ("LB_SVC_F_SRC_RANGES", SVC_F_SRC_RANGES),
-                  ("LB_SVC_F_NODEPORT", SVC_F_NODEPORT), ("LB_CT_F_SNAT", CT_F_SNAT), ("LB_CT_F_LOCAL", CT_F_LOCAL),
+                  ("LB_SVC_F_NODEPORT", SVC_F_NODEPORT), ("LB_SVC_F_EXT_LOCAL", SVC_F_EXT_LOCAL),
+                  ("LB_CT_F_SNAT", CT_F_SNAT), ("LB_CT_F_LOCAL", CT_F_LOCAL),
                   ("LB_CT_F_REPLIED", CT_F_REPLIED), ("LB_CT_F_CLOSING", CT_F_CLOSING),
                   ("LB_CT_F_NODEPORT", CT_F_NODEPORT), ("LB_NODE_ADDR_F_NODEPORT", NODE_ADDR_F_NODEPORT)):
         m = re.search(rf"#define {c}\s+\(1 << (\d+)\)", header)

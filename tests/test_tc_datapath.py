@@ -978,3 +978,42 @@ def test_a_local_caller_dialling_a_node_address_nodeport_is_translated_at_its_so
         for mark in os.listdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR)):
             os.rmdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, mark))
         os.rmdir(cgroup)
+
+
+@pytest.mark.parametrize("dial,translated", [(NODE1_4, True), (NODE2_4, False)], ids=["this-node", "another-node"])
+def test_an_etp_local_nodeport_on_another_nodes_address_is_left_to_that_node(tcbed, maps, dial, translated):
+    """externalTrafficPolicy Local (SVC_F_EXT_LOCAL on the INTERNAL wildcard): on this node's address a local
+    caller gets the frontend's set at its socket, as on any nodePort; on another node's address, which
+    endpoints serve it is that node's to say, so the connect goes there untranslated, as behind kube-proxy
+    (node2 of this bed has nothing listening on the nodePort: refused there)."""
+    from lb.maps.structs import SVC_F_EXT_LOCAL
+    from lb.settings import default_cgroup_root
+
+    cgroup = os.path.join(default_cgroup_root(), f"bpflb-tctest-{uuid.uuid4().hex[:6]}")
+    os.mkdir(cgroup)
+    paths = Paths(cgroup_root=cgroup, bpf_root=tcbed.bpf_root)
+    try:
+        datapath.attach(paths, SIZES)
+        program(maps, Frontend("0.0.0.0", NODEPORT, TCP), 5, [POD1_4], SVC_F_NODEPORT | SVC_F_EXT_LOCAL)
+        with PinnedNodeAddrs(tcbed.bpf_root) as m:
+            m.replace({NODE1_4, NODE1_6}, remote={NODE2_4})
+
+        def enter():
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write("0")
+            netns_.enter(tcbed.path("n1"))
+        out = subprocess.run([sys.executable, "-c", ASK, dial, str(NODEPORT)], capture_output=True, text=True,
+                             preexec_fn=enter, timeout=10)
+        if translated:
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.split() == ["pod1", GW4, f"{dial}:{NODEPORT}"]
+        else:
+            assert out.returncode != 0 and "ConnectionRefusedError" in out.stderr, (out.stdout, out.stderr)
+    finally:
+        with PinnedNodeAddrs(tcbed.bpf_root) as m:
+            m.replace({NODE1_4, NODE1_6})
+        for name in datapath.attached(paths):
+            os.unlink(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, name))
+        for mark in os.listdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR)):
+            os.rmdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, mark))
+        os.rmdir(cgroup)

@@ -3,7 +3,8 @@
 This node's addresses (``--nodeport-addresses``) carry NODE_ADDR_F_NODEPORT: tc serves a packet to one
 of them on a NodePort, and the socket programs translate a local connect to one. Other nodes'
 addresses (``remote``) carry NODE_ADDR_F_REMOTE: only the socket programs use them, so a pod dialling
-another node's IP:NodePort is translated at its socket and no packet hairpins through that node.
+another node's IP:NodePort is translated at its socket and no packet hairpins through that node; except
+on an externalTrafficPolicy Local port (SVC_F_EXT_LOCAL), which is that node's to serve.
 """
 from __future__ import annotations
 

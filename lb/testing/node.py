@@ -3,46 +3,51 @@ installed as a user installs it: for `make conformance`, tests (tests/test_node.
 
     with Node() as node:                      # minutes the first time (images imported, bpf compiled)
         node.kubectl("get", "pods", "-A")
-        node.in_node(["curl", ...])           # a command inside the node's network namespace
+        node.in_node(["curl", ...])           # a command as a process of the node (its namespaces, its cgroup)
+    with Node(nodes=2) as nodes: ...          # NAME with the control plane, NAME-2 with containerd + kubelet
 
 What start() assembles (stop() takes every piece away again, even after a failed step):
-- two network namespaces: the node's (NAME) and a "world" (NAME-world) joined by a veth; the node has
-  NODE_IP/24 with its default route via the world side, and the world has no route anywhere: a packet
-  nothing translated dies there. Every process of the node runs in the node's namespace
-  (`nsenter --net=/run/netns/NAME`; never `ip netns exec`, which remounts /sys and hides the cgroup2 mount).
+- a "world" network namespace (NAME-world): a bridge at WORLD_IP and no route anywhere, so a packet nothing
+  translated dies there; each node (Host) is a network namespace (NAME, NAME-2...) with eth0 on that bridge
+  at NODE_IP, NODE_IP+1... and its default route via WORLD_IP.
+- each node's mount, cgroup and UTS namespaces (Host says how): its own bpffs, its cgroup subtree /NAME as
+  the cgroup root it sees, its own directories at the DaemonSet's per-node hostPaths, its name as hostname.
+  Every process of the node runs in all of them (Host.enter; never `ip netns exec`, which remounts /sys).
 - certificates (lb/testing/pki.py): CA, kube-apiserver serving (node address, the `kubernetes` Service's
   ClusterIP, 127.0.0.1, kubernetes.default.svc...), kubelet serving, kube-apiserver -> kubelet client, and a
-  client certificate per component; the kubelet is system:node:NAME in system:nodes (Node authorizer and
-  NodeRestriction on).
-- etcd, kube-apiserver (0.0.0.0:6443 in the node's namespace), kube-controller-manager (allocates pod CIDRs
-  from CLUSTER_CIDR), kube-scheduler.
-- Debian's containerd with its own config, socket, root and state under the fixture's directory (cgroupfs,
+  client certificate per component; each kubelet is system:node:<its name> in system:nodes (Node authorizer
+  and NodeRestriction on).
+- on the first node: etcd, kube-apiserver (0.0.0.0:6443 in the node's namespace), kube-controller-manager
+  (allocates pod CIDRs from CLUSTER_CIDR), kube-scheduler.
+- on each node: Debian's containerd with its own config, socket, root and state under the fixture's directory (cgroupfs,
   overlayfs, pause image registry.k8s.io/pause:3.10.1), CNI directories where k3s keeps them (the paths
   manifests/daemonset.yaml mounts), Debian's `loopback` plugin copied there (containerd always calls it).
   Images are imported from OCI archives (scripts/build-node-images.sh, scripts/build-image.sh): nothing is
   pulled.
-- the kubelet, pods under the cgroup /NAME (cgroupfs driver, cgroup v1 allowed), clusterDNS DNS_IP.
+- on each node: the kubelet, pods under the root of the node's cgroup namespace (/NAME/kubepods on the
+  machine; cgroupfs driver, cgroup v1 allowed), clusterDNS DNS_IP.
 - bpflb: `kubectl apply -k` of a copy of manifests/ with the ConfigMap's api-server-host/-port set to the node
   address (README, "Install"); the agent installs its CNI launcher and conflist, the node turns Ready.
 - CoreDNS as kube-dns at DNS_IP (kubernetes plugin only: nothing is forwarded anywhere).
-Ready means: node Ready, the bpflb pod ready, CoreDNS ready, and a pod that resolves kubernetes.default and
-reaches the API server through the Service's ClusterIP.
+Ready means: every node Ready, the bpflb pods ready, CoreDNS ready, and a pod on the last node that resolves
+kubernetes.default and reaches the API server through the Service's ClusterIP.
 
 The kubelet writes kernel settings (vm.overcommit_memory, kernel.panic, ...): they are read at start and
 written back at stop. A previous run that was killed is swept at the next start (its directory records what
 it found before it changed anything).
 
-Service and pod networks are k3s's defaults (10.43.0.0/16, 10.42.0.0/16): bpflb's socket programs attach to the
-host's cgroup2 root, so every process on the machine sees this node's ClusterIPs; addresses apart from the
-10.96.0.0/16 that the other test beds use keep them from meeting each other's Services.
+Service and pod networks are k3s's defaults (10.43.0.0/16, 10.42.0.0/16), apart from the 10.96.0.0/16 the
+other test beds use. bpflb's socket programs attach to each node's cgroup subtree only: processes outside the
+nodes (the machine's, other test beds') never see these ClusterIPs.
 
-`python -m lb.testing.node` starts one, prints how to reach it and waits for Ctrl-C.
+`python -m lb.testing.node [--nodes 2]` starts one, prints how to reach it and waits for Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -50,13 +55,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable
 
 from . import pki
-from .apiserver import ROOT, _popen, components
+from .apiserver import ROOT, _die_with_parent, _popen, components
 
 CACHE = Path(os.environ.get("BPFLB_CACHE", "/var/cache/bpflb"))
 IMAGES_ENV = CACHE / "images.env"
@@ -74,18 +81,22 @@ AGNHOST_IMAGE = "registry.k8s.io/e2e-test-images/agnhost:2.56"
 CNI_BIN_DIR = Path("/var/lib/rancher/k3s/data/cni")
 CNI_CONF_DIR = Path("/var/lib/rancher/k3s/agent/etc/cni/net.d")
 LOOPBACK_PLUGIN = Path("/usr/lib/cni/loopback")
-BPF_PINS = Path("/sys/fs/bpf/bpflb")         # the DaemonSet's --bpf-root
 BPFLB_STATE = Path("/var/lib/bpflb")         # the DaemonSet's state hostPath (IPAM, endpoint records)
 BPFLB_RUN = Path("/run/bpflb")               # the DaemonSet's socket hostPath
+RANCHER = Path("/var/lib/rancher")           # the CNI hostPaths are below it
+# The DaemonSet's hostPaths that are each node's own: a directory of the node's is bound over each inside the
+# node's mount namespace (Host.host_path says where it is on the machine). /sys/fs/bpf and /sys/fs/cgroup
+# are the node's own file systems there; /lib/modules, /usr/src and /run/xtables.lock are the machine's.
+BIND_PATHS = (BPFLB_STATE, BPFLB_RUN, RANCHER)
 CGROUP_FS = Path("/sys/fs/cgroup")
 NETNS_DIR = Path("/run/netns")
 # What the kubelet writes at start (pkg/kubelet/cm setupKernelTunables with protectKernelDefaults off).
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
-# Host paths the node's processes create when absent (the kubelet, containerd's shims, the DaemonSet's
-# hostPath volumes): removed at stop if they were absent at start.
-HOST_PATHS = (Path("/var/log/containers"), Path("/var/log/pods"), Path("/run/containerd"), BPFLB_RUN, BPFLB_STATE,
-              Path("/var/lib/rancher"), Path("/run/xtables.lock"))
+# Host paths the node's processes create when absent (the kubelet, containerd's shims, the mount points of
+# BIND_PATHS): removed at stop if they were absent at start.
+HOST_PATHS = (Path("/var/log/containers"), Path("/var/log/pods"), Path("/run/containerd"), *BIND_PATHS,
+              Path("/run/xtables.lock"))
 BASE_DIR = Path("/var/tmp/bpflb-node")
 LOCK_FILE = BASE_DIR / ".lock"
 
@@ -271,12 +282,162 @@ def _propagation(mountpoint: str) -> str:
     return r.stdout.strip()
 
 
+def _found_on_host() -> dict:
+    """What a run may change on the machine, as found before it changed anything (stop() and the next
+    start's sweep read it back from each node's found.json)."""
+    return {
+        "sysctls": {k: _read_sysctl(k) for k in KUBELET_SYSCTLS},
+        "absent": [str(p) for p in HOST_PATHS if not p.exists() and not p.is_symlink()],
+        "netns": sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else [],
+    }
+
+
+def _cgroup_mounts() -> list[tuple[str, str, str]]:
+    """The machine's cgroup file systems under /sys/fs/cgroup: (mount point, type, options to mount the same
+    hierarchy again), the tmpfs holding v1 hierarchies first when there is one."""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mnt = fields[4]
+        fstype, _, super_opts = fields[fields.index("-") + 1:][:3]
+        if mnt == str(CGROUP_FS) or mnt.startswith(str(CGROUP_FS) + "/"):
+            if fstype in ("cgroup", "cgroup2", "tmpfs"):
+                opts = ",".join(o for o in super_opts.split(",") if o not in ("rw", "ro"))
+                out.append((mnt, fstype, opts if fstype != "tmpfs" else "mode=755"))
+    return sorted(out, key=lambda m: m[0].count("/"))
+
+
+@dataclass
+class Host:
+    """One machine of the cluster: the first runs the control plane too, every one runs containerd and a
+    kubelet. Each lives in namespaces of its own, so two on one machine never meet:
+    - network: NETNS_DIR/NAME, eth0 with its address on the world's bridge;
+    - cgroup: every process of the node (and the pods below it) sits under /NAME in every hierarchy, and a
+      cgroup namespace rooted there: the agent's --cgroup-root is this subtree, so the programs it attaches
+      serve this node's processes and no other;
+    - mount: a copy of the machine's, with a bpffs of its own on /sys/fs/bpf (shared: the DaemonSet mounts it
+      HostToContainer), the cgroup hierarchies mounted again from inside the cgroup namespace, /run/netns
+      shared (the agent sees the pods' namespaces containerd mounts there), and a directory of the node's own
+      bound over each per-node hostPath of the DaemonSet (BIND_PATHS). runc resolves hostPaths in
+      containerd's mount namespace, so the agent's pod sees its node's bpffs, cgroups and directories.
+    - UTS: the node's name as its hostname (what a hostNetwork pod reports, as on a real node).
+    A process holds these namespaces (`holder`); every process of the node enters them."""
+    name: str
+    ip: str
+    dir: Path
+
+    def __post_init__(self) -> None:
+        self.netns_path = str(NETNS_DIR / self.name)
+        self.holder: subprocess.Popen | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: list[IO] = []
+
+    @property
+    def pki(self) -> Path:
+        return self.dir / "pki"
+
+    @property
+    def containerd_sock(self) -> Path:
+        return self.dir / "containerd" / "containerd.sock"
+
+    def host_path(self, path: Path) -> Path:
+        """Where `path` of the node's mount namespace is on the machine, for the per-node paths."""
+        for bound in BIND_PATHS:
+            if path == bound or bound in path.parents:
+                return self.dir / "root" / path.relative_to("/")
+        raise ValueError(f"{path} is the machine's, not under any of {BIND_PATHS}")
+
+    def _move_then(self, argv: list[str]) -> list[str]:
+        """argv, started after its shell moved itself into /NAME in every cgroup hierarchy."""
+        procs = " ".join(f"'{d / 'cgroup.procs'}'" for d in _cgroup_dirs(self.name))
+        return ["sh", "-c", f'for f in {procs}; do echo $$ > "$f" || exit 125; done; exec "$@"', "sh", *argv]
+
+    def enter(self, argv: list[str]) -> list[str]:
+        """argv as a process of this node: in its cgroup and its network, mount, cgroup and UTS namespaces
+        (before they exist, in its network namespace only)."""
+        if self.holder is None:
+            return ["nsenter", f"--net={self.netns_path}", "--", *argv]
+        return self._move_then(["nsenter", f"--target={self.holder.pid}", "--net", "--mount", "--cgroup", "--uts",
+                                "--", *argv])
+
+    def make_namespaces(self) -> None:
+        """The cgroup /NAME in every hierarchy, then the holder: it moves in there, unshares mount, cgroup and
+        UTS namespaces (mounts propagate from the machine into the node, never back), mounts what the class
+        docstring lists, says "ready" and sleeps until the node is killed; its namespaces go with the
+        node's last process."""
+        for cg in _cgroup_dirs(self.name):
+            cg.mkdir(exist_ok=True)
+            if cg.parent.name == "cpuset":  # a child of a cpuset cgroup needs its cpus and mems first
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    (cg / f).write_text((cg.parent / f).read_text())
+        lines = ["set -e", f"hostname {self.name}",
+                 "umount -R /sys/fs/bpf 2>/dev/null || true",
+                 "mount -t bpf bpf /sys/fs/bpf", "mount --make-shared /sys/fs/bpf",
+                 f"umount -R {CGROUP_FS}"]
+        for mnt, fstype, opts in _cgroup_mounts():  # the same hierarchies, rooted at /NAME now
+            lines += [f"mkdir -p {mnt}", f"mount -t {fstype} {'-o ' + opts if opts else ''} {fstype} {mnt}"]
+        lines.append(f"mount --make-shared {NETNS_DIR}")
+        for path in BIND_PATHS:
+            src = self.host_path(path)
+            src.mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True)  # the mount point (removed at stop if it was absent)
+            lines.append(f"mount --bind '{src}' '{path}'")
+        lines += ["echo ready", "exec sleep infinity"]
+        log = open(self.dir / "namespaces.log", "a")
+        self._logs.append(log)
+        argv = self._move_then(["nsenter", f"--net={self.netns_path}", "--", "unshare", "--mount", "--cgroup",
+                                "--uts", "--propagation", "slave", "--", "sh", "-c", "\n".join(lines)])
+        pre = _die_with_parent if threading.current_thread() is threading.main_thread() else None
+        self.holder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                       preexec_fn=pre, text=True)
+        line = self.holder.stdout.readline().strip()
+        self.holder.stdout.close()
+        if line != "ready":
+            self.holder.kill()
+            self.holder.wait()
+            self.holder = None
+            raise NodeError(f"{self.name}: its namespaces: {self.log_tail('namespaces')}")
+        self.procs["namespaces"] = self.holder
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.dir / f"{name}.log", "a")
+        self._logs.append(log)
+        p = _popen(self.enter(argv), log)
+        self.procs[name] = p
+        return p
+
+    def log_tail(self, name: str, n: int = 4000) -> str:
+        try:
+            return (self.dir / f"{name}.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        for p in self.procs.values():
+            with contextlib.suppress(OSError):
+                p.kill()
+        for p in self.procs.values():  # reaped: a zombie still counts in a v1 cgroup's cgroup.procs
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+        self.procs.clear()
+        self.holder = None
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _run(["ctr", "--address", str(self.containerd_sock), "-n", "k8s.io", *args], check=check)
+
+
 @dataclass
 class Node:
+    """The cluster: `nodes` machines (Host), the first (`name`, `node_ip`) with the control plane, the
+    others NAME-2, NAME-3... at the next addresses."""
     name: str = "bpflb-node"
     node_ip: str = "172.30.99.2"
     world_ip: str = "172.30.99.1"
     prefix_len: int = 24
+    nodes: int = 1
     ready_timeout: float = 600.0
     verbose: bool = False
     api_port: int = 6443
@@ -284,19 +445,23 @@ class Node:
     timings: list[tuple[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.dir = BASE_DIR / self.name
-        self.netns = self.name
+        first = ipaddress.IPv4Address(self.node_ip)
+        self.hosts = [Host(self.name if i == 0 else f"{self.name}-{i + 1}", str(first + i),
+                           BASE_DIR / (self.name if i == 0 else f"{self.name}-{i + 1}")) for i in range(self.nodes)]
+        self.dir = self.hosts[0].dir
         self.world = f"{self.name}-world"
-        self.netns_path = str(NETNS_DIR / self.netns)
-        self.procs: dict[str, subprocess.Popen] = {}
-        self._logs: list[IO] = []
+        self.netns_path = self.hosts[0].netns_path
         self.bin: dict[str, str] = {}
         self.api_url = f"https://{self.node_ip}:{self.api_port}"
         self._lock_fd: int | None = None
 
+    @property
+    def node_names(self) -> list[str]:
+        return [h.name for h in self.hosts]
+
     def _lock(self) -> None:
-        """One node at a time on a machine: the DaemonSet's host paths (/sys/fs/bpf/bpflb, the CNI
-        directories, /run/bpflb) and the cgroup2 root its programs attach to are the machine's."""
+        """One cluster at a time on a machine: the kernel settings the kubelets write, the address plan,
+        and the coordinator's benchmarks sharing two cores."""
         BASE_DIR.mkdir(parents=True, exist_ok=True)
         fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -313,15 +478,11 @@ class Node:
 
     @property
     def containerd_sock(self) -> Path:
-        return self.dir / "containerd" / "containerd.sock"
+        return self.hosts[0].containerd_sock
 
     @property
     def pki(self) -> Path:
         return self.dir / "pki"
-
-    @property
-    def _record(self) -> Path:
-        return self.dir / "found.json"
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def __enter__(self) -> "Node":
@@ -353,15 +514,23 @@ class Node:
             self.bpflb_image = name
         self._lock()
         with self._step("sweep"):
-            for stale in sorted(BASE_DIR.iterdir()) if BASE_DIR.exists() else ():
-                if stale.is_dir():  # holding the lock: every node directory is a killed run's
-                    left = sweep(stale.name)
-                    if left:
-                        raise NodeError(f"leftovers of a previous node {stale.name} could not be removed: {left}")
-        self.dir.mkdir(parents=True)
-        self._record_host()
+            # Holding the lock: every node directory is a killed run's.
+            stale_dirs = [d for d in sorted(BASE_DIR.iterdir()) if d.is_dir()] if BASE_DIR.exists() else []
+            for stale in stale_dirs:
+                kill_node(stale.name)
+            for stale in stale_dirs:
+                left = sweep(stale.name)
+                if left:
+                    raise NodeError(f"leftovers of a previous node {stale.name} could not be removed: {left}")
+        found = _found_on_host()
+        for h in self.hosts:
+            h.dir.mkdir(parents=True)
+            (h.dir / "found.json").write_text(json.dumps(found, indent=1))
         with self._step("network namespaces"):
             self._netns()
+        with self._step("mount, cgroup and UTS namespaces"):
+            for h in self.hosts:
+                h.make_namespaces()
         with self._step("certificates"):
             self._certs()
         with self._step("control plane"):
@@ -369,11 +538,12 @@ class Node:
         with self._step("containerd and images"):
             self._containerd()
         with self._step("kubelet"):
-            self._kubelet()
-            self._wait(lambda: self._node_registered(), 120, "the kubelet to register the node")
+            for h in self.hosts:
+                self._kubelet(h)
+            self._wait(lambda: self._nodes_registered(), 120, "the kubelets to register their nodes")
         with self._step("bpflb (kubectl apply -k)"):
             self._install_bpflb()
-            self._wait(self._node_ready, self.ready_timeout, "the node to turn Ready (bpflb's CNI conflist)")
+            self._wait(self._nodes_ready, self.ready_timeout, "the nodes to turn Ready (bpflb's CNI conflist)")
             self.kubectl("-n", "bpflb-system", "rollout", "status", "daemonset/bpflb", f"--timeout={int(self.ready_timeout)}s")
         with self._step("CoreDNS"):
             self._coredns()
@@ -382,34 +552,21 @@ class Node:
             self._smoke()
         self.timings.append(("total", time.monotonic() - t0))
 
-    def _record_host(self) -> None:
-        """What this run may change on the host, as found before it changed anything (stop() and the next
-        start's sweep read it back)."""
-        found = {
-            "sysctls": {k: _read_sysctl(k) for k in KUBELET_SYSCTLS},
-            "absent": [str(p) for p in HOST_PATHS if not p.exists() and not p.is_symlink()],
-            "netns": sorted(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else [],
-            "bpffs_propagation": _propagation("/sys/fs/bpf"),
-            "cni_dirs_absent": [str(p) for p in (CNI_BIN_DIR, CNI_CONF_DIR) if not p.exists()],
-            "pins_absent": not BPF_PINS.exists(),
-            "bpflb_files": sorted(str(p) for d in (BPFLB_STATE, BPFLB_RUN) if d.exists() for p in d.rglob("*")),
-        }
-        self._record.write_text(json.dumps(found, indent=1))
-
     def stop(self) -> None:
         """Remove everything start() made; safe after a failed start and more than once."""
         if self._lock_fd is None:
             return  # never started, or stopped already (or another node holds the machine)
+        left: list[str] = []
+        t0 = time.monotonic()
         try:
-            for p in self.procs.values():
-                with contextlib.suppress(OSError):
-                    p.kill()
+            for h in self.hosts:
+                h.kill()
+            for h in self.hosts:  # every node's processes before any node's files (they share mount points)
+                kill_node(h.name)
         finally:
-            for f in self._logs:
-                f.close()
-            self._logs.clear()
-            left = sweep(self.name)
-            self.procs.clear()
+            for h in self.hosts:
+                left += sweep(h.name)
+            self.timings.append(("stop", time.monotonic() - t0))
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -418,32 +575,34 @@ class Node:
 
     # ---- network ---------------------------------------------------------------------------------------
     def _netns(self) -> None:
+        """The world (a bridge at world_ip, no route anywhere) and each node on it through a veth."""
         ip = ["ip"]
-        _run(ip + ["netns", "add", self.netns])
         _run(ip + ["netns", "add", self.world])
-        _run(ip + ["-n", self.netns, "link", "add", "eth0", "type", "veth", "peer", "name", "world0",
-                   "netns", self.world])
-        for ns, dev, addr in ((self.netns, "eth0", self.node_ip), (self.world, "world0", self.world_ip)):
-            _run(ip + ["-n", ns, "addr", "add", f"{addr}/{self.prefix_len}", "dev", dev])
-            _run(ip + ["-n", ns, "link", "set", dev, "up"])
-            _run(ip + ["-n", ns, "link", "set", "lo", "up"])
-        _run(ip + ["-n", self.netns, "route", "add", "default", "via", self.world_ip])
-        # A node forwards for its pods (the node's own setting, as a node's provisioning sets it).
-        self.in_node(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
-        # A node's mounts are shared (systemd makes every mount shared at boot): the DaemonSet's
-        # HostToContainer volumes need the host's /sys/fs/bpf to be shared or a slave (containerd checks).
-        if _propagation("/sys/fs/bpf") == "private":
-            _run(["mount", "--make-shared", "/sys/fs/bpf"])
-        (self.dir / "resolv.conf").write_text(f"nameserver {self.world_ip}\n")
-        (self.dir / "hosts").write_text(f"127.0.0.1 localhost\n{self.node_ip} {self.name}\n")
+        _run(ip + ["-n", self.world, "link", "add", "br0", "type", "bridge"])
+        _run(ip + ["-n", self.world, "addr", "add", f"{self.world_ip}/{self.prefix_len}", "dev", "br0"])
+        for dev in ("br0", "lo"):
+            _run(ip + ["-n", self.world, "link", "set", dev, "up"])
+        for i, h in enumerate(self.hosts):
+            _run(ip + ["netns", "add", h.name])
+            _run(ip + ["-n", h.name, "link", "add", "eth0", "type", "veth", "peer", "name", f"node{i}",
+                       "netns", self.world])
+            _run(ip + ["-n", self.world, "link", "set", f"node{i}", "master", "br0", "up"])
+            _run(ip + ["-n", h.name, "addr", "add", f"{h.ip}/{self.prefix_len}", "dev", "eth0"])
+            for dev in ("eth0", "lo"):
+                _run(ip + ["-n", h.name, "link", "set", dev, "up"])
+            _run(ip + ["-n", h.name, "route", "add", "default", "via", self.world_ip])
+            # A node forwards for its pods (the node's own setting, as a node's provisioning sets it).
+            _run(h.enter(["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
+            (h.dir / "resolv.conf").write_text(f"nameserver {self.world_ip}\n")
 
     def nsenter(self, argv: list[str]) -> list[str]:
-        return ["nsenter", f"--net={self.netns_path}", "--", *argv]
+        """argv as a process of the first node (its namespaces and cgroup: its socket programs serve it)."""
+        return self.hosts[0].enter(argv)
 
-    def in_node(self, argv: list[str], check: bool = False, timeout: float | None = None,
+    def in_node(self, argv: list[str], check: bool = False, timeout: float | None = None, host: int = 0,
                 **kw) -> subprocess.CompletedProcess:
-        """Run a command inside the node's network namespace (mount namespace and cgroups: the host's)."""
-        return _run(self.nsenter(argv), check=check, timeout=timeout, **kw)
+        """Run a command as a process of a node (the first unless `host` says which)."""
+        return _run(self.hosts[host].enter(argv), check=check, timeout=timeout, **kw)
 
     # ---- certificates ---------------------------------------------------------------------------------
     def _certs(self) -> None:
@@ -456,25 +615,29 @@ class Node:
                       f"kubernetes.default.svc.{CLUSTER_DOMAIN}", "localhost", self.name])
         ca.issue(d, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", org="system:masters",
                  usage="clientAuth")
-        ca.issue(d, "kubelet-server", self.name, ips=[self.node_ip, "127.0.0.1"], dns=[self.name, "localhost"])
-        ca.issue(d, "kubelet", f"system:node:{self.name}", org="system:nodes", usage="clientAuth")
         ca.issue(d, "admin", "admin", org="system:masters", usage="clientAuth")
         ca.issue(d, "controller-manager", "system:kube-controller-manager", usage="clientAuth")
         ca.issue(d, "scheduler", "system:kube-scheduler", usage="clientAuth")
         pki.service_account_keys(d)
-        for user, cert in (("admin", "admin"), ("kubelet", "kubelet"), ("controller-manager", "controller-manager"),
-                           ("scheduler", "scheduler")):
-            self._kubeconfig(self.dir / f"{user}.kubeconfig", cert)
+        for user in ("admin", "controller-manager", "scheduler"):
+            self._kubeconfig(self.dir / f"{user}.kubeconfig", d, user)
+        for h in self.hosts:  # each kubelet: system:node:<its name>, serving its own address
+            h.pki.mkdir(exist_ok=True)
+            if h.pki != d:
+                shutil.copy2(ca.crt, h.pki / "ca.crt")
+            ca.issue(h.pki, "kubelet-server", h.name, ips=[h.ip, "127.0.0.1"], dns=[h.name, "localhost"])
+            ca.issue(h.pki, "kubelet", f"system:node:{h.name}", org="system:nodes", usage="clientAuth")
+            self._kubeconfig(h.dir / "kubelet.kubeconfig", h.pki, "kubelet")
 
-    def _kubeconfig(self, path: Path, cert: str) -> None:
+    def _kubeconfig(self, path: Path, pki_dir: Path, cert: str) -> None:
         path.write_text(f"""apiVersion: v1
 kind: Config
 clusters:
 - name: {self.name}
-  cluster: {{server: "{self.api_url}", certificate-authority: "{self.pki / 'ca.crt'}"}}
+  cluster: {{server: "{self.api_url}", certificate-authority: "{pki_dir / 'ca.crt'}"}}
 users:
 - name: {cert}
-  user: {{client-certificate: "{self.pki / (cert + '.crt')}", client-key: "{self.pki / (cert + '.key')}"}}
+  user: {{client-certificate: "{pki_dir / (cert + '.crt')}", client-key: "{pki_dir / (cert + '.key')}"}}
 contexts:
 - name: {self.name}
   context: {{cluster: {self.name}, user: {cert}}}
@@ -483,22 +646,16 @@ current-context: {self.name}
 
     # ---- processes --------------------------------------------------------------------------------------
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.dir / f"{name}.log", "a")
-        self._logs.append(log)
-        p = _popen(self.nsenter(argv), log)
-        self.procs[name] = p
-        return p
+        return self.hosts[0].start(name, argv)
 
-    def log_tail(self, name: str, n: int = 4000) -> str:
-        try:
-            return (self.dir / f"{name}.log").read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
+    def log_tail(self, name: str, n: int = 4000, host: int = 0) -> str:
+        return self.hosts[host].log_tail(name, n)
 
     def _check_alive(self) -> None:
-        for name, p in self.procs.items():
-            if p.poll() is not None:
-                raise NodeError(f"{name} exited ({p.returncode}):\n{self.log_tail(name)}")
+        for h in self.hosts:
+            for name, p in h.procs.items():
+                if p.poll() is not None:
+                    raise NodeError(f"{h.name}: {name} exited ({p.returncode}):\n{h.log_tail(name)}")
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -556,19 +713,35 @@ current-context: {self.name}
             "--bind-address=127.0.0.1", "--leader-elect=false", "--v=1"])
 
     def _containerd(self) -> None:
-        c = self.dir / "containerd"
-        c.mkdir()
         self.restrict_oom_score_adj = not _has_cap(CAP_SYS_RESOURCE)
-        for p in (CNI_BIN_DIR, CNI_CONF_DIR):
+        for h in self.hosts:
+            self._containerd_start(h)
+        for h in self.hosts:
+            self._wait(lambda: h.ctr("version", check=False).returncode == 0, 60, f"{h.name}: containerd's socket")
+        # The archives go into every node's containerd at once (each import is mostly waiting on its disk).
+        with ThreadPoolExecutor(max_workers=len(self.hosts) * 2) as pool:
+            list(pool.map(lambda job: job[0].ctr("images", "import", "--no-unpack=false", job[1]),
+                          [(h, tar) for h in self.hosts for tar in self.images.values()]))
+        for h in self.hosts:
+            have = h.ctr("images", "ls", "-q").stdout.split()
+            missing = [i for i in self.images if i not in have]
+            if missing:
+                raise NodeError(f"{h.name}: imported archives did not name {missing} (have {have})")
+
+    def _containerd_start(self, h: Host) -> None:
+        c = h.dir / "containerd"
+        c.mkdir()
+        bin_dir = h.host_path(CNI_BIN_DIR)
+        for p in (bin_dir, h.host_path(CNI_CONF_DIR)):
             p.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(LOOPBACK_PLUGIN, CNI_BIN_DIR / "loopback")
+        shutil.copy2(LOOPBACK_PLUGIN, bin_dir / "loopback")
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         (c / "config.toml").write_text(f"""version = 2
 root = "{c / 'root'}"
 state = "{c / 'state'}"
 oom_score = 0
 [grpc]
-  address = "{self.containerd_sock}"
+  address = "{h.containerd_sock}"
 [ttrpc]
   address = "{c / 'ttrpc.sock'}"
 [debug]
@@ -594,28 +767,15 @@ oom_score = 0
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{CNI_CONF_DIR}"
 """)
-        self._start("containerd", ["containerd", "--config", str(c / "config.toml")])
-        self._wait(lambda: self._ctr("version", check=False).returncode == 0, 60, "containerd's socket")
-        for image, tar in self.images.items():
-            self._ctr("images", "import", "--no-unpack=false", tar)
-        have = self._ctr("images", "ls", "-q").stdout.split()
-        missing = [i for i in self.images if i not in have]
-        if missing:
-            raise NodeError(f"imported archives did not name {missing} (have {have})")
+        h.start("containerd", ["containerd", "--config", str(c / "config.toml")])
 
     def _ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return _run(["ctr", "--address", str(self.containerd_sock), "-n", "k8s.io", *args], check=check)
+        return self.hosts[0].ctr(*args, check=check)
 
-    def _kubelet(self) -> None:
-        d, p = self.dir, self.pki
-        # The pods' cgroup parent, in every hierarchy (the kubelet checks it exists; cpuset needs its
-        # cpus and mems filled in before a child can use it).
-        for cg in _cgroup_dirs(self.name):
-            cg.mkdir(exist_ok=True)
-            if cg.parent.name == "cpuset":
-                for f in ("cpuset.cpus", "cpuset.mems"):
-                    (cg / f).write_text((cg.parent / f).read_text())
+    def _kubelet(self, h: Host) -> None:
+        d, p = h.dir, h.pki
         (d / "kubelet").mkdir()
+        # cgroupRoot is the default, "/": the root of the node's cgroup namespace, /NAME on the machine.
         (d / "kubelet-config.yaml").write_text(f"""apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 authentication:
@@ -626,12 +786,11 @@ authorization: {{mode: Webhook}}
 tlsCertFile: "{p / 'kubelet-server.crt'}"
 tlsPrivateKeyFile: "{p / 'kubelet-server.key'}"
 cgroupDriver: cgroupfs
-cgroupRoot: /{self.name}
 failCgroupV1: false
 failSwapOn: false
 clusterDNS: [{DNS_IP}]
 clusterDomain: {CLUSTER_DOMAIN}
-containerRuntimeEndpoint: unix://{self.containerd_sock}
+containerRuntimeEndpoint: unix://{h.containerd_sock}
 resolvConf: "{d / 'resolv.conf'}"
 podLogsDir: "{d / 'pod-logs'}"
 readOnlyPort: 0
@@ -642,18 +801,20 @@ evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", nodefs.inodesFr
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 """)
-        self._start("kubelet", [
+        h.start("kubelet", [
             self.bin["KUBELET"], f"--config={d / 'kubelet-config.yaml'}", f"--kubeconfig={d / 'kubelet.kubeconfig'}",
-            f"--root-dir={d / 'kubelet'}", f"--cert-dir={d / 'kubelet-certs'}", f"--node-ip={self.node_ip}",
-            f"--hostname-override={self.name}", "--v=2"])
+            f"--root-dir={d / 'kubelet'}", f"--cert-dir={d / 'kubelet-certs'}", f"--node-ip={h.ip}",
+            f"--hostname-override={h.name}", "--v=2"])
 
-    def _node_registered(self) -> bool:
-        return self.kubectl("get", "node", self.name, "-o", "name", check=False).strip() == f"node/{self.name}"
+    def _nodes_registered(self) -> bool:
+        out = self.kubectl("get", "nodes", "-o", "name", check=False).split()
+        return all(f"node/{n}" in out for n in self.node_names)
 
-    def _node_ready(self) -> bool:
-        out = self.kubectl("get", "node", self.name, "-o",
-                           "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False)
-        return out.strip() == "True"
+    def _nodes_ready(self) -> bool:
+        out = self.kubectl("get", "nodes", "-o",
+                           "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=='Ready')].status} {end}",
+                           check=False).split()
+        return all(f"{n}=True" in out for n in self.node_names)
 
     # ---- add-ons ----------------------------------------------------------------------------------------
     def _install_bpflb(self) -> None:
@@ -686,7 +847,10 @@ imageGCLowThresholdPercent: 99
     def _smoke(self) -> None:
         """A pod resolves kubernetes.default through kube-dns and reaches the API server at its ClusterIP."""
         name = "bpflb-node-smoke"
-        self.kubectl("run", name, "-n", "default", f"--image={AGNHOST_IMAGE}", "--restart=Never", "--command", "--",
+        # On the last node: with more than one, DNS and the API server are across the overlay from it.
+        pin = json.dumps({"spec": {"nodeName": self.hosts[-1].name}})
+        self.kubectl("run", name, "-n", "default", f"--image={AGNHOST_IMAGE}", "--restart=Never", f"--overrides={pin}",
+                     "--command", "--",
                      "sh", "-c",
                      f"nslookup kubernetes.default.svc.{CLUSTER_DOMAIN} && "
                      f"curl -sk --max-time 10 https://kubernetes.default/version")
@@ -819,6 +983,22 @@ spec:
 """
 
 
+def kill_node(name: str) -> set[int]:
+    """SIGKILL every process of the node `name`: its own (all in its network namespace and its cgroup:
+    kubelet, containerd and its shims, the control plane, hostNetwork pods) and every pod's (in the cgroups
+    under /<name>). Returns those that would not go. The node's mount, cgroup and UTS namespaces go with them."""
+    ino = _ns_inode(str(NETNS_DIR / name))
+    cgroups = _cgroup_dirs(name)
+
+    def ours() -> set[int]:
+        pids = _pids_in_cgroups(cgroups)
+        if ino is not None:
+            pids |= _pids_in_netns(ino)
+        return pids
+
+    return _kill_all(ours)
+
+
 def sweep(name: str) -> list[str]:
     """Remove everything a node named `name` made (a running one's, after its processes were told to go, or
     the leftovers of one whose Python process was killed); returns what could not be removed."""
@@ -828,23 +1008,13 @@ def sweep(name: str) -> list[str]:
         found = json.loads((d / "found.json").read_text())
     except (OSError, ValueError):
         found = None
-    netns_path = str(NETNS_DIR / name)
-    ino = _ns_inode(netns_path)
     cgroups = _cgroup_dirs(name)
-
-    def ours() -> set[int]:
-        pids = _pids_in_cgroups(cgroups)
-        if ino is not None:
-            pids |= _pids_in_netns(ino)
-        return pids
-
-    # Processes: the node's own (all in its network namespace: kubelet, containerd and its shims, the
-    # control plane, hostNetwork pods) and every pod's (in the cgroups under /<name>).
-    stuck = _kill_all(ours)
+    stuck = kill_node(name)
     if stuck:
         left.append(f"processes {sorted(stuck)}")
-    # Mounts: the kubelet's volumes and its rshared root, containerd's rootfs and shm mounts, pods'
-    # network namespaces (nsfs mounts under /run/netns).
+    # Mounts: the node's own (kubelet volumes, rootfs, bpffs, cgroups, pods' network namespaces) lived in
+    # its mount namespace and went with its last process; what is left is anything a run of a version
+    # without one mounted on the machine.
     new_netns = []
     if found is not None and NETNS_DIR.exists():
         new_netns = [n for n in os.listdir(NETNS_DIR) if n.startswith("cni-") and n not in found["netns"]]
@@ -859,27 +1029,9 @@ def sweep(name: str) -> list[str]:
                 left.append(f"netns {ns}: {r.stderr.strip()}")
     left += _rmdir_cgroups(cgroups)
     if found is not None:
-        if found.get("pins_absent") and BPF_PINS.exists():
-            shutil.rmtree(BPF_PINS, ignore_errors=True)
-            if BPF_PINS.exists():
-                left.append(str(BPF_PINS))
         for key, value in found["sysctls"].items():
             if value is not None and _read_sysctl(key) != value:
                 Path("/proc/sys", key).write_text(value)
-        if found.get("bpffs_propagation") == "private" and _propagation("/sys/fs/bpf") != "private":
-            _run(["mount", "--make-private", "/sys/fs/bpf"], check=False)
-        # Files the agent's pod and CNI made under its hostPaths (IPAM, endpoint records, its socket, the
-        # delete queue): only what appeared since start, the directories being the machine's.
-        before = set(found.get("bpflb_files", []))
-        for host_dir in (BPFLB_STATE, BPFLB_RUN):
-            for p in sorted(host_dir.rglob("*") if host_dir.exists() else (), key=lambda p: len(p.parts),
-                            reverse=True):
-                if str(p) not in before:
-                    with contextlib.suppress(OSError):
-                        p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
-        for p in (CNI_BIN_DIR, CNI_CONF_DIR):
-            if str(p) in found.get("cni_dirs_absent", []):
-                shutil.rmtree(p, ignore_errors=True)
         for p in map(Path, found.get("absent", [])):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
@@ -907,18 +1059,24 @@ def sweep(name: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lb.testing.node", description="a kubelet node with bpflb until Ctrl-C")
     ap.add_argument("--name", default="bpflb-node")
+    ap.add_argument("--nodes", type=int, default=1, help="how many nodes (the first runs the control plane)")
     ap.add_argument("--sweep", action="store_true", help="only remove the leftovers of a killed run, then exit")
     args = ap.parse_args(argv)
     if args.sweep:
-        left = sweep(args.name)
+        names = [d.name for d in BASE_DIR.iterdir() if d.is_dir() and (d.name == args.name or
+                 re.fullmatch(re.escape(args.name) + r"-\d+", d.name))] if BASE_DIR.exists() else []
+        names = sorted(set(names) | {args.name})
+        for n in names:
+            kill_node(n)
+        left = [x for n in names for x in sweep(n)]
         print("left: " + ", ".join(left) if left else "clean")
         return 1 if left else 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with Node(name=args.name, verbose=True) as node:
+    with Node(name=args.name, nodes=args.nodes, verbose=True) as node:
         for step, secs in node.timings:
             print(f"  {step}: {secs:.1f} s")
-        print(f"node {node.name} ready: export KUBECONFIG={node.kubeconfig}; "
-              f"nsenter --net={node.netns_path} {node.bin['KUBECTL']} get pods -A", flush=True)
+        print(f"nodes {', '.join(node.node_names)} ready: export KUBECONFIG={node.kubeconfig}; "
+              f"{' '.join(node.nsenter([node.bin['KUBECTL'], 'get', 'pods', '-A']))}", flush=True)
         try:
             while True:
                 signal.pause()
