@@ -1201,7 +1201,9 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct pkt *p, int 
 	struct icmp_xlate_to *to = &sc->to;
 	struct lb_ct_val *ct = &sc->ct;
 
-	__builtin_memset(sc, 0, sizeof(*sc));
+	/* the two lookup keys (their padding is part of the key); the rest is written before it is read */
+	__builtin_memset(q, 0, sizeof(*q));
+	__builtin_memset(t, 0, sizeof(*t));
 	if (icmp_quote(skb, p, q, &sc->quoted) < 0)
 		return TC_ACT_OK;
 	/* the quote reversed: a backend's reply tuple (lb_nat), or a client's flow tuple (lb_ct) */

@@ -17,6 +17,7 @@ helper's rules are tested with translate). Each backend answers a line with "<po
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -945,8 +946,11 @@ print(s.makefile().readline().strip(), "%s:%d" % s.getpeername()[:2])
 """
 
 
-@pytest.mark.parametrize("dial", [NODE1_4, NODE2_4], ids=["this-node", "another-node"])
-def test_a_local_caller_dialling_a_node_address_nodeport_is_translated_at_its_socket(tcbed, maps, dial):
+@contextlib.contextmanager
+def socket_caller(tcbed, maps, flags: int):
+    """The socket programs attached to a cgroup of their own, one INTERNAL wildcard NodePort frontend
+    (to pod1, with ``flags``), node1's addresses and node2's as a remote one; yields ask(dial), which
+    connects from that cgroup in node1's namespace to dial:NODEPORT (a python process: its result)."""
     from lb.settings import default_cgroup_root
 
     cgroup = os.path.join(default_cgroup_root(), f"bpflb-tctest-{uuid.uuid4().hex[:6]}")
@@ -954,7 +958,7 @@ def test_a_local_caller_dialling_a_node_address_nodeport_is_translated_at_its_so
     paths = Paths(cgroup_root=cgroup, bpf_root=tcbed.bpf_root)
     try:
         datapath.attach(paths, SIZES)
-        program(maps, Frontend("0.0.0.0", NODEPORT, TCP), 5, [POD1_4], SVC_F_NODEPORT)  # scope INTERNAL
+        program(maps, Frontend("0.0.0.0", NODEPORT, TCP), 5, [POD1_4], flags)  # scope INTERNAL
         with PinnedNodeAddrs(tcbed.bpf_root) as m:
             m.replace({NODE1_4, NODE1_6}, remote={NODE2_4})
 
@@ -962,14 +966,9 @@ def test_a_local_caller_dialling_a_node_address_nodeport_is_translated_at_its_so
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                 f.write("0")
             netns_.enter(tcbed.path("n1"))
-        out = subprocess.run([sys.executable, "-c", ASK, dial, str(NODEPORT)], capture_output=True, text=True,
-                             preexec_fn=enter, timeout=10)
-        assert out.returncode == 0, out.stderr
-        name, seen, peer = out.stdout.split()
-        # Connected straight to the pod (it sees the node's address on the pod side, not a masquerade),
-        # and the application sees the address it dialled.
-        assert (name, seen, peer) == ("pod1", GW4, f"{dial}:{NODEPORT}")
-        assert ct_rows(tcbed.bpf_root) == []  # no packet went through the tc path
+
+        yield lambda dial: subprocess.run([sys.executable, "-c", ASK, dial, str(NODEPORT)], capture_output=True,
+                                          text=True, preexec_fn=enter, timeout=10)
     finally:
         with PinnedNodeAddrs(tcbed.bpf_root) as m:
             m.replace({NODE1_4, NODE1_6})
@@ -978,6 +977,18 @@ def test_a_local_caller_dialling_a_node_address_nodeport_is_translated_at_its_so
         for mark in os.listdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR)):
             os.rmdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, mark))
         os.rmdir(cgroup)
+
+
+@pytest.mark.parametrize("dial", [NODE1_4, NODE2_4], ids=["this-node", "another-node"])
+def test_a_local_caller_dialling_a_node_address_nodeport_is_translated_at_its_socket(tcbed, maps, dial):
+    with socket_caller(tcbed, maps, SVC_F_NODEPORT) as ask:
+        out = ask(dial)
+    assert out.returncode == 0, out.stderr
+    name, seen, peer = out.stdout.split()
+    # Connected straight to the pod (it sees the node's address on the pod side, not a masquerade),
+    # and the application sees the address it dialled.
+    assert (name, seen, peer) == ("pod1", GW4, f"{dial}:{NODEPORT}")
+    assert ct_rows(tcbed.bpf_root) == []  # no packet went through the tc path
 
 
 @pytest.mark.parametrize("dial,translated", [(NODE1_4, True), (NODE2_4, False)], ids=["this-node", "another-node"])
@@ -987,33 +998,11 @@ def test_an_etp_local_nodeport_on_another_nodes_address_is_left_to_that_node(tcb
     endpoints serve it is that node's to say, so the connect goes there untranslated, as behind kube-proxy
     (node2 of this bed has nothing listening on the nodePort: refused there)."""
     from lb.maps.structs import SVC_F_EXT_LOCAL
-    from lb.settings import default_cgroup_root
 
-    cgroup = os.path.join(default_cgroup_root(), f"bpflb-tctest-{uuid.uuid4().hex[:6]}")
-    os.mkdir(cgroup)
-    paths = Paths(cgroup_root=cgroup, bpf_root=tcbed.bpf_root)
-    try:
-        datapath.attach(paths, SIZES)
-        program(maps, Frontend("0.0.0.0", NODEPORT, TCP), 5, [POD1_4], SVC_F_NODEPORT | SVC_F_EXT_LOCAL)
-        with PinnedNodeAddrs(tcbed.bpf_root) as m:
-            m.replace({NODE1_4, NODE1_6}, remote={NODE2_4})
-
-        def enter():
-            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
-                f.write("0")
-            netns_.enter(tcbed.path("n1"))
-        out = subprocess.run([sys.executable, "-c", ASK, dial, str(NODEPORT)], capture_output=True, text=True,
-                             preexec_fn=enter, timeout=10)
-        if translated:
-            assert out.returncode == 0, out.stderr
-            assert out.stdout.split() == ["pod1", GW4, f"{dial}:{NODEPORT}"]
-        else:
-            assert out.returncode != 0 and "ConnectionRefusedError" in out.stderr, (out.stdout, out.stderr)
-    finally:
-        with PinnedNodeAddrs(tcbed.bpf_root) as m:
-            m.replace({NODE1_4, NODE1_6})
-        for name in datapath.attached(paths):
-            os.unlink(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, name))
-        for mark in os.listdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR)):
-            os.rmdir(os.path.join(tcbed.bpf_root, datapath.LINKS_DIR, mark))
-        os.rmdir(cgroup)
+    with socket_caller(tcbed, maps, SVC_F_NODEPORT | SVC_F_EXT_LOCAL) as ask:
+        out = ask(dial)
+    if translated:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["pod1", GW4, f"{dial}:{NODEPORT}"]
+    else:
+        assert out.returncode != 0 and "ConnectionRefusedError" in out.stderr, (out.stdout, out.stderr)
