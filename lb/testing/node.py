@@ -548,6 +548,15 @@ class Node:
         with self._step("CoreDNS"):
             self._coredns()
             self.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns", "--timeout=300s")
+            # Ready in the API is not yet programmed on every node: the EndpointSlice follows the pod, and each
+            # agent follows the slice. Without this a pod started at once can meet kube-dns with no backend
+            # (its connect refused, as kube-proxy's REJECT would).
+            try:
+                self._wait(self._dns_programmed, 120, "every node's bpflb to program kube-dns with a backend")
+            except NodeError as e:
+                seen = "".join(f"\n{h.name}: {self._dns_rows(i)}" for i, h in enumerate(self.hosts))
+                raise NodeError(f"{e}{seen}\n{self.kubectl('get', 'endpointslices', '-A', '-o', 'wide', check=False)}"
+                                ) from None
         with self._step("smoke pod (DNS + ClusterIP)"):
             self._smoke()
         self.timings.append(("total", time.monotonic() - t0))
@@ -843,6 +852,23 @@ imageGCLowThresholdPercent: 99
 
     def _coredns(self) -> None:
         self.kubectl("apply", "-f", "-", input=coredns_manifest())
+
+    def _dns_rows(self, host: int) -> list[dict] | str:
+        """kube-dns's UDP frontend rows in `bpflb service list` of a node's pinned maps (or why there are none)."""
+        r = self.in_node([str(Path(sys.executable).parent / "bpflb"), "service", "list", "-o", "json"], host=host,
+                         timeout=60)
+        if r.returncode != 0:
+            return f"bpflb service list exited {r.returncode}: {r.stderr.strip()[-500:]}"
+        return [row for row in json.loads(r.stdout)
+                if row["ip"] == DNS_IP and row["port"] == 53 and str(row["protocol"]).upper() in ("UDP", "17")]
+
+    def _dns_programmed(self) -> bool:
+        for i in range(len(self.hosts)):
+            rows = self._dns_rows(i)
+            if isinstance(rows, str) or not rows or not all(
+                    r["action"] == "load-balance" and all(b["state"] == "ok" for b in r["backends"]) for r in rows):
+                return False
+        return True
 
     def _smoke(self) -> None:
         """A pod resolves kubernetes.default through kube-dns and reaches the API server at its ClusterIP."""
