@@ -990,7 +990,15 @@ static __always_inline struct lb_backend *pick(struct lb_svc_key *key, __u16 cou
 	return lb_backends_v1.lookup(backend_id);
 }
 
-static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 now)
+/* A new flow, or one on the tuple of a flow that ended (prev: that flow's lb_ct entry, else 0). The
+ * backend is picked anew either way, as conntrack makes a new connection on an old tuple a new entry
+ * with its own NAT decision. When it picks prev's backend and masquerade address, the flow takes prev's
+ * masquerade port back, as conntrack's source NAT keeps a port the tuple already held
+ * (nf_nat_used_tuple finds it free), and both entries are rewritten where they are: a client that
+ * reuses its ports (most do, within seconds, under a sustained connection rate) then costs no LRU
+ * allocation and no port search. Otherwise prev's reply tuple is removed, as before. */
+static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u64 now, struct lb_ct_val *prev,
+				       int *prev_done)
 {
 	struct lb_svc_key key = {};
 	struct lb_svc_val *svc;
@@ -1102,6 +1110,12 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 			out_dev = fib->ifindex;
 	}
 
+	/* prev's reply tuple (sc->orig: nat_claim uses it only after this is done with) */
+	struct lb_ct_tuple *old = &sc->orig;
+	__builtin_memset(old, 0, sizeof(*old));
+	if (prev)
+		reply_tuple(old, &p->t, prev);
+
 	struct lb_nat_val *nv = &sc->nv;
 	__builtin_memset(nv, 0, sizeof(*nv));
 	__builtin_memcpy(nv->client, p->t.saddr, 16);
@@ -1134,20 +1148,66 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		ct->flags |= LB_CT_F_SNAT;
 		nv->flags = ct->flags;
 		__builtin_memcpy(r->daddr, ct->nat_addr, 16);
-		int syn = p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-		if (nat_claim(skb, r, nv, p->v6, syn, now, &key, sc) < 0)
-			return TC_ACT_SHOT;
+		struct lb_nat_val *o = 0;
+		if (prev && (prev->flags & LB_CT_F_SNAT) && addr_eq(prev->nat_addr, ct->nat_addr) &&
+		    addr_eq(prev->backend, ct->backend) && prev->backend_port == ct->backend_port) {
+			r->dport = prev->nat_port;
+			o = lb_nat_v1.lookup(r);
+			if (o && !(addr_eq(o->client, nv->client) && o->client_port == nv->client_port))
+				o = 0; /* the port went to another client's flow meanwhile */
+		}
+		if (o) {
+			__builtin_memcpy(o, nv, sizeof(*nv));
+		} else {
+			if (prev)
+				lb_nat_v1.delete(old);
+			int syn = p->t.proto == IPPROTO_TCP &&
+				  (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+			if (nat_claim(skb, r, nv, p->v6, syn, now, &key, sc) < 0)
+				return TC_ACT_SHOT; /* (prev's lb_ct entry goes in new_flow) */
+		}
 		ct->nat_port = r->dport;
 	} else {
 		nv->flags = ct->flags;
 		__builtin_memcpy(r->daddr, p->t.saddr, 16);
 		r->dport = p->t.sport;
-		lb_nat_v1.update(r, nv);
+		struct lb_nat_val *o = 0;
+		if (prev && !(prev->flags & LB_CT_F_SNAT) && addr_eq(prev->backend, ct->backend) &&
+		    prev->backend_port == ct->backend_port)
+			o = lb_nat_v1.lookup(r); /* the same reply tuple */
+		if (o) {
+			__builtin_memcpy(o, nv, sizeof(*nv));
+		} else {
+			if (prev)
+				lb_nat_v1.delete(old);
+			lb_nat_v1.update(r, nv);
+		}
 	}
 	if (closes(p))
 		ct->flags |= LB_CT_F_CLOSING;
-	lb_ct_v1.update(&p->t, ct);
+	if (prev) {
+		__builtin_memcpy(prev, ct, sizeof(*ct));
+		*prev_done = 1;
+	} else {
+		lb_ct_v1.update(&p->t, ct);
+	}
 	return forward(skb, p, ct);
+}
+
+static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 now, struct lb_ct_val *prev)
+{
+	int prev_done = 0;
+	int rc = new_flow_in(skb, p, now, prev, &prev_done);
+
+	if (prev && !prev_done) {
+		/* No new flow took the old one's place (not a frontend any more, refused, dropped): it ends. */
+		struct lb_ct_tuple r = {};
+
+		reply_tuple(&r, &p->t, prev);
+		lb_nat_v1.delete(&r);
+		lb_ct_v1.delete(&p->t);
+	}
+	return rc;
 }
 
 /* ---- entry points ---------------------------------------------------------------------------------- */
@@ -1295,14 +1355,11 @@ int bpflb_tc_ext(struct __sk_buff *skb)
 		if (p.frag == FRAG_LATER)
 			return TC_ACT_SHOT; /* a later fragment of a flow that ended: its datagram is lost anyway */
 		/* Expired, a new connection on an old tuple, or its backend was removed: the flow ends here
-		 * (a TCP segment goes to a new backend, which resets it; a UDP flow picks a new backend, as
-		 * kube-proxy flushes a removed UDP endpoint's conntrack entries). */
-		struct lb_ct_tuple r = {};
-		reply_tuple(&r, &p.t, ct);
-		lb_nat_v1.delete(&r);
-		lb_ct_v1.delete(&p.t);
+		 * and a new one starts on its tuple (a TCP segment goes to a new backend, which resets it; a
+		 * UDP flow picks a new backend, as kube-proxy flushes a removed UDP endpoint's conntrack
+		 * entries). new_flow rewrites or removes the old flow's entries. */
 	}
-	return new_flow(skb, &p, now);
+	return new_flow(skb, &p, now, ct);
 }
 
 int bpflb_tc_pod(struct __sk_buff *skb)

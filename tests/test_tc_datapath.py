@@ -735,11 +735,48 @@ def test_many_short_connections_to_a_remote_backend_through_a_masqueraded_nodepo
     finally:
         sysctl(tcbed.path("c"), {"net.ipv4.ip_local_port_range": "32768 60999"})
     assert not failed, failed
-    # The other client's flows gave their ports over (a reused client port frees its own flow's port,
-    # so the range does not stay full).
+    # The other client's flows gave their ports over: most of the range went to this client's flows (a
+    # reused client port takes its own flow's port back, so only its first connections and those whose
+    # port was taken meanwhile take one over: about 3500 of the 4536 here).
     others = [r for r in nat_rows(tcbed.bpf_root) if not r["client"].startswith(CLIENT4 + ":")]
-    assert len(others) < 1000, len(others)
+    assert len(others) < 4536 // 2, len(others)
     assert tcbed.ask(NODE1_4, NODEPORT) == ("pod2", NODE1_4)
+
+
+@pytest.mark.parametrize("backends", [1, 2])
+def test_a_new_connection_on_a_clients_old_tuple_is_balanced_anew_and_keeps_its_port_on_the_same_backend(
+        tcbed, maps, backends):
+    """A client that dials again from the port of a connection that ended (RST) starts a new flow on the
+    old tuple: its backend is picked anew (conntrack makes it a new entry with its own NAT decision, so
+    kube-proxy spreads such connections too), and when the pick is the old backend the flow takes the
+    old masquerade port back (conntrack's source NAT keeps a port its tuple already held): one lb_ct and
+    one lb_nat entry for the tuple throughout, rewritten in place."""
+    pods = [POD2_4, POD1_4][:backends]
+    program(maps, nodeport(), 1, pods, SVC_F_SNAT | SVC_F_NODEPORT)
+    abortive = struct.pack("ii", 1, 0)
+    seen: dict[str, int] = {}
+    ports: dict[str, set[str]] = {}
+    for _ in range(24):
+        s = tcbed.sock(NODE1_4)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, abortive)
+        s.settimeout(2.0)
+        try:
+            s.bind((CLIENT4, 45678))
+            s.connect((NODE1_4, NODEPORT))
+            s.sendall(b"?\n")
+            name, _ = s.makefile().readline().split()
+        finally:
+            s.close()
+        seen[name] = seen.get(name, 0) + 1
+        mine = [r for r in nat_rows(tcbed.bpf_root) if r["client"] == f"{CLIENT4}:45678"]
+        assert len(mine) == 1, mine
+        ports.setdefault(mine[0]["backend"], set()).add(mine[0]["reply_to"])
+        flows = [r for r in ct_rows(tcbed.bpf_root) if r["client"] == f"{CLIENT4}:45678"]
+        assert len(flows) == 1 and flows[0]["masquerade"] == mine[0]["reply_to"], (flows, mine)
+    assert len(seen) == backends, seen  # (two backends: each missed by 24 fair picks with p = 2**-23)
+    if backends == 1:
+        assert len(ports[f"{POD2_4}:{PORT}"]) == 1, ports  # the same masquerade port every time
 
 
 def test_a_masquerade_port_goes_to_a_new_flow_only_a_while_after_its_flow_closed(tcbed, maps):
