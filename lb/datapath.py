@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .maps import bpfsys
-from .maps.structs import DEV_ADDRS_MAP, MAPS, SOCK_REVNAT_MAP
+from .maps.structs import DEV_ADDRS_MAP, MAPS, SOCK_PEER_MAP, SOCK_REVNAT_MAP
 from .settings import ConntrackSettings, MapSizes, Paths
 
 log = logging.getLogger("bpflb.datapath")
@@ -42,7 +42,7 @@ log = logging.getLogger("bpflb.datapath")
 # bpf/ next to lb/ in a checkout (pip install -e); an installed image points at its copy.
 BPF_DIR = Path(os.environ.get("BPFLB_BPF_DIR") or Path(__file__).resolve().parent.parent / "bpf")
 LINKS_DIR = "links"
-DATAPATH_MAPS = ("lb_sock_peer_v1", "lb_sock_peer_sk_v1", "lb_udp_flows_v1", DEV_ADDRS_MAP)  # pinned maps only the programs read (not in maps.structs.MAPS)
+DATAPATH_MAPS = (SOCK_PEER_MAP, "lb_sock_peer_sk_v1", "lb_udp_flows_v1", DEV_ADDRS_MAP)  # pinned maps only the programs read (not in maps.structs.MAPS)
 BUILD_MARK = "build-"  # + build ID (bpffs names may not contain a dot): the directory under LINKS_DIR naming the attached build
 LINK_TYPE_CGROUP = 3  # enum bpf_link_type
 

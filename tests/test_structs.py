@@ -12,10 +12,11 @@ import pytest
 
 from lb import datapath
 from lb.maps import bpfsys
-from lb.maps.pinned import create_shared_maps
+from lb.maps.pinned import create_shared_maps, refit, MapShape
 from lb.maps.services import MapFullError
 from lb.maps.structs import (SHARED_MAPS, CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_SNAT, DEV_ADDRS_MAP,
-                             DEV_ADDRS_SIZE, MAPS, NODE_ADDR_F_NODEPORT, SOCK_REVNAT_MAP, SVC_F_EXT_LOCAL, SVC_F_NODEPORT,
+                             DEV_ADDRS_SIZE, MAPS, NODE_ADDR_F_NODEPORT, SOCK_PEER_MAP, SOCK_PEER_SIZE,
+                             SOCK_REVNAT_MAP, SVC_F_EXT_LOCAL, SVC_F_NODEPORT,
                              SVC_F_SNAT, SVC_F_SRC_RANGES, DevAddr, packer)
 from lb.settings import MAP_SIZE_FLAGS, MapSizes, Paths
 
@@ -172,4 +173,132 @@ def test_bcc_adopts_the_maps_the_agent_created():
     finally:
         if b is not None:
             b.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_sock_peer_mirror(compiled):
+    table = compiled[SOCK_PEER_MAP.encode()]
+    assert ctypes.sizeof(table.Leaf) == SOCK_PEER_SIZE
+    first = table.Leaf._fields_[0]
+    assert first[0] == "cookie" and ctypes.sizeof(first[1]) == 8
+    assert table.Leaf.cookie.offset == 0
+    info = pinned_info(compiled.bpflb_root, SOCK_PEER_MAP)
+    assert (info["type"], info["key_size"], info["max_entries"]) == (2, 4, SIZES.sock_revnat)
+
+
+def _fill(fd: int, key_size: int, value_size: int, n: int) -> dict[bytes, bytes]:
+    items = {i.to_bytes(key_size, "little"): bytes([i + 1]) * value_size for i in range(n)}
+    for k, v in items.items():
+        bpfsys.update(fd, k, v)
+    return items
+
+
+def test_a_pin_made_with_other_sizes_is_refitted_keeping_its_entries():
+    """A map size setting changed since the pins were made (the kernel cannot resize a map): a restart
+    used to adopt the old pin silently, so the setting never took effect. Each differing pin is replaced
+    in one rename by a map of the new size holding the old entries (as many as fit); a matching one is
+    kept as it is."""
+    root = f"/sys/fs/bpf/bpflb-structs-refit-{uuid.uuid4().hex[:6]}"
+    os.makedirs(root)
+    try:
+        create_shared_maps(root, SIZES)
+        ids = {n: pinned_info(root, n)["id"] for n in SHARED_MAPS}
+        filled = {}
+        for name, n in ((MAPS_BY_SIZE["ct"], 10), (MAPS_BY_SIZE["services"], 6)):
+            fd = bpfsys.obj_get(f"{root}/{name}")
+            try:
+                info = bpfsys.map_info(fd)
+                filled[name] = _fill(fd, info["key_size"], info["value_size"], n)
+            finally:
+                os.close(fd)
+        bigger_ct_smaller_services = dataclasses.replace(SIZES, ct=40, services=4)
+        assert create_shared_maps(root, bigger_ct_smaller_services) == []
+        for name in SHARED_MAPS:
+            info = pinned_info(root, name)
+            if name in filled:
+                assert info["id"] != ids[name]
+                assert info["max_entries"] == {"ct": 40, "services": 4}[MAPS[name].size]
+            else:
+                assert info["id"] == ids[name], name  # unchanged: adopted
+        fd = bpfsys.obj_get(f"{root}/{MAPS_BY_SIZE['ct']}")
+        try:
+            info = bpfsys.map_info(fd)
+            assert dict(bpfsys.dump(fd, info["key_size"], info["value_size"])) == filled[MAPS_BY_SIZE["ct"]]
+        finally:
+            os.close(fd)
+        fd = bpfsys.obj_get(f"{root}/{MAPS_BY_SIZE['services']}")
+        try:
+            info = bpfsys.map_info(fd)
+            kept = dict(bpfsys.dump(fd, info["key_size"], info["value_size"]))
+        finally:
+            os.close(fd)
+        assert len(kept) == 4 and kept.items() <= filled[MAPS_BY_SIZE["services"]].items()
+        again = {n: pinned_info(root, n)["id"] for n in SHARED_MAPS}
+        create_shared_maps(root, bigger_ct_smaller_services)
+        assert {n: pinned_info(root, n)["id"] for n in SHARED_MAPS} == again  # refitted once
+        assert not [f for f in os.listdir(root) if f.endswith("_refit")]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+MAPS_BY_SIZE = {spec.size: name for name, spec in MAPS.items()}
+
+
+def test_the_socket_programs_maps_are_refitted_and_their_peers_reindexed():
+    """lb_sock_revnat and lb_sock_peer (bcc creates them, sized by sock_revnat) are refitted the same way;
+    a connected socket's peer slot moves to its index in the new array (cookie % size), so getpeername
+    keeps answering for it; bcc then adopts the new pins."""
+    root = f"/sys/fs/bpf/bpflb-structs-sockrefit-{uuid.uuid4().hex[:6]}"
+    os.makedirs(root)
+    b = None
+    try:
+        create_shared_maps(root, SIZES)
+        b = datapath.compile_sock_lb(Paths(cgroup_root="/nonexistent", bpf_root=root), SIZES)
+        b.cleanup()
+        b = None
+        cookie = 1000003
+        peer = cookie.to_bytes(8, "little") + bytes(range(1, SOCK_PEER_SIZE - 8 + 1))
+        fd = bpfsys.obj_get(f"{root}/{SOCK_PEER_MAP}")
+        try:
+            bpfsys.update(fd, (cookie % SIZES.sock_revnat).to_bytes(4, "little"), peer)
+        finally:
+            os.close(fd)
+        bigger = dataclasses.replace(SIZES, sock_revnat=29)
+        create_shared_maps(root, bigger)
+        for name in (SOCK_PEER_MAP, SOCK_REVNAT_MAP):
+            assert pinned_info(root, name)["max_entries"] == 29
+        fd = bpfsys.obj_get(f"{root}/{SOCK_PEER_MAP}")
+        try:
+            assert bpfsys.lookup(fd, (cookie % 29).to_bytes(4, "little"), SOCK_PEER_SIZE) == peer
+            assert bpfsys.lookup(fd, (cookie % SIZES.sock_revnat).to_bytes(4, "little"), SOCK_PEER_SIZE) == \
+                bytes(SOCK_PEER_SIZE)
+        finally:
+            os.close(fd)
+        ids = {n: pinned_info(root, n)["id"] for n in (SOCK_PEER_MAP, SOCK_REVNAT_MAP)}
+        b = datapath.compile_sock_lb(Paths(cgroup_root="/nonexistent", bpf_root=root), bigger)
+        for n, i in ids.items():
+            assert bpfsys.map_info(b[n.encode()].map_fd)["id"] == i
+    finally:
+        if b is not None:
+            b.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_refit_of_a_pin_of_another_type_starts_empty():
+    """A pin whose type or layout differs cannot lend its entries: the new map starts empty."""
+    root = f"/sys/fs/bpf/bpflb-structs-refit-type-{uuid.uuid4().hex[:6]}"
+    os.makedirs(root)
+    try:
+        fd = bpfsys.map_create(1, "m", 4, 8, 8)
+        try:
+            bpfsys.update(fd, b"\1\0\0\0", b"x" * 8)
+            bpfsys.obj_pin(fd, f"{root}/m")
+        finally:
+            os.close(fd)
+        what = refit(f"{root}/m", MapShape(9, 4, 8, 8, 0))
+        assert what == "m: type 1 -> 9; 0 of 0 entries carried over"
+        info = pinned_info(root, "m")
+        assert info["type"] == 9
+        assert refit(f"{root}/m", MapShape(9, 4, 8, 8, 0)) is None
+    finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -165,7 +165,7 @@ class MapSpec:
 
 BPF_F_NO_PREALLOC = 1
 # Map type numbers (uapi enum bpf_map_type) of the kinds used in bpf/.
-MAP_TYPES = {"hash": 1, "lru_hash": 9, "lpm_trie": 11}
+MAP_TYPES = {"hash": 1, "array": 2, "lru_hash": 9, "lpm_trie": 11}
 
 # Map name -> spec. Names carry the layout version.
 MAPS = {
@@ -187,6 +187,11 @@ MAPS = {
  EXT_AFFINITY_MAP, CT_MAP, NAT_MAP) = MAPS
 DEV_ADDRS_MAP = f"lb_dev_addrs_{MAP_VERSION}"  # written by the loader only (lb/datapath.py); fixed size
 DEV_ADDRS_SIZE = 1024
+# bpf/sock_lb.c's array of connected sockets' peers, indexed by cookie % SOCK_REVNAT_SIZE (sized by
+# MapSizes.sock_revnat, as lb_sock_revnat is); its value is struct lb_sock_peer, which starts with the
+# owning socket's cookie (tests/test_structs.py checks both).
+SOCK_PEER_MAP = f"lb_sock_peer_{MAP_VERSION}"
+SOCK_PEER_SIZE = 48
 # The maps bpf/lb_maps.h declares, which both programs share: the agent creates them before it starts
 # the two loader children (lb/maps/pinned.create_shared_maps), so they compile at once without racing
 # to create them, and it programs them while they compile. bcc then opens these pins.
