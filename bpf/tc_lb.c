@@ -1153,8 +1153,9 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		    addr_eq(prev->backend, ct->backend) && prev->backend_port == ct->backend_port) {
 			r->dport = prev->nat_port;
 			o = lb_nat_v1.lookup(r);
-			if (o && !(addr_eq(o->client, nv->client) && o->client_port == nv->client_port))
-				o = 0; /* the port went to another client's flow meanwhile */
+			if (o && !(addr_eq(o->client, nv->client) && o->client_port == nv->client_port &&
+				   addr_eq(o->frontend, nv->frontend) && o->frontend_port == nv->frontend_port))
+				o = 0; /* the port went to another flow meanwhile */
 		}
 		if (o) {
 			__builtin_memcpy(o, nv, sizeof(*nv));
