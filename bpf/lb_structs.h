@@ -216,6 +216,7 @@ struct lb_ct_tuple {
 #define LB_CT_F_REPLIED  (1 << 2) /* a reply was seen */
 #define LB_CT_F_CLOSING  (1 << 3) /* TCP FIN or RST seen: short timeout, a new SYN starts a new flow */
 #define LB_CT_F_NODEPORT (1 << 4) /* the frontend is the wildcard NodePort one */
+#define LB_CT_F_RST      (1 << 5) /* a TCP RST seen (either way): neither end keeps a socket for the tuple */
 
 struct lb_ct_val {
 	__u32 backend[4];

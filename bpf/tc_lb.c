@@ -474,6 +474,12 @@ static __always_inline int closes(const struct pkt *p)
 	return p->t.proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST));
 }
 
+/* The flags a closing packet adds to its flow's entries. */
+static __always_inline __u16 closing_flags(const struct pkt *p)
+{
+	return LB_CT_F_CLOSING | ((p->tcp_flags & TCP_FLAG_RST) ? LB_CT_F_RST : 0);
+}
+
 /* A backend's reply to a translated flow: source back to the frontend, destination back to the client.
  * The flow's entries are written only when something changes: its first reply (REPLIED), a FIN or RST
  * (CLOSING, and the time the flow closed, which masquerade-port reuse goes by), or when their stamp is
@@ -494,12 +500,14 @@ static __always_inline int reply(struct __sk_buff *skb, struct pkt *p, struct lb
 	orig.dport = nv->frontend_port;
 	orig.proto = p->t.proto;
 	if (fin || !(nflags & LB_CT_F_REPLIED) || age(now, nv->last_ns) > CT_REFRESH_NS) {
+		__u16 add = LB_CT_F_REPLIED | (fin ? closing_flags(p) : 0);
+
 		nv->last_ns = now;
-		nv->flags = nflags | LB_CT_F_REPLIED | (fin ? LB_CT_F_CLOSING : 0);
+		nv->flags = nflags | add;
 		ct = lb_ct_v1.lookup(&orig);
 		if (ct) {
 			/* a reply refreshes the flow, as it does a conntrack entry */
-			ct->flags |= LB_CT_F_REPLIED | (fin ? LB_CT_F_CLOSING : 0);
+			ct->flags |= add;
 			ct->last_ns = now;
 		}
 	}
@@ -860,6 +868,23 @@ static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
+/* Is the lb_nat entry *o the reply side of the flow whose client tuple is *t? (A reply tuple is the
+ * flow's only while it holds the port: another flow may have taken it over since.) */
+static __always_inline int nat_of(const struct lb_nat_val *o, const struct lb_ct_tuple *t)
+{
+	return addr_eq(o->client, t->saddr) && o->client_port == t->sport && addr_eq(o->frontend, t->daddr) &&
+	       o->frontend_port == t->dport;
+}
+
+/* Remove the reply tuple *r if it is still the flow *t's. */
+static __always_inline void nat_delete_own(const struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
+{
+	struct lb_nat_val *o = lb_nat_v1.lookup(r);
+
+	if (o && nat_of(o, t))
+		lb_nat_v1.delete(r);
+}
+
 static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct lb_nat_val *old, int syn, __u64 now,
 				       struct lb_ct_tuple *orig)
 {
@@ -886,6 +911,15 @@ static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct
 	}
 	/* No client-side entry for this port any more: only replies in flight still use it. */
 	return (syn && age(now, closed) >= NAT_REUSE_AFTER_NS) || !ct_live(r->proto, old->flags, closed, closed, now);
+}
+
+/* *npk as port_usable needs it: the external wildcard frontend key of r's protocol (its port set there). */
+static __always_inline void nodeport_key(struct lb_svc_key *npk, __u8 proto, int v6)
+{
+	__builtin_memset(npk, 0, sizeof(*npk));
+	wildcard(npk->addr, v6);
+	npk->proto = proto;
+	npk->scope = LB_SCOPE_EXTERNAL;
 }
 
 /* May a new flow's reply tuple *r use its port: not a NodePort frontend, no local socket on it? */
@@ -917,10 +951,7 @@ static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *
 	__u16 taken = 0, best = 0;
 	__u64 best_age = 0;
 
-	__builtin_memset(npk, 0, sizeof(*npk));
-	wildcard(npk->addr, v6);
-	npk->proto = r->proto;
-	npk->scope = LB_SCOPE_EXTERNAL;
+	nodeport_key(npk, r->proto, v6);
 #pragma unroll
 	for (int i = 0; i < NAT_TRIES; i++) {
 		__u16 port = NAT_PORT_MIN + bpf_get_prandom_u32() % (NAT_PORT_MAX - NAT_PORT_MIN + 1);
@@ -990,13 +1021,18 @@ static __always_inline struct lb_backend *pick(struct lb_svc_key *key, __u16 cou
 	return lb_backends_v1.lookup(backend_id);
 }
 
-/* A new flow, or one on the tuple of a flow that ended (prev: that flow's lb_ct entry, else 0). The
- * backend is picked anew either way, as conntrack makes a new connection on an old tuple a new entry
- * with its own NAT decision. When it picks prev's backend and masquerade address, the flow takes prev's
- * masquerade port back, as conntrack's source NAT keeps a port the tuple already held
- * (nf_nat_used_tuple finds it free), and both entries are rewritten where they are: a client that
- * reuses its ports (most do, within seconds, under a sustained connection rate) then costs no LRU
- * allocation and no port search. Otherwise prev's reply tuple is removed, as before. */
+/* A new flow, or one on the tuple of a flow that ended (prev: that flow's lb_ct entry, else 0).
+ * The backend is picked anew either way, as kube-proxy's conntrack does: a SYN on a closed or aborted
+ * tuple kills the old entry and makes a new one with its own NAT decision (nf_conntrack_proto_tcp's
+ * tcp_packet, "Attempt to reopen a closed/aborted connection"). The masquerade port is where bpflb
+ * differs on purpose: kube-proxy's is random (masquerade fully-random); here a flow that picks prev's
+ * backend and masquerade address takes prev's port back when prev ended with an RST (LB_CT_F_RST:
+ * neither end keeps a socket for the tuple, so the backend sees a fresh connection from a port it has
+ * no state for, exactly as with a random one) and the port is still prev's and usable. Both entries
+ * are then rewritten where they are: a client that reuses its ports under a sustained connection rate
+ * (every one does, within seconds) costs no LRU allocation and no port search. After a graceful close
+ * the backend may hold the tuple in TIME_WAIT, so a new port is claimed, as before. Otherwise prev's
+ * reply tuple is removed (if it is still prev's). */
 static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u64 now, struct lb_ct_val *prev,
 				       int *prev_done)
 {
@@ -1149,19 +1185,20 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		nv->flags = ct->flags;
 		__builtin_memcpy(r->daddr, ct->nat_addr, 16);
 		struct lb_nat_val *o = 0;
-		if (prev && (prev->flags & LB_CT_F_SNAT) && addr_eq(prev->nat_addr, ct->nat_addr) &&
-		    addr_eq(prev->backend, ct->backend) && prev->backend_port == ct->backend_port) {
+		if (prev && (prev->flags & (LB_CT_F_SNAT | LB_CT_F_RST)) == (LB_CT_F_SNAT | LB_CT_F_RST) &&
+		    addr_eq(prev->nat_addr, ct->nat_addr) && addr_eq(prev->backend, ct->backend) &&
+		    prev->backend_port == ct->backend_port) {
 			r->dport = prev->nat_port;
 			o = lb_nat_v1.lookup(r);
-			if (o && !(addr_eq(o->client, nv->client) && o->client_port == nv->client_port &&
-				   addr_eq(o->frontend, nv->frontend) && o->frontend_port == nv->frontend_port))
-				o = 0; /* the port went to another flow meanwhile */
+			nodeport_key(&key, r->proto, p->v6); /* (key is done with: nat_claim takes it as scratch too) */
+			if (o && (!nat_of(o, &p->t) || !port_usable(skb, r, &key, p->v6)))
+				o = 0; /* the port went to another flow meanwhile, or may not be used now */
 		}
 		if (o) {
 			__builtin_memcpy(o, nv, sizeof(*nv));
 		} else {
 			if (prev)
-				lb_nat_v1.delete(old);
+				nat_delete_own(old, &p->t);
 			int syn = p->t.proto == IPPROTO_TCP &&
 				  (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 			if (nat_claim(skb, r, nv, p->v6, syn, now, &key, sc) < 0)
@@ -1174,24 +1211,29 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		r->dport = p->t.sport;
 		struct lb_nat_val *o = 0;
 		if (prev && !(prev->flags & LB_CT_F_SNAT) && addr_eq(prev->backend, ct->backend) &&
-		    prev->backend_port == ct->backend_port)
+		    prev->backend_port == ct->backend_port) {
 			o = lb_nat_v1.lookup(r); /* the same reply tuple */
+			if (o && !nat_of(o, &p->t))
+				o = 0;
+		}
 		if (o) {
 			__builtin_memcpy(o, nv, sizeof(*nv));
 		} else {
 			if (prev)
-				lb_nat_v1.delete(old);
+				nat_delete_own(old, &p->t);
 			lb_nat_v1.update(r, nv);
 		}
 	}
 	if (closes(p))
 		ct->flags |= LB_CT_F_CLOSING;
-	if (prev) {
+	/* prev is rewritten where it is only if it is still the tuple's entry (another CPU may have removed
+	 * it since: nat_reclaim, the LRU; its element may then hold another flow already). */
+	if (prev && lb_ct_v1.lookup(&p->t) == prev)
 		__builtin_memcpy(prev, ct, sizeof(*ct));
-		*prev_done = 1;
-	} else {
+	else
 		lb_ct_v1.update(&p->t, ct);
-	}
+	if (prev)
+		*prev_done = 1;
 	return forward(skb, p, ct);
 }
 
@@ -1205,7 +1247,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, __u64 
 		struct lb_ct_tuple r = {};
 
 		reply_tuple(&r, &p->t, prev);
-		lb_nat_v1.delete(&r);
+		nat_delete_own(&r, &p->t);
 		lb_ct_v1.delete(&p->t);
 	}
 	return rc;
@@ -1220,12 +1262,14 @@ static __always_inline void flow_closes(struct pkt *p, struct lb_ct_val *ct, __u
 	struct lb_ct_tuple r = {};
 	struct lb_nat_val *nv;
 
-	ct->flags |= LB_CT_F_CLOSING;
+	__u16 add = closing_flags(p);
+
+	ct->flags |= add;
 	ct->last_ns = now;
 	reply_tuple(&r, &p->t, ct);
 	nv = lb_nat_v1.lookup(&r);
-	if (nv) {
-		nv->flags |= LB_CT_F_CLOSING;
+	if (nv && nat_of(nv, &p->t)) {
+		nv->flags |= add;
 		nv->last_ns = now;
 	}
 }

@@ -42,7 +42,7 @@ from lb.maps.nodeaddrs import PinnedNodeAddrs
 from lb.maps.services import Master, PinnedServiceMaps
 from lb.maps.srcranges import PinnedSourceRanges
 from lb.maps.addr import pack_ip
-from lb.maps.structs import (CT_F_CLOSING, CT_F_SNAT, CT_MAP, EXT_AFFINITY_MAP, NAT_MAP, SCOPE_EXTERNAL,
+from lb.maps.structs import (CT_F_CLOSING, CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_MAP, EXT_AFFINITY_MAP, NAT_MAP, SCOPE_EXTERNAL,
                              SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_NODEPORT, SVC_F_SNAT, SVC_F_SRC_RANGES, CtTuple, CtVal, NatVal, packer)
 from lb.model import TCP, UDP, Backend, Frontend
 from lb.settings import MapSizes, Paths
@@ -743,40 +743,129 @@ def test_many_short_connections_to_a_remote_backend_through_a_masqueraded_nodepo
     assert tcbed.ask(NODE1_4, NODEPORT) == ("pod2", NODE1_4)
 
 
+CLIENT_PORT = 45678
+
+
+def dial_from_client_port(tcbed) -> str:
+    """One request from CLIENT4:CLIENT_PORT to node1's NodePort, closed abortively (RST); the backend's name."""
+    s = tcbed.sock(NODE1_4)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.settimeout(2.0)
+    try:
+        s.bind((CLIENT4, CLIENT_PORT))
+        s.connect((NODE1_4, NODEPORT))
+        s.sendall(b"?\n")
+        return s.makefile().readline().split()[0]
+    finally:
+        s.close()
+
+
+def tuple_rows(tcbed) -> tuple[list[dict], list[dict]]:
+    """The lb_ct and lb_nat rows of the client tuple CLIENT4:CLIENT_PORT."""
+    me = f"{CLIENT4}:{CLIENT_PORT}"
+    return ([r for r in ct_rows(tcbed.bpf_root) if r["client"] == me],
+            [r for r in nat_rows(tcbed.bpf_root) if r["client"] == me])
+
+
+def rewrite_nat(tcbed, reply_to: str, **fields) -> None:
+    """Change fields of the lb_nat entry of pod2's reply tuple to reply_to (ADDR:PORT)."""
+    addr, port = reply_to.rsplit(":", 1)
+    key = CtTuple.from_buffer_copy(pack_ip(POD2_4) + pack_ip(addr) +
+                                   struct.pack("=HHB3x", socket.htons(PORT), socket.htons(int(port)), 6))
+    fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, NAT_MAP))
+    try:
+        val = NatVal.from_buffer_copy(bpfsys.lookup(fd, bytes(key), ctypes.sizeof(NatVal)))
+        for k, v in fields.items():
+            if k == "client":
+                ctypes.memmove(val.client, pack_ip(v), 16)
+            else:
+                setattr(val, k, v)
+        bpfsys.update(fd, bytes(key), bytes(val))
+    finally:
+        os.close(fd)
+
+
+def rewrite_ct_flags(tcbed, clear: int) -> None:
+    """Clear flags of the lb_ct entry of CLIENT4:CLIENT_PORT -> node1's NodePort."""
+    key = CtTuple.from_buffer_copy(pack_ip(CLIENT4) + pack_ip(NODE1_4) +
+                                   struct.pack("=HHB3x", socket.htons(CLIENT_PORT), socket.htons(NODEPORT), 6))
+    fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, CT_MAP))
+    try:
+        val = CtVal.from_buffer_copy(bpfsys.lookup(fd, bytes(key), ctypes.sizeof(CtVal)))
+        val.flags &= ~clear
+        bpfsys.update(fd, bytes(key), bytes(val))
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("backends", [1, 2])
 def test_a_new_connection_on_a_clients_old_tuple_is_balanced_anew_and_keeps_its_port_on_the_same_backend(
         tcbed, maps, backends):
-    """A client that dials again from the port of a connection that ended (RST) starts a new flow on the
-    old tuple: its backend is picked anew (conntrack makes it a new entry with its own NAT decision, so
+    """A client that dials again from the port of a connection it aborted (RST) starts a new flow on the
+    old tuple: its backend is picked anew (conntrack kills the closed entry and makes a new one, so
     kube-proxy spreads such connections too), and when the pick is the old backend the flow takes the
-    old masquerade port back (conntrack's source NAT keeps a port its tuple already held): one lb_ct and
-    one lb_nat entry for the tuple throughout, rewritten in place."""
+    old masquerade port back (neither end keeps a socket for that tuple after an RST): one lb_ct and one
+    lb_nat entry for the tuple throughout, rewritten in place."""
     pods = [POD2_4, POD1_4][:backends]
     program(maps, nodeport(), 1, pods, SVC_F_SNAT | SVC_F_NODEPORT)
-    abortive = struct.pack("ii", 1, 0)
     seen: dict[str, int] = {}
-    ports: dict[str, set[str]] = {}
+    ports: dict[str, list[str]] = {}
+    last = None
     for _ in range(24):
-        s = tcbed.sock(NODE1_4)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, abortive)
-        s.settimeout(2.0)
-        try:
-            s.bind((CLIENT4, 45678))
-            s.connect((NODE1_4, NODEPORT))
-            s.sendall(b"?\n")
-            name, _ = s.makefile().readline().split()
-        finally:
-            s.close()
+        name = dial_from_client_port(tcbed)
         seen[name] = seen.get(name, 0) + 1
-        mine = [r for r in nat_rows(tcbed.bpf_root) if r["client"] == f"{CLIENT4}:45678"]
-        assert len(mine) == 1, mine
-        ports.setdefault(mine[0]["backend"], set()).add(mine[0]["reply_to"])
-        flows = [r for r in ct_rows(tcbed.bpf_root) if r["client"] == f"{CLIENT4}:45678"]
-        assert len(flows) == 1 and flows[0]["masquerade"] == mine[0]["reply_to"], (flows, mine)
+        flows, mine = tuple_rows(tcbed)
+        assert len(mine) == 1 and len(flows) == 1, (flows, mine)
+        assert flows[0]["masquerade"] == mine[0]["reply_to"] and "rst" in flows[0]["flags"], (flows, mine)
+        if last is not None and last[0] == mine[0]["backend"]:
+            assert mine[0]["reply_to"] == last[1]  # the same backend twice in a row: the same port
+        last = (mine[0]["backend"], mine[0]["reply_to"])
+        ports.setdefault(mine[0]["backend"], []).append(mine[0]["reply_to"])
     assert len(seen) == backends, seen  # (two backends: each missed by 24 fair picks with p = 2**-23)
     if backends == 1:
-        assert len(ports[f"{POD2_4}:{PORT}"]) == 1, ports  # the same masquerade port every time
+        assert len(set(ports[f"{POD2_4}:{PORT}"])) == 1, ports
+
+
+def test_an_old_tuple_after_a_graceful_close_gets_a_new_masquerade_port(tcbed, maps):
+    """After a close without an RST the backend may keep the old tuple in TIME_WAIT: a new connection on
+    the client's old tuple is masqueraded to another port (the flow's RST mark cleared by hand: a real
+    client cannot reuse a port it left in TIME_WAIT at once)."""
+    program(maps, nodeport(), 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    dial_from_client_port(tcbed)
+    _, before = tuple_rows(tcbed)
+    rewrite_ct_flags(tcbed, clear=CT_F_RST)
+    dial_from_client_port(tcbed)
+    _, after = tuple_rows(tcbed)
+    assert len(after) == 1 and after[0]["reply_to"] != before[0]["reply_to"], (before, after)
+    assert not [r for r in nat_rows(tcbed.bpf_root) if r["reply_to"] == before[0]["reply_to"]]  # old one gone
+
+
+def test_an_old_tuples_port_taken_by_another_flow_is_left_to_it(tcbed, maps):
+    """The old flow's masquerade port went to another flow meanwhile (its lb_nat entry names another
+    client): the new flow on the old tuple claims another port and leaves that flow's entry alone."""
+    program(maps, nodeport(), 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    dial_from_client_port(tcbed)
+    _, before = tuple_rows(tcbed)
+    taken = before[0]["reply_to"]
+    rewrite_nat(tcbed, taken, client="10.99.0.7", flags=CT_F_SNAT | CT_F_REPLIED)
+    dial_from_client_port(tcbed)
+    _, after = tuple_rows(tcbed)
+    assert len(after) == 1 and after[0]["reply_to"] != taken, (before, after)
+    other = [r for r in nat_rows(tcbed.bpf_root) if r["reply_to"] == taken]
+    assert len(other) == 1 and other[0]["client"].startswith("10.99.0.7:"), other
+
+
+def test_an_old_tuple_whose_frontend_lost_its_backends_ends_with_its_entries(tcbed, maps):
+    """A new connection on an old tuple that is refused (the frontend has no endpoints now) ends the old
+    flow: its lb_ct and lb_nat entries go, as they did before new flows reused them."""
+    program(maps, nodeport(), 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    dial_from_client_port(tcbed)
+    assert all(len(rows) == 1 for rows in tuple_rows(tcbed))
+    program(maps, nodeport(), 1, [], SVC_F_SNAT | SVC_F_NODEPORT)
+    with pytest.raises(ConnectionRefusedError):
+        dial_from_client_port(tcbed)
+    assert tuple_rows(tcbed) == ([], [])
 
 
 def test_a_masquerade_port_goes_to_a_new_flow_only_a_while_after_its_flow_closed(tcbed, maps):

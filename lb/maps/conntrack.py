@@ -7,14 +7,14 @@ import time
 
 from . import bpfsys
 from .addr import host_port, proto_name, unpack_ip
-from .structs import (CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_SNAT, CT_MAP, NAT_MAP, CtTuple,
+from .structs import (CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_MAP, NAT_MAP, CtTuple,
                       CtVal, NatVal, packer)
 
 _TUPLE = packer(CtTuple)
 _CT = packer(CtVal)
 _NAT = packer(NatVal)
 _FLAGS = ((CT_F_SNAT, "snat"), (CT_F_LOCAL, "local"), (CT_F_REPLIED, "replied"), (CT_F_CLOSING, "closing"),
-          (CT_F_NODEPORT, "nodeport"))
+          (CT_F_NODEPORT, "nodeport"), (CT_F_RST, "rst"))
 
 
 def _hostport(raw: bytes, port: int) -> str:
