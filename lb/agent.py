@@ -22,7 +22,6 @@ from typing import Callable
 
 from . import datapath
 from .health import HealthState, HttpServer
-from .maps.pinned import create_shared_maps
 from .maps.services import PinnedServiceMaps
 from .maps.structs import BACKENDS_MAP, REVNAT_MAP, SERVICES_MAP
 from .metrics import AgentMetrics
@@ -147,8 +146,7 @@ class Agent:
         sync programs the maps meanwhile."""
         self.check_kube_proxy()
         s = self.settings
-        datapath.ensure_bpffs(s.paths.bpf_root)
-        create_shared_maps(s.paths.bpf_root, s.maps)
+        datapath.prepare_maps(s.paths, s.maps)
         self.attaching = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack)
         self.attaching_tc = datapath.start_attach_child(s.paths, s.maps, strict=s.strict, conntrack=s.conntrack,
                                                         tc_only=True, nice=10)  # devices: attached stay until the sync

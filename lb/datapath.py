@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .maps import bpfsys
+from .maps.pinned import create_shared_maps, refit_pins
 from .maps.structs import DEV_ADDRS_MAP, MAPS, SOCK_PEER_MAP, SOCK_REVNAT_MAP
 from .settings import ConntrackSettings, MapSizes, Paths
 
@@ -185,6 +186,20 @@ def build_id(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = Connt
 
 def _marks(links: str) -> list[str]:
     return [n for n in os.listdir(links) if n.startswith(BUILD_MARK)] if os.path.isdir(links) else []
+
+
+def prepare_maps(paths: Paths, sizes: MapSizes) -> list[str]:
+    """Before the programs load: refit the pinned maps whose size setting changed (their attached
+    programs then use maps no pin names any more: their build marks go, so the next attach compiles and
+    swaps them, never adopts them), then create the shared maps not pinned yet. What was refitted."""
+    ensure_bpffs(paths.bpf_root)
+    refitted = refit_pins(paths.bpf_root, sizes)
+    if refitted:
+        for d in (os.path.join(paths.bpf_root, LINKS_DIR), _tc_dir(paths)):
+            for mark in _marks(d):
+                os.rmdir(os.path.join(d, mark))
+    create_shared_maps(paths.bpf_root, sizes)
+    return refitted
 
 
 def adoptable(paths: Paths, sizes: MapSizes, conntrack: ConntrackSettings = ConntrackSettings()) -> bool:

@@ -140,3 +140,22 @@ def test_cleanup_removes_the_build_mark(bed, paths):
     removed = datapath.cleanup(paths)
     assert "link bpflb_conn4" in removed and "map lb_sock_peer_v1" in removed
     assert not os.path.exists(paths.bpf_root)
+
+
+def test_a_size_change_refits_the_maps_and_the_programs_are_never_adopted_onto_the_old_ones(bed, paths):
+    """The agent's start (datapath.prepare_maps, then attach) with a map size changed since the pins were
+    made: the pin is refitted, and the attached build, though its flags match again after a rollback, is
+    not adopted (its programs use the map the refit replaced, which no pin names any more). The sequence:
+    start with sizes A, a start with B that dies before its compile, a start with A again."""
+    bed.servers(BE4[:1], PORT, udp=False)
+    a, b = SIZES, MapSizes(**{**vars(SIZES), "services": 128})
+    assert datapath.prepare_maps(paths, a) == []
+    datapath.attach(paths, a)
+    first = link_programs(paths)
+    assert datapath.adoptable(paths, a)
+    assert len(datapath.prepare_maps(paths, b)) == 1  # lb_services 64 -> 128 ... and the start dies here
+    assert len(datapath.prepare_maps(paths, a)) == 1  # back to 64: a third map
+    assert not datapath.adoptable(paths, a)  # the mark is A's build, but its programs hold the first map
+    assert datapath.attach(paths, a) == []
+    assert all(link_programs(paths)[f][1] != prog for f, (_, prog) in first.items())  # compiled anew
+    serves_the_vip(bed)  # written into the pinned maps, read by the programs

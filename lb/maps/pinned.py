@@ -14,24 +14,37 @@ from .structs import (DEV_ADDRS_MAP, DEV_ADDRS_SIZE, MAP_TYPES, MAPS, SHARED_MAP
 log = logging.getLogger(__name__)
 
 
-def create_shared_maps(bpf_root: str, sizes) -> list[str]:
-    """Create and pin each of SHARED_MAPS that is not pinned yet, as bpf/lb_maps.h declares it
-    (``sizes``: settings.MapSizes); the names created. A pin that exists is adopted (a restarted agent
-    keeps its maps, and bcc opens these pins instead of creating its own) if it has the shape this agent
-    would give it; one that differs (a size changed since it was made) is refitted: see refit()."""
-    created = []
+def _shapes(sizes) -> list[tuple[str, "MapShape", object]]:
+    """(name, shape, rekey) of every pinned map a size setting decides: the shared ones as bpf/lb_maps.h
+    declares them, and the socket program's own two (bcc creates those; they take the pins it finds)."""
+    out = []
     for name in SHARED_MAPS:
-        pin = os.path.join(bpf_root, name)
         if name == DEV_ADDRS_MAP:
             kind, key, value, entries, flags = "hash", ctypes.c_uint32, DevAddr, DEV_ADDRS_SIZE, 0
         else:
             spec = MAPS[name]
             kind, key, value, entries, flags = spec.kind, spec.key, spec.value, getattr(sizes, spec.size), spec.flags
-        shape = MapShape(MAP_TYPES[kind], ctypes.sizeof(key), ctypes.sizeof(value), entries, flags)
-        if os.path.exists(pin):
-            refit(pin, shape)
+        out.append((name, MapShape(MAP_TYPES[kind], ctypes.sizeof(key), ctypes.sizeof(value), entries, flags), None))
+    spec = MAPS[SOCK_REVNAT_MAP]
+    entries = getattr(sizes, spec.size)
+    out.append((SOCK_REVNAT_MAP, MapShape(MAP_TYPES[spec.kind], ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
+                                          entries, spec.flags), None))
+    out.append((SOCK_PEER_MAP, MapShape(MAP_TYPES["array"], 4, SOCK_PEER_SIZE, entries, 0), _sock_peer_slots))
+    return out
+
+
+def create_shared_maps(bpf_root: str, sizes) -> list[str]:
+    """Create and pin each of SHARED_MAPS that is not pinned yet, as bpf/lb_maps.h declares it
+    (``sizes``: settings.MapSizes); the names created. A pin that exists is kept as it is (a restarted
+    agent adopts its maps, and bcc opens these pins instead of creating its own): refit_pins() first
+    gives those of another shape the one these sizes make."""
+    created = []
+    shared = set(SHARED_MAPS)
+    for name, shape, _ in _shapes(sizes):
+        pin = os.path.join(bpf_root, name)
+        if name not in shared or os.path.exists(pin):
             continue
-        fd = bpfsys.map_create(shape.type, name, shape.key_size, shape.value_size, entries, flags)
+        fd = bpfsys.map_create(shape.type, name, shape.key_size, shape.value_size, shape.max_entries, shape.map_flags)
         try:
             bpfsys.obj_pin(fd, pin)
         except FileExistsError:
@@ -39,17 +52,27 @@ def create_shared_maps(bpf_root: str, sizes) -> list[str]:
         finally:
             os.close(fd)
         created.append(name)
-    # The socket program's own pinned maps sized by a setting: bcc creates them, and adopts a pin as it is.
-    spec = MAPS[SOCK_REVNAT_MAP]
-    entries = getattr(sizes, spec.size)
-    for name, shape, rekey in (
-            (SOCK_REVNAT_MAP, MapShape(MAP_TYPES[spec.kind], ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
-                                       entries, spec.flags), None),
-            (SOCK_PEER_MAP, MapShape(MAP_TYPES["array"], 4, SOCK_PEER_SIZE, entries, 0), _sock_peer_slots)):
+    return created
+
+
+def refit_pins(bpf_root: str, sizes) -> list[str]:
+    """Refit (refit()) every pinned map whose shape differs from the one ``sizes`` make; what changed, per
+    map. The programs attached before use the maps replaced: the caller must not adopt them
+    (lb/datapath.forget_attached_builds). A refit left half done by a killed start is removed first."""
+    for n in os.listdir(bpf_root) if os.path.isdir(bpf_root) else []:
+        if n.endswith(REFIT_SUFFIX):
+            os.unlink(os.path.join(bpf_root, n))
+    done = []
+    for name, shape, rekey in _shapes(sizes):
         pin = os.path.join(bpf_root, name)
         if os.path.exists(pin):
-            refit(pin, shape, rekey)
-    return created
+            what = refit(pin, shape, rekey)
+            if what:
+                done.append(what)
+    return done
+
+
+REFIT_SUFFIX = "_refit"  # the new map's pin until its rename (bpffs refuses names with a dot)
 
 
 @dataclass(frozen=True)
@@ -64,7 +87,9 @@ class MapShape:
 
 def _sock_peer_slots(items: list[tuple[bytes, bytes]], entries: int) -> list[tuple[bytes, bytes]]:
     """lb_sock_peer's used slots at their index in an array of ``entries`` (bpf/sock_lb.c's peer_slot:
-    cookie % SOCK_REVNAT_SIZE; struct lb_sock_peer starts with its cookie, 0 = free)."""
+    cookie % SOCK_REVNAT_SIZE; struct lb_sock_peer starts with its cookie, 0 = free). Two sockets whose
+    cookies meet at one index keep the later cookie's peer (the other's getpeername then shows the
+    backend, as after any slot collision)."""
     out = {}
     for _, v in items:
         cookie = int.from_bytes(v[:8], "little")
@@ -75,11 +100,13 @@ def _sock_peer_slots(items: list[tuple[bytes, bytes]], entries: int) -> list[tup
 
 def refit(pin: str, want: MapShape, rekey=None) -> str | None:
     """Give the map pinned at ``pin`` the shape ``want`` if it has another one (a --*-map-size changed
-    since it was made; the kernel cannot resize a map): a new map of that shape takes the pin's place in
-    one rename, with as many of the old map's entries as it holds (``rekey(items, max_entries)`` first
-    maps them to their new keys: an array indexed modulo its size). What changed, or None. The programs
-    loaded after this open the new map; entries the old programs write until they are replaced are lost
-    (flows that start in that moment), as under Cilium, which recreates a map whose properties changed."""
+    since it was made; the kernel cannot resize a map): a new map of that shape, filled with the old
+    map's entries (``rekey(items, max_entries)`` first maps them to their new keys: an array indexed
+    modulo its size), takes the pin's place in one rename. A smaller map keeps what fits (an LRU map its
+    newest inserts). What changed, or None. On an error the old pin is left as it was.
+    Entries the old programs write until they are replaced are not carried over (north-south flows that
+    start in that moment lose their entries and restart on their next packet), as under Cilium, which
+    recreates a map whose properties changed."""
     fd = bpfsys.obj_get(pin)
     try:
         info = bpfsys.map_info(fd)
@@ -93,26 +120,29 @@ def refit(pin: str, want: MapShape, rekey=None) -> str | None:
     if rekey is not None:
         items = rekey(items, want.max_entries)
     name = os.path.basename(pin)
+    tmp = pin + REFIT_SUFFIX
     new = bpfsys.map_create(want.type, name, want.key_size, want.value_size, want.max_entries, want.map_flags)
     try:
-        copied = 0
-        for k, v in items[:want.max_entries]:
+        for k, v in items:
             try:
                 bpfsys.update(new, k, v)
             except OSError:
-                break  # full (a map made smaller than its content): the rest are lost
-            copied += 1
-        tmp = pin + "_refit"  # (bpffs refuses names with a dot)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)  # left by a refit that died before its rename
+                break  # full (a hash map made smaller than its content): the rest are lost
+        kept = len(bpfsys.dump(new, want.key_size, want.value_size)) if items else 0
+        if want.type == MAP_TYPES["array"]:
+            kept = len(items)  # (an array's every index is there: count what was written)
         bpfsys.obj_pin(new, tmp)
-        os.rename(tmp, pin)
+        try:
+            os.rename(tmp, pin)
+        except OSError:
+            os.unlink(tmp)
+            raise
     finally:
         os.close(new)
     changed = ", ".join(f"{f} {getattr(have, f)} -> {getattr(want, f)}" for f in MapShape.__dataclass_fields__
                         if getattr(have, f) != getattr(want, f))
-    what = f"{name}: {changed}; {copied} of {len(items)} entries carried over"
-    log.warning("pinned map refitted: %s", what)
+    what = f"{name}: {changed}; {kept} of {len(items)} entries carried over"
+    log.warning("pinned map refitted (its size setting changed since it was made): %s", what)
     return what
 
 

@@ -554,7 +554,12 @@ class Node:
             try:
                 self._wait(self._dns_programmed, 120, "every node's bpflb to program kube-dns with a backend")
             except NodeError as e:
-                seen = "".join(f"\n{h.name}: {self._dns_rows(i)}" for i, h in enumerate(self.hosts))
+                seen = ""
+                for i, h in enumerate(self.hosts):
+                    try:
+                        seen += f"\n{h.name}: {self._dns_rows(i)}"
+                    except Exception as d:  # noqa: BLE001 - the diagnosis must not hide the timeout
+                        seen += f"\n{h.name}: ({d})"
                 raise NodeError(f"{e}{seen}\n{self.kubectl('get', 'endpointslices', '-A', '-o', 'wide', check=False)}"
                                 ) from None
         with self._step("smoke pod (DNS + ClusterIP)"):
@@ -859,8 +864,8 @@ imageGCLowThresholdPercent: 99
                          timeout=60)
         if r.returncode != 0:
             return f"bpflb service list exited {r.returncode}: {r.stderr.strip()[-500:]}"
-        return [row for row in json.loads(r.stdout)
-                if row["ip"] == DNS_IP and row["port"] == 53 and str(row["protocol"]).upper() in ("UDP", "17")]
+        return [row for row in json.loads(r.stdout)  # (a refused Service's row has no address)
+                if row.get("ip") == DNS_IP and row.get("port") == 53 and str(row.get("protocol")).upper() == "UDP"]
 
     def _dns_programmed(self) -> bool:
         for i in range(len(self.hosts)):
