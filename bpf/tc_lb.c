@@ -876,12 +876,18 @@ static __always_inline int nat_of(const struct lb_nat_val *o, const struct lb_ct
 	       o->frontend_port == t->dport;
 }
 
-/* Remove the reply tuple *r if it is still the flow *t's. */
-static __always_inline void nat_delete_own(const struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
+/* The lb_nat entry of reply tuple *r if it is still the flow *t's, else 0. */
+static __always_inline struct lb_nat_val *nat_own(const struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
 {
 	struct lb_nat_val *o = lb_nat_v1.lookup(r);
 
-	if (o && nat_of(o, t))
+	return o && nat_of(o, t) ? o : 0;
+}
+
+/* Remove the reply tuple *r if it is still the flow *t's. */
+static __always_inline void nat_delete_own(const struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
+{
+	if (nat_own(r, t))
 		lb_nat_v1.delete(r);
 }
 
@@ -1189,10 +1195,12 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		    addr_eq(prev->nat_addr, ct->nat_addr) && addr_eq(prev->backend, ct->backend) &&
 		    prev->backend_port == ct->backend_port) {
 			r->dport = prev->nat_port;
-			o = lb_nat_v1.lookup(r);
-			nodeport_key(&key, r->proto, p->v6); /* (key is done with: nat_claim takes it as scratch too) */
-			if (o && (!nat_of(o, &p->t) || !port_usable(skb, r, &key, p->v6)))
-				o = 0; /* the port went to another flow meanwhile, or may not be used now */
+			o = nat_own(r, &p->t); /* (0: the port went to another flow meanwhile) */
+			if (o) {
+				nodeport_key(&key, r->proto, p->v6); /* (key is done with: nat_claim's scratch too) */
+				if (!port_usable(skb, r, &key, p->v6))
+					o = 0;
+			}
 		}
 		if (o) {
 			__builtin_memcpy(o, nv, sizeof(*nv));
@@ -1211,11 +1219,8 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		r->dport = p->t.sport;
 		struct lb_nat_val *o = 0;
 		if (prev && !(prev->flags & LB_CT_F_SNAT) && addr_eq(prev->backend, ct->backend) &&
-		    prev->backend_port == ct->backend_port) {
-			o = lb_nat_v1.lookup(r); /* the same reply tuple */
-			if (o && !nat_of(o, &p->t))
-				o = 0;
-		}
+		    prev->backend_port == ct->backend_port)
+			o = nat_own(r, &p->t); /* the same reply tuple */
 		if (o) {
 			__builtin_memcpy(o, nv, sizeof(*nv));
 		} else {

@@ -188,6 +188,12 @@ def _marks(links: str) -> list[str]:
     return [n for n in os.listdir(links) if n.startswith(BUILD_MARK)] if os.path.isdir(links) else []
 
 
+def _drop_marks(d: str) -> None:
+    """No build is marked as attached under d any more: the next attach compiles, never adopts."""
+    for mark in _marks(d):
+        os.rmdir(os.path.join(d, mark))
+
+
 def prepare_maps(paths: Paths, sizes: MapSizes) -> list[str]:
     """Before the programs load: refit the pinned maps whose size setting changed (their attached
     programs then use maps no pin names any more: their build marks go, so the next attach compiles and
@@ -196,8 +202,7 @@ def prepare_maps(paths: Paths, sizes: MapSizes) -> list[str]:
     refitted = refit_pins(paths.bpf_root, sizes)
     if refitted:
         for d in (os.path.join(paths.bpf_root, LINKS_DIR), _tc_dir(paths)):
-            for mark in _marks(d):
-                os.rmdir(os.path.join(d, mark))
+            _drop_marks(d)
     create_shared_maps(paths.bpf_root, sizes)
     return refitted
 
@@ -260,8 +265,7 @@ def attach(paths: Paths, sizes: MapSizes, strict: bool = True,
     except OSError as e:
         raise DatapathError(f"--cgroup-root {paths.cgroup_root}: {e.strerror}") from None
     links = os.path.join(paths.bpf_root, LINKS_DIR)
-    for mark in _marks(links):  # from here until the new mark, the attached build is unknown
-        os.rmdir(os.path.join(links, mark))
+    _drop_marks(links)  # from here until the new mark, the attached build is unknown
     try:
         for h in HOOKS:
             if h.func not in progs:
@@ -304,8 +308,7 @@ def cleanup(paths: Paths) -> list[str]:
     removed = cleanup_tc(paths)
     links = os.path.join(paths.bpf_root, LINKS_DIR)
     if os.path.isdir(links):
-        for mark in _marks(links):
-            os.rmdir(os.path.join(links, mark))
+        _drop_marks(links)
         for name in sorted(os.listdir(links)):
             os.unlink(os.path.join(links, name))  # last reference gone -> link detaches
             removed.append(f"link {name}")
@@ -556,8 +559,7 @@ def attach_tc(paths: Paths, sizes: MapSizes, devices: list[str] | None, strict: 
                     raise DatapathError(f"strict mode: kernel refused the {p.what} program: {e}; refusing to start "
                                         f"(--no-strict runs without it)") from None
                 skipped.append(p.what)
-        for mark in _marks(d):
-            os.rmdir(os.path.join(d, mark))
+        _drop_marks(d)
         for p in TC_PROGS:
             pin = os.path.join(d, "prog_" + p.pin)
             if os.path.exists(pin):
@@ -629,8 +631,7 @@ def cleanup_tc(paths: Paths) -> list[str]:
     d = _tc_dir(paths)
     if not os.path.isdir(d):
         return removed
-    for mark in _marks(d):
-        os.rmdir(os.path.join(d, mark))
+    _drop_marks(d)
     for name in sorted(os.listdir(d)):
         os.unlink(os.path.join(d, name))
         removed.append(f"tc {name}")

@@ -1,7 +1,6 @@
 """One map opened by its pin under the bpffs root (no compiler needed): the base of the map classes."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -58,7 +57,7 @@ def create_shared_maps(bpf_root: str, sizes) -> list[str]:
 def refit_pins(bpf_root: str, sizes) -> list[str]:
     """Refit (refit()) every pinned map whose shape differs from the one ``sizes`` make; what changed, per
     map. The programs attached before use the maps replaced: the caller must not adopt them
-    (lb/datapath.forget_attached_builds). A refit left half done by a killed start is removed first."""
+    (lb/datapath.prepare_maps drops their build marks). A refit left half done by a killed start is removed first."""
     for n in os.listdir(bpf_root) if os.path.isdir(bpf_root) else []:
         if n.endswith(REFIT_SUFFIX):
             os.unlink(os.path.join(bpf_root, n))
@@ -104,9 +103,9 @@ def refit(pin: str, want: MapShape, rekey=None) -> str | None:
     map's entries (``rekey(items, max_entries)`` first maps them to their new keys: an array indexed
     modulo its size), takes the pin's place in one rename. A smaller map keeps what fits (an LRU map its
     newest inserts). What changed, or None. On an error the old pin is left as it was.
-    Entries the old programs write until they are replaced are not carried over (north-south flows that
-    start in that moment lose their entries and restart on their next packet), as under Cilium, which
-    recreates a map whose properties changed."""
+    Entries the old programs write until they are replaced are not carried over (north-south connections
+    that start in that moment lose their entries and are likely reset), as under Cilium, which recreates
+    a map whose properties changed."""
     fd = bpfsys.obj_get(pin)
     try:
         info = bpfsys.map_info(fd)
