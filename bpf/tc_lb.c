@@ -877,7 +877,7 @@ static __always_inline int nat_of(const struct lb_nat_val *o, const struct lb_ct
 }
 
 /* The lb_nat entry of reply tuple *r if it is still the flow *t's, else 0. */
-static __always_inline struct lb_nat_val *nat_own(const struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
+static __always_inline struct lb_nat_val *nat_own(struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
 {
 	struct lb_nat_val *o = lb_nat_v1.lookup(r);
 
@@ -885,7 +885,7 @@ static __always_inline struct lb_nat_val *nat_own(const struct lb_ct_tuple *r, c
 }
 
 /* Remove the reply tuple *r if it is still the flow *t's. */
-static __always_inline void nat_delete_own(const struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
+static __always_inline void nat_delete_own(struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
 {
 	if (nat_own(r, t))
 		lb_nat_v1.delete(r);

@@ -662,10 +662,15 @@ def start_attach_child(paths: Paths, sizes: MapSizes, strict: bool = True,
     # The child dies with the agent (PR_SET_PDEATHSIG): a killed agent's loader must not pin programs
     # afterwards, under a bpf-root someone may be cleaning up. (The signal follows the forking *thread*:
     # a child started from a worker thread is waited for by that same thread.)
+    # An agent that dies between the fork and the prctl sends no signal: the child checks it still has
+    # its parent after the prctl.
     libc = ctypes.CDLL(None, use_errno=True)
+    agent = os.getpid()
 
     def prepare() -> None:  # in the child, between fork and exec
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != agent:
+            os._exit(1)
         if nice:
             os.nice(nice)
 

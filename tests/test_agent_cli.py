@@ -1,6 +1,7 @@
 """The command line: probe, strict mode, inspection errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -154,15 +155,49 @@ def test_a_killed_agent_takes_its_loader_children_with_it(bed, tmp_path):
 
     pinned = lambda: sorted(os.listdir(os.path.join(bed.bpf_root, "tc"))) if os.path.isdir(  # noqa: E731
         os.path.join(bed.bpf_root, "tc")) else []
+    kids: list[int] = []
     try:
         deadline = time.monotonic() + 20
         while len(kids := children()) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(kids) == 2, kids  # the socket programs' and the tc programs' loaders, still compiling
+        while not all(_loader(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.01)  # past the exec: the death signal is set
+        assert all(_loader(k) for k in kids), kids
+        # Frozen mid-compile, so the kill below lands while both still have everything to pin (left
+        # running, one may finish between this check and the kill). SIGKILL ends a stopped process; a
+        # loader that did not get it stays stopped, and is seen below.
+        for k in kids:
+            os.kill(k, signal.SIGSTOP)
         assert pinned() == [] and datapath.attached(Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root)) == []
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    time.sleep(5)  # a compile takes about a second: a surviving loader would have pinned by now
-    assert [k for k in kids if os.path.exists(f"/proc/{k}")] == []
+    try:
+        deadline = time.monotonic() + 5
+        while (left := [k for k in kids if _alive(k)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left == []
+    finally:
+        for k in kids:  # what the agent's death did not take (a failed test): not left stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k, signal.SIGKILL)
     assert pinned() == [] and datapath.attached(Paths(cgroup_root=bed.cgroup, bpf_root=bed.bpf_root)) == []
+
+
+def _loader(pid: int) -> bool:
+    """pid runs lb.datapath (it has exec'd: the agent's code between its fork and exec is done)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"lb.datapath" in f.read().split(b"\0")
+    except FileNotFoundError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """pid runs or is stopped (a zombie, reaped by init soon, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
