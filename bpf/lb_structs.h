@@ -189,11 +189,16 @@ struct lb_ext_affinity_key {
 };
 
 /* A device's own addresses (ifindex -> its first global IPv4, IPv6), written by the loader: the
- * masquerade source of a flow leaving through that device. Zero = none. */
+ * masquerade source of a flow leaving through that device. Zero = none. And how a packet leaves
+ * through it: LB_DEV_F_PEER, a veth (netkit) whose peer is in another network namespace, so a tc
+ * ingress program sends it with bpf_redirect_peer straight into the peer's ingress (what the device's
+ * transmit would do, without the transmit and the peer's backlog queue). */
 struct lb_dev_addr {
 	__u32 v4[4];            /* IPv4-mapped */
 	__u32 v6[4];
+	__u32 flags;            /* LB_DEV_F_* */
 };
+#define LB_DEV_F_PEER (1 << 0)
 
 /*
  * Connection tracking of the flows the tc programs translate. One tuple layout, as a packet shows it

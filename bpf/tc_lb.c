@@ -8,7 +8,9 @@
  *                the socket programs, is DNATed (and masqueraded under LB_SVC_F_SNAT) and leaves at once:
  *                into the local pod (lb_endpoints: its host veth's ifindex, its MAC; bpf_redirect_peer
  *                puts the packet on the ingress of the pod's end of the pair) or, for a remote backend, to the
- *                next hop bpf_fib_lookup names (pod network, overlay or direct). lb_ct remembers the
+ *                next hop bpf_fib_lookup names (pod network, overlay or direct; out of a veth whose peer
+ *                is in another namespace, such as a container node's eth0, by bpf_redirect_peer:
+ *                redirect_out()). lb_ct remembers the
  *                flow, so its later packets take the same backend; lb_nat remembers the reply tuple.
  *                Replies of masqueraded flows to remote backends come back here (to the node address
  *                and the masquerade port) and are reverse-translated before the stack sees them.
@@ -344,6 +346,19 @@ static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dmac, con
  * A non-GSO packet larger than the egress MTU still gets FRAG_NEEDED and is dropped (no ICMP back:
  * PMTU discovery across the node relies on the MSS, see the top of this file).
  */
+/* Out of device ifindex, the packet complete (MACs set): into its peer's ingress when it is a veth
+ * whose peer is in another namespace (lb_dev_addrs: LB_DEV_F_PEER), which is where the device's
+ * transmit would put it, one backlog queue pass later; else through the device's transmit. Only from
+ * tc ingress (both programs run there): the kernel drops a peer redirect from anywhere else. */
+static __always_inline int redirect_out(__u32 ifindex)
+{
+	struct lb_dev_addr *da = lb_dev_addrs_v1.lookup(&ifindex);
+
+	if (da && (da->flags & LB_DEV_F_PEER))
+		return bpf_redirect_peer(ifindex, 0);
+	return bpf_redirect(ifindex, 0);
+}
+
 static __always_inline int redirect_fib_in(struct __sk_buff *skb, const struct pkt *p, __u32 fallback,
 					   struct bpf_fib_lookup *fib)
 {
@@ -367,7 +382,7 @@ static __always_inline int redirect_fib_in(struct __sk_buff *skb, const struct p
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (set_macs(skb, fib->dmac, fib->smac) < 0)
 			return TC_ACT_SHOT;
-		return bpf_redirect(fib->ifindex, 0);
+		return redirect_out(fib->ifindex);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return redirect_neigh(fib->ifindex, 0, 0, 0);

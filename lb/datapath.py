@@ -495,15 +495,34 @@ def _endpoint_ifindexes(paths: Paths) -> set[int]:
     return wanted & present
 
 
-def write_device_addrs(paths: Paths) -> dict[int, tuple[str, str]]:
+PEER_KINDS = ("veth", "netkit")
+"""Link kinds whose peer bpf_redirect_peer reaches (the kernel's ndo_get_peer_dev)."""
+
+
+def peer_devices(ipr) -> set[int]:
+    """ifindexes of the veth (netkit) devices whose peer is in another network namespace (the link
+    carries IFLA_LINK_NETNSID): a tc ingress program may hand their packets straight to the peer. A
+    peer in the same namespace is not reachable that way (the kernel drops such a redirect)."""
+    out = set()
+    for link in ipr.get_links():
+        info = link.get_attr("IFLA_LINKINFO")
+        if (info is not None and info.get_attr("IFLA_INFO_KIND") in PEER_KINDS
+                and link.get_attr("IFLA_LINK_NETNSID") is not None):
+            out.add(link["index"])
+    return out
+
+
+def write_device_addrs(paths: Paths) -> dict[int, tuple[str, str, int]]:
     """lb_dev_addrs: each device's first global IPv4 and IPv6 address, the masquerade source of
-    flows leaving through it. Exact set (devices without a global address are removed)."""
+    flows leaving through it, and DEV_F_PEER when the device is a veth whose peer is in another
+    namespace (the tc programs then send through it by bpf_redirect_peer). Exact set (devices without
+    a global address are removed). ifindex -> (IPv4, IPv6, flags)."""
     import socket
 
     from pyroute2 import IPRoute
 
     from .maps.addr import pack_ip
-    from .maps.structs import DevAddr, packer
+    from .maps.structs import DEV_F_PEER, DevAddr, packer
 
     val = packer(DevAddr)
     found: dict[int, list[str]] = {}
@@ -516,17 +535,19 @@ def write_device_addrs(paths: Paths) -> dict[int, tuple[str, str]]:
             slot = found.setdefault(a["index"], ["", ""])
             if not slot[fam]:
                 slot[fam] = ip
+        peers = peer_devices(ipr)
+    rows = {i: (v4, v6, DEV_F_PEER if i in peers else 0) for i, (v4, v6) in found.items()}
     fd = bpfsys.obj_get(os.path.join(paths.bpf_root, DEV_ADDRS_MAP))
     try:
         for k, _ in bpfsys.dump(fd, 4, val.size):
-            if int.from_bytes(k, "little") not in found:
+            if int.from_bytes(k, "little") not in rows:
                 bpfsys.delete(fd, k)
-        for ifindex, (v4, v6) in found.items():
+        for ifindex, (v4, v6, flags) in rows.items():
             bpfsys.update(fd, ifindex.to_bytes(4, "little"),
-                          val.pack(pack_ip(v4) if v4 else b"\0" * 16, pack_ip(v6) if v6 else b"\0" * 16))
+                          val.pack(pack_ip(v4) if v4 else b"\0" * 16, pack_ip(v6) if v6 else b"\0" * 16, flags))
     finally:
         os.close(fd)
-    return {i: (v4, v6) for i, (v4, v6) in found.items()}
+    return rows
 
 
 def attach_tc(paths: Paths, sizes: MapSizes, devices: list[str] | None, strict: bool = True,

@@ -42,7 +42,8 @@ from lb.maps.nodeaddrs import PinnedNodeAddrs
 from lb.maps.services import Master, PinnedServiceMaps
 from lb.maps.srcranges import PinnedSourceRanges
 from lb.maps.addr import pack_ip
-from lb.maps.structs import (CT_F_CLOSING, CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_MAP, EXT_AFFINITY_MAP, NAT_MAP, SCOPE_EXTERNAL,
+from lb.maps.structs import (CT_F_CLOSING, CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_MAP, DEV_ADDRS_MAP, DEV_F_PEER,
+                             EXT_AFFINITY_MAP, NAT_MAP, SCOPE_EXTERNAL, DevAddr,
                              SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_NODEPORT, SVC_F_SNAT, SVC_F_SRC_RANGES, CtTuple, CtVal, NatVal, packer)
 from lb.model import TCP, UDP, Backend, Frontend
 from lb.settings import MapSizes, Paths
@@ -411,6 +412,68 @@ def test_nodeport_cluster_policy_local_and_remote_backends_see_the_node_ip(tcbed
     assert all(61000 <= p <= 65535 for p in ports)  # outside the ephemeral and NodePort ranges
     assert {r["backend"] for r in rows} == {f"{POD1_4}:{PORT}", f"{POD2_4}:{PORT}"}
     assert any(r["masquerade"] for r in nat_rows(tcbed.bpf_root))
+
+
+def link_stats(ns_path: str, ifname: str) -> dict:
+    return netns_.run_in(ns_path, lambda: _link_stats(ifname))
+
+
+def _link_stats(ifname: str) -> dict:
+    with IPRoute() as ipr:
+        (link,) = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])
+        return dict(link.get_attr("IFLA_STATS64"))
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_packets_leaving_through_a_veth_go_straight_to_its_peer(tcbed, maps, v6):
+    """node1's eth0 is a veth whose peer is in the bridge's namespace (lb_dev_addrs: DEV_F_PEER): what the
+    programs send out of it (the local pod's replies, the requests to node2's pod) goes into the peer's
+    ingress by bpf_redirect_peer, never through eth0's transmit, and still arrives."""
+    node, (pod1, pod2) = (NODE1_6, (POD1_6, POD2_6)) if v6 else (NODE1_4, (POD1_4, POD2_4))
+    assert datapath_dev_flags(tcbed, "eth0") == DEV_F_PEER and datapath_dev_flags(tcbed, "vpod") == DEV_F_PEER
+    program(maps, nodeport(v6=v6), 1, [pod1, pod2], SVC_F_SNAT | SVC_F_NODEPORT)
+    tcbed.ask(node, NODEPORT)  # (neighbours resolved: a first packet may go by bpf_redirect_neigh)
+    n = 20
+    tx, peer_rx = link_stats(tcbed.path("n1"), "eth0")["tx_packets"], br_stats(tcbed, "ton1")["rx_packets"]
+    assert names(tcbed, node, NODEPORT, n) == {"pod1": {node}, "pod2": {node}}
+    sent = br_stats(tcbed, "ton1")["rx_packets"] - peer_rx
+    assert sent >= 3 * n  # replies and requests: at least a SYN-ACK or SYN, some data and a FIN per connection
+    assert link_stats(tcbed.path("n1"), "eth0")["tx_packets"] - tx < n // 4, sent  # (the stack's own: ARP, ND)
+
+
+def test_only_a_veth_whose_peer_is_in_another_namespace_is_a_peer_device():
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"pd{tag}a", f"pd{tag}b"
+    netns.create(a)
+    netns.create(b)
+    try:
+        with IPRoute(netns=a) as ipr:
+            ipr.link("add", ifname="out0", kind="veth", peer={"ifname": "in0", "net_ns_fd": b})
+            ipr.link("add", ifname="same0", kind="veth", peer="same1")
+            ipr.link("add", ifname="br0", kind="bridge")
+            idx = {n: ipr.link_lookup(ifname=n)[0] for n in ("lo", "out0", "same0", "same1", "br0")}
+        assert netns_.run_in(f"/run/netns/{a}", _peer_devices) == {idx["out0"]}
+    finally:
+        netns.remove(a)
+        netns.remove(b)
+
+
+def _peer_devices() -> set[int]:
+    with IPRoute() as ipr:
+        return datapath.peer_devices(ipr)
+
+
+def br_stats(bed: TcBed, ifname: str) -> dict:
+    return link_stats(bed.path("br"), ifname)
+
+
+def datapath_dev_flags(bed: TcBed, ifname: str) -> int:
+    ifindex = netns_.run_in(bed.path("n1"), lambda: socket.if_nametoindex(ifname))
+    fd = bpfsys.obj_get(os.path.join(bed.bpf_root, DEV_ADDRS_MAP))
+    try:
+        return DevAddr.from_buffer_copy(bpfsys.lookup(fd, ifindex.to_bytes(4, "little"), ctypes.sizeof(DevAddr))).flags
+    finally:
+        os.close(fd)
 
 
 def test_nodeport_on_another_address_of_the_node_is_not_served(tcbed, maps):

@@ -141,7 +141,7 @@ def refit(pin: str, want: MapShape, rekey=None) -> str | None:
     changed = ", ".join(f"{f} {getattr(have, f)} -> {getattr(want, f)}" for f in MapShape.__dataclass_fields__
                         if getattr(have, f) != getattr(want, f))
     what = f"{name}: {changed}; {kept} of {len(items)} entries carried over"
-    log.warning("pinned map refitted (its size setting changed since it was made): %s", what)
+    log.warning("pinned map refitted (its size setting or its layout changed since it was made): %s", what)
     return what
 
 

@@ -28,6 +28,7 @@ CT_F_REPLIED = 1 << 2
 CT_F_CLOSING = 1 << 3
 CT_F_NODEPORT = 1 << 4
 CT_F_RST = 1 << 5
+DEV_F_PEER = 1 << 0
 SCOPE_INTERNAL = 0
 SCOPE_EXTERNAL = 1
 
@@ -102,7 +103,7 @@ class ExtAffinityKey(ctypes.Structure):
 
 
 class DevAddr(ctypes.Structure):
-    _fields_ = [("v4", _A16), ("v6", _A16)]
+    _fields_ = [("v4", _A16), ("v6", _A16), ("flags", ctypes.c_uint32)]
 
 
 class CtTuple(ctypes.Structure):
