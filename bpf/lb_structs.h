@@ -222,6 +222,9 @@ struct lb_ct_tuple {
 #define LB_CT_F_CLOSING  (1 << 3) /* TCP FIN or RST seen: short timeout, a new SYN starts a new flow */
 #define LB_CT_F_NODEPORT (1 << 4) /* the frontend is the wildcard NodePort one */
 #define LB_CT_F_RST      (1 << 5) /* a TCP RST seen (either way): neither end keeps a socket for the tuple */
+#define LB_CT_F_ENDED    (1 << 6) /* lb_ct only: the flow is over and its masquerade port went to another
+				   * flow; never live again, kept where it is for a new flow on its tuple
+				   * to rewrite (a delete and a later insert cost two LRU list operations) */
 
 struct lb_ct_val {
 	__u32 backend[4];

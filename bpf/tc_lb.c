@@ -404,6 +404,8 @@ static __always_inline int ct_live(__u8 proto, __u16 flags, __u64 created, __u64
 {
 	__u64 timeout;
 
+	if (flags & LB_CT_F_ENDED)
+		return 0;
 	if (proto == IPPROTO_TCP)
 		timeout = (flags & LB_CT_F_CLOSING) ? TCP_CLOSE_TIMEOUT_NS : TCP_TIMEOUT_NS;
 	else if ((flags & LB_CT_F_REPLIED) && age(last, created) > UDP_STREAM_AFTER_NS)
@@ -927,7 +929,10 @@ static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct
 		if (ct_live(r->proto, ct->flags, ct->created_ns, ct->last_ns, now) &&
 		    !(syn && r->proto == IPPROTO_TCP && closing && age(now, closed) >= NAT_REUSE_AFTER_NS))
 			return 0;
-		lb_ct_v1.delete(orig);
+		/* The port goes to a new flow: this one ends. Its entry stays where it is, ended (never live
+		 * again: a later packet on its tuple is a new flow, as after a delete), for the next flow on
+		 * its tuple to rewrite in place (new_flow_in) instead of an LRU insert. */
+		ct->flags |= LB_CT_F_ENDED;
 		return 1;
 	}
 	/* No client-side entry for this port any more: only replies in flight still use it. */
@@ -1004,8 +1009,10 @@ static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *
 		return -1;
 	r->dport = taken;
 	struct lb_nat_val *old = lb_nat_v1.lookup(r);
-	if (old && nat_reclaim(r, old, syn, now, orig) && port_usable(skb, r, npk, v6) && lb_nat_v1.update(r, nv) == 0)
+	if (old && nat_reclaim(r, old, syn, now, orig) && port_usable(skb, r, npk, v6)) {
+		__builtin_memcpy(old, nv, sizeof(*nv)); /* the same reply tuple: rewritten where it is */
 		return 0;
+	}
 	return -1;
 }
 
@@ -1206,7 +1213,7 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		nv->flags = ct->flags;
 		__builtin_memcpy(r->daddr, ct->nat_addr, 16);
 		struct lb_nat_val *o = 0;
-		if (prev && (prev->flags & (LB_CT_F_SNAT | LB_CT_F_RST)) == (LB_CT_F_SNAT | LB_CT_F_RST) &&
+		if (prev && (prev->flags & (LB_CT_F_SNAT | LB_CT_F_RST | LB_CT_F_ENDED)) == (LB_CT_F_SNAT | LB_CT_F_RST) &&
 		    addr_eq(prev->nat_addr, ct->nat_addr) && addr_eq(prev->backend, ct->backend) &&
 		    prev->backend_port == ct->backend_port) {
 			r->dport = prev->nat_port;
@@ -1352,7 +1359,7 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct pkt *p, int 
 		if (!from_client)
 			return TC_ACT_OK;
 		struct lb_ct_val *ctp = lb_ct_v1.lookup(t);
-		if (!ctp)
+		if (!ctp || (ctp->flags & LB_CT_F_ENDED))
 			return TC_ACT_OK;
 		__builtin_memcpy(ct, ctp, sizeof(*ct));
 		const __u32 *as = (ct->flags & LB_CT_F_SNAT) ? ct->nat_addr : t->saddr;

@@ -15,7 +15,7 @@ from lb.maps import bpfsys
 from lb.maps.pinned import MapShape, create_shared_maps, refit, refit_pins
 from lb.maps.services import MapFullError
 from lb.maps.structs import (SHARED_MAPS, CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_RST, CT_F_SNAT,
-                             DEV_ADDRS_MAP, DEV_F_PEER,
+                             CT_F_ENDED, DEV_ADDRS_MAP, DEV_F_PEER,
                              DEV_ADDRS_SIZE, MAPS, NODE_ADDR_F_NODEPORT, SOCK_PEER_MAP, SOCK_PEER_SIZE,
                              SOCK_REVNAT_MAP, SVC_F_EXT_LOCAL, SVC_F_NODEPORT,
                              SVC_F_SNAT, SVC_F_SRC_RANGES, DevAddr, packer)
@@ -126,7 +126,7 @@ def test_flags_match_the_header():
                   ("LB_SVC_F_NODEPORT", SVC_F_NODEPORT), ("LB_SVC_F_EXT_LOCAL", SVC_F_EXT_LOCAL),
                   ("LB_CT_F_SNAT", CT_F_SNAT), ("LB_CT_F_LOCAL", CT_F_LOCAL),
                   ("LB_CT_F_REPLIED", CT_F_REPLIED), ("LB_CT_F_CLOSING", CT_F_CLOSING),
-                  ("LB_CT_F_NODEPORT", CT_F_NODEPORT), ("LB_CT_F_RST", CT_F_RST), ("LB_NODE_ADDR_F_NODEPORT", NODE_ADDR_F_NODEPORT),
+                  ("LB_CT_F_NODEPORT", CT_F_NODEPORT), ("LB_CT_F_RST", CT_F_RST), ("LB_CT_F_ENDED", CT_F_ENDED), ("LB_NODE_ADDR_F_NODEPORT", NODE_ADDR_F_NODEPORT),
                   ("LB_DEV_F_PEER", DEV_F_PEER)):
         m = re.search(rf"#define {c}\s+\(1 << (\d+)\)", header)
         assert m and 1 << int(m.group(1)) == py, c

@@ -42,7 +42,7 @@ from lb.maps.nodeaddrs import PinnedNodeAddrs
 from lb.maps.services import Master, PinnedServiceMaps
 from lb.maps.srcranges import PinnedSourceRanges
 from lb.maps.addr import pack_ip
-from lb.maps.structs import (CT_F_CLOSING, CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_MAP, DEV_ADDRS_MAP, DEV_F_PEER,
+from lb.maps.structs import (CT_F_CLOSING, CT_F_ENDED, CT_F_NODEPORT, CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_MAP, DEV_ADDRS_MAP, DEV_F_PEER,
                              EXT_AFFINITY_MAP, NAT_MAP, SCOPE_EXTERNAL, DevAddr,
                              SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_NODEPORT, SVC_F_SNAT, SVC_F_SRC_RANGES, CtTuple, CtVal, NatVal, packer)
 from lb.model import TCP, UDP, Backend, Frontend
@@ -924,6 +924,81 @@ def test_an_old_tuples_port_taken_by_another_flow_is_left_to_it(tcbed, maps):
     assert len(after) == 1 and after[0]["reply_to"] != taken, (before, after)
     other = [r for r in nat_rows(tcbed.bpf_root) if r["reply_to"] == taken]
     assert len(other) == 1 and other[0]["client"].startswith("10.99.0.7:"), other
+
+
+def fill_ended_flows(tcbed, first_client_port: int) -> dict[int, int]:
+    """Every masquerade port (61000-65535) held by a flow of CLIENT4 to pod2 through node1's NodePort that
+    ended with an RST a second ago, client ports from first_client_port up: the entries the datapath
+    leaves (lb_ct and lb_nat), as a client that dialled at a sustained rate leaves them. Masquerade port
+    -> client port."""
+    now = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - 1_000_000_000
+    flags = CT_F_SNAT | CT_F_REPLIED | CT_F_CLOSING | CT_F_RST | CT_F_NODEPORT
+    out = {}
+    ct_fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, CT_MAP))
+    nat_fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, NAT_MAP))
+    try:
+        for i, nat_port in enumerate(range(61000, 65536)):
+            cport = first_client_port + i
+            key = pack_ip(CLIENT4) + pack_ip(NODE1_4) + struct.pack("=HHB3x", socket.htons(cport), socket.htons(NODEPORT), 6)
+            ct = CtVal(backend_port=socket.htons(PORT), nat_port=socket.htons(nat_port), backend_id=BACKEND_IDS[POD2_4],
+                       rev_nat_id=1, slot=1, flags=flags, created_ns=now, last_ns=now)
+            ctypes.memmove(ct.backend, pack_ip(POD2_4), 16)
+            ctypes.memmove(ct.nat_addr, pack_ip(NODE1_4), 16)
+            bpfsys.update(ct_fd, key, bytes(ct))
+            rkey = pack_ip(POD2_4) + pack_ip(NODE1_4) + struct.pack("=HHB3x", socket.htons(PORT), socket.htons(nat_port), 6)
+            nv = NatVal(client_port=socket.htons(cport), frontend_port=socket.htons(NODEPORT), flags=flags, rev_nat_id=1,
+                        last_ns=now)
+            ctypes.memmove(nv.client, pack_ip(CLIENT4), 16)
+            ctypes.memmove(nv.frontend, pack_ip(NODE1_4), 16)
+            bpfsys.update(nat_fd, rkey, bytes(nv))
+            out[nat_port] = cport
+    finally:
+        os.close(ct_fd)
+        os.close(nat_fd)
+    return out
+
+
+def raw_ct_flags(tcbed) -> dict[int, int]:
+    """Client port -> lb_ct flags of every entry, listed or not (ct_rows leaves ended ones out)."""
+    fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, CT_MAP))
+    try:
+        return {socket.ntohs(CtTuple.from_buffer_copy(k).sport): CtVal.from_buffer_copy(v).flags
+                for k, v in bpfsys.dump(fd, ctypes.sizeof(CtTuple), ctypes.sizeof(CtVal))}
+    finally:
+        os.close(fd)
+
+
+def test_a_flow_whose_port_is_taken_over_ends_and_its_tuple_starts_anew(tcbed, maps):
+    """Every masquerade port is held by a flow that ended: a new flow takes one over, and the flow that
+    held it ends with it (CT_F_ENDED: never live again, left out of `bpflb ct list`; its entry stays for a
+    new flow on its tuple to rewrite in place). A client dialling again from that flow's port gets a new,
+    working flow on the tuple."""
+    program(maps, nodeport(), 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT)
+    held = fill_ended_flows(tcbed, 20000)
+    assert dial_from_client_port(tcbed) == "pod2"
+    (flow,) = tuple_rows(tcbed)[0]
+    port = int(flow["masquerade"].rsplit(":", 1)[1])
+    loser = held[port]  # the flow whose port the new one took
+    flags = raw_ct_flags(tcbed)
+    assert flags[loser] & CT_F_ENDED, flags[loser]
+    assert sum(1 for f in flags.values() if f & CT_F_ENDED) == 1
+    assert f"{CLIENT4}:{loser}" not in {r["client"] for r in ct_rows(tcbed.bpf_root)}
+    assert [r["client"] for r in nat_rows(tcbed.bpf_root) if r["reply_to"] == flow["masquerade"]] == [
+        f"{CLIENT4}:{CLIENT_PORT}"]
+    # the ended flow's client dials again from its port: a new flow on the ended entry's tuple
+    s = tcbed.sock(NODE1_4)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.settimeout(2.0)
+    try:
+        s.bind((CLIENT4, loser))
+        s.connect((NODE1_4, NODEPORT))
+        s.sendall(b"?\n")
+        assert s.makefile().readline().split() == ["pod2", NODE1_4]
+    finally:
+        s.close()
+    assert not raw_ct_flags(tcbed)[loser] & CT_F_ENDED
+    (again,) = [r for r in ct_rows(tcbed.bpf_root) if r["client"] == f"{CLIENT4}:{loser}"]
+    assert "rst" in again["flags"] and again["masquerade"].startswith(NODE1_4 + ":"), again
 
 
 def test_an_old_tuple_whose_frontend_lost_its_backends_ends_with_its_entries(tcbed, maps):

@@ -7,7 +7,7 @@ import time
 
 from . import bpfsys
 from .addr import host_port, proto_name, unpack_ip
-from .structs import (CT_F_CLOSING, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_MAP, NAT_MAP, CtTuple,
+from .structs import (CT_F_CLOSING, CT_F_ENDED, CT_F_LOCAL, CT_F_NODEPORT, CT_F_REPLIED, CT_F_RST, CT_F_SNAT, CT_MAP, NAT_MAP, CtTuple,
                       CtVal, NatVal, packer)
 
 _TUPLE = packer(CtTuple)
@@ -44,7 +44,8 @@ def _tuple(raw: bytes) -> tuple[str, str, str]:
 
 
 def ct_rows(bpf_root: str) -> list[dict]:
-    """One row per tracked flow: as the client sent it, where it goes, and its state."""
+    """One row per tracked flow: as the client sent it, where it goes, and its state. (An entry whose flow
+    is over and whose masquerade port another flow took, CT_F_ENDED, is no flow: not listed.)"""
     now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
     rows = []
     for k, v in _dump(bpf_root, CT_MAP, _CT.size):
@@ -52,6 +53,8 @@ def ct_rows(bpf_root: str) -> list[dict]:
         (backend, nat_addr, backend_port, nat_port, backend_id, rev_nat_id, ifindex_in, ifindex_out, slot, flags,
          *rest) = _CT.unpack(v)
         created_ns, last_ns = rest[-2], rest[-1]
+        if flags & CT_F_ENDED:
+            continue
         rows.append({"protocol": proto, "client": client, "frontend": frontend,
                      "backend": _hostport(backend, backend_port),
                      "masquerade": _hostport(nat_addr, nat_port) if flags & CT_F_SNAT else None,
