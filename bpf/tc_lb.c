@@ -333,19 +333,6 @@ static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dmac, con
 	return 0;
 }
 
-/*
- * Send the (rewritten) packet to its next hop without the stack: bpf_fib_lookup from the device it
- * arrived on, MACs rewritten, redirected out of the device the route names; when the neighbour is
- * not resolved yet, bpf_redirect_neigh resolves it. ``fallback`` is the device to try when the FIB
- * has no answer (0: drop).
- *
- * tot_len stays 0: the helper then checks the skb itself against the egress MTU (is_skb_forwardable),
- * which passes a GSO packet whose segments fit. A GRO/TSO superpacket (a bulk transfer's data, up to
- * 64 KB in one skb) carries its whole length in the IP header; given as tot_len, the FIB would answer
- * FRAG_NEEDED for every one of them and only MTU-sized segments would get through.
- * A non-GSO packet larger than the egress MTU still gets FRAG_NEEDED and is dropped (no ICMP back:
- * PMTU discovery across the node relies on the MSS, see the top of this file).
- */
 /* Out of device ifindex, the packet complete (MACs set): into its peer's ingress when it is a veth
  * whose peer is in another namespace (lb_dev_addrs: LB_DEV_F_PEER), which is where the device's
  * transmit would put it, one backlog queue pass later; else through the device's transmit. Only from
@@ -359,6 +346,19 @@ static __always_inline int redirect_out(__u32 ifindex)
 	return bpf_redirect(ifindex, 0);
 }
 
+/*
+ * Send the (rewritten) packet to its next hop without the stack: bpf_fib_lookup from the device it
+ * arrived on, MACs rewritten, redirected out of the device the route names; when the neighbour is
+ * not resolved yet, bpf_redirect_neigh resolves it. ``fallback`` is the device to try when the FIB
+ * has no answer (0: drop).
+ *
+ * tot_len stays 0: the helper then checks the skb itself against the egress MTU (is_skb_forwardable),
+ * which passes a GSO packet whose segments fit. A GRO/TSO superpacket (a bulk transfer's data, up to
+ * 64 KB in one skb) carries its whole length in the IP header; given as tot_len, the FIB would answer
+ * FRAG_NEEDED for every one of them and only MTU-sized segments would get through.
+ * A non-GSO packet larger than the egress MTU still gets FRAG_NEEDED and is dropped (no ICMP back:
+ * PMTU discovery across the node relies on the MSS, see the top of this file).
+ */
 static __always_inline int redirect_fib_in(struct __sk_buff *skb, const struct pkt *p, __u32 fallback,
 					   struct bpf_fib_lookup *fib)
 {

@@ -195,7 +195,7 @@ def _drop_marks(d: str) -> None:
 
 
 def prepare_maps(paths: Paths, sizes: MapSizes) -> list[str]:
-    """Before the programs load: refit the pinned maps whose size setting changed (their attached
+    """Before the programs load: refit the pinned maps whose size setting or layout changed (their attached
     programs then use maps no pin names any more: their build marks go, so the next attach compiles and
     swaps them, never adopts them), then create the shared maps not pinned yet. What was refitted."""
     ensure_bpffs(paths.bpf_root)

@@ -816,17 +816,20 @@ def test_many_short_connections_to_a_remote_backend_through_a_masqueraded_nodepo
 CLIENT_PORT = 45678
 
 
-def dial_from_client_port(tcbed) -> str:
-    """One request from CLIENT4:CLIENT_PORT to node1's NodePort, closed abortively (RST); the backend's name."""
+def dial_from_client_port(tcbed, port: int = CLIENT_PORT) -> str:
+    """One request from CLIENT4:port to node1's NodePort, closed abortively (RST); the backend's name (the
+    source it saw must be node1's: the NodePort masquerades)."""
     s = tcbed.sock(NODE1_4)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.settimeout(2.0)
     try:
-        s.bind((CLIENT4, CLIENT_PORT))
+        s.bind((CLIENT4, port))
         s.connect((NODE1_4, NODEPORT))
         s.sendall(b"?\n")
-        return s.makefile().readline().split()[0]
+        name, seen = s.makefile().readline().split()
+        assert seen == NODE1_4, seen
+        return name
     finally:
         s.close()
 
@@ -986,16 +989,7 @@ def test_a_flow_whose_port_is_taken_over_ends_and_its_tuple_starts_anew(tcbed, m
     assert [r["client"] for r in nat_rows(tcbed.bpf_root) if r["reply_to"] == flow["masquerade"]] == [
         f"{CLIENT4}:{CLIENT_PORT}"]
     # the ended flow's client dials again from its port: a new flow on the ended entry's tuple
-    s = tcbed.sock(NODE1_4)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.settimeout(2.0)
-    try:
-        s.bind((CLIENT4, loser))
-        s.connect((NODE1_4, NODEPORT))
-        s.sendall(b"?\n")
-        assert s.makefile().readline().split() == ["pod2", NODE1_4]
-    finally:
-        s.close()
+    assert dial_from_client_port(tcbed, loser) == "pod2"
     assert not raw_ct_flags(tcbed)[loser] & CT_F_ENDED
     (again,) = [r for r in ct_rows(tcbed.bpf_root) if r["client"] == f"{CLIENT4}:{loser}"]
     assert "rst" in again["flags"] and again["masquerade"].startswith(NODE1_4 + ":"), again
