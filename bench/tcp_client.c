@@ -5,9 +5,12 @@
  * One long-lived process reads commands from stdin and answers on stdout, one line each, so the
  * benchmark can interleave short rounds against two targets without paying process start-up:
  *
- *   run <ip>[,<ip>...] <port> <c|r> <count>  -> "<ok> <failed> <first errno> <elapsed ns>"
+ *   run <ip>[,<ip>...] <port> <c|r> <count> [<procs>]  -> "<ok> <failed> <first errno> <elapsed ns>"
  *        connection i goes to the (i mod n)-th address of the list, so a client that dials the
- *        backends directly spreads over them as the ClusterIP's random pick does
+ *        backends directly spreads over them as the ClusterIP's random pick does;
+ *        procs > 1: that many processes (forked before the clock starts, released together) each
+ *        make count/procs connections one after another, the elapsed time running until the last
+ *        is done: the rate a node sustains with several connections in flight, not one at a time
  *        c: socket, connect, close                       ("connect+close")
  *        r: socket, connect, send "hi\n", read the reply, close   ("request/response")
  *   check <ip> <port> <c|r>        -> "<reply or -> <peer ip>:<peer port>"  (one connection, as run)
@@ -25,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -131,6 +135,74 @@ static long long now_ns(void)
 	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* count connections one after another, from the k-th target on; *first gets the first errno */
+static void loop(const struct target *targets, int n, int k, int rr, long count, long *ok, long *failed, int *first)
+{
+	for (long i = 0; i < count; i++) {
+		int err = one(&targets[k], rr, NULL, 0, NULL);
+
+		if (++k == n)
+			k = 0;
+		if (err) {
+			(*failed)++;
+			if (!*first)
+				*first = err;
+		} else {
+			(*ok)++;
+		}
+	}
+}
+
+/* procs processes, count/procs connections each (the first ones take the remainder), released at
+ * once through a pipe; results come back through another. 0, or -1 (fork/pipe failed). */
+static int parallel(const struct target *targets, int n, int rr, long count, int procs, long *ok, long *failed,
+		    int *first, long long *ns)
+{
+	int go[2], res[2];
+	struct { long ok, failed; int first; } r;
+
+	if (pipe(go) < 0 || pipe(res) < 0)
+		return -1;
+	for (int j = 0; j < procs; j++) {
+		pid_t pid = fork();
+
+		if (pid < 0)
+			return -1;
+		if (pid == 0) {
+			char c;
+
+			close(go[1]);
+			close(res[0]);
+			if (read(go[0], &c, 1) < 0)
+				_exit(1);
+			memset(&r, 0, sizeof(r));
+			loop(targets, n, j % n, rr, count / procs + (j < count % procs), &r.ok, &r.failed, &r.first);
+			if (write(res[1], &r, sizeof(r)) != sizeof(r))
+				_exit(1);
+			_exit(0);
+		}
+	}
+	close(go[0]);
+	close(res[1]);
+	long long t0 = now_ns();
+	close(go[1]); /* every child's read returns: go */
+	for (int j = 0; j < procs; j++) {
+		if (read(res[0], &r, sizeof(r)) != sizeof(r)) {
+			close(res[0]);
+			return -1;
+		}
+		*ok += r.ok;
+		*failed += r.failed;
+		if (!*first)
+			*first = r.first;
+	}
+	*ns = now_ns() - t0;
+	close(res[0]);
+	while (wait(NULL) > 0)
+		;
+	return 0;
+}
+
 int main(void)
 {
 	static struct target targets[MAX_TARGETS];
@@ -142,31 +214,28 @@ int main(void)
 	while (fgets(line, sizeof(line), stdin)) {
 		struct target t;
 
-		if (sscanf(line, "run %3999s %d %3s %ld", ip, &port, mode, &count) == 4) {
-			long ok = 0, failed = 0;
-			int first = 0, rr = mode[0] == 'r', n, k = 0;
-			long long t0, t1;
+		int procs = 1;
 
-			if ((n = parse_targets(ip, port, targets)) < 0) {
-				printf("error bad address list\n");
+		if (sscanf(line, "run %3999s %d %3s %ld %d", ip, &port, mode, &count, &procs) >= 4) {
+			long ok = 0, failed = 0;
+			int first = 0, rr = mode[0] == 'r', n;
+			long long t0, ns;
+
+			if ((n = parse_targets(ip, port, targets)) < 0 || procs < 1 || procs > 64) {
+				printf("error bad address list or process count\n");
 				continue;
 			}
-			t0 = now_ns();
-			for (long i = 0; i < count; i++) {
-				int err = one(&targets[k], rr, NULL, 0, NULL);
-
-				if (++k == n)
-					k = 0;
-				if (err) {
-					failed++;
-					if (!first)
-						first = err;
-				} else {
-					ok++;
+			if (procs > 1) {
+				if (parallel(targets, n, rr, count, procs, &ok, &failed, &first, &ns) < 0) {
+					printf("error %s\n", strerror(errno));
+					continue;
 				}
+			} else {
+				t0 = now_ns();
+				loop(targets, n, 0, rr, count, &ok, &failed, &first);
+				ns = now_ns() - t0;
 			}
-			t1 = now_ns();
-			printf("%ld %ld %d %lld\n", ok, failed, first, t1 - t0);
+			printf("%ld %ld %d %lld\n", ok, failed, first, ns);
 		} else if (sscanf(line, "check %63s %d %3s", ip, &port, mode) == 3) {
 			char reply[128] = "-", peer[INET6_ADDRSTRLEN] = "?";
 			struct sockaddr_storage ps;

@@ -250,7 +250,9 @@ struct lb_nat_val {
 	__u16 frontend_port;
 	__u32 ifindex_in;       /* where the reply goes out */
 	__u16 flags;            /* LB_CT_F_* of the flow */
-	__u16 pad;
+	__u16 gen;              /* flags, gen and rev_nat_id: the 64-bit word a program takes the entry
+				 * with (bpf/tc_lb.c nat_lock); gen is odd while one holds it, every hold
+				 * adds 2. (flags sits at an offset that is a multiple of 8.) */
 	__u32 rev_nat_id;
 	__u64 last_ns;
 };

@@ -400,6 +400,60 @@ static __always_inline int redirect_fib(struct __sk_buff *skb, const struct pkt 
 
 /* ---- conntrack ------------------------------------------------------------------------------------ */
 
+/*
+ * An lb_nat entry changes hands under a try-lock of its own: the 64-bit word {flags, gen, rev_nat_id}
+ * (BPF's atomics are 64-bit here). A program that rewrites an entry (a flow taking its port, a flow's
+ * close or first reply marking it, a delete) reads the word first (nat_word_of), then what it decides
+ * by, then takes the word from that value to an odd gen (nat_lock: one compare-and-swap); that fails if
+ * anything changed the entry since, or if another program holds it, and the entry is then left alone.
+ * The holder writes and releases with the new flags and the next even gen (nat_unlock). Without it two
+ * CPUs could both take over one dead port for two new flows at once (found by bench/nodeport.py with
+ * several clients at a time: one of the two flows never got a reply, its SYNs retried until the client
+ * gave up), and a flow's close could land in the entry after another flow had taken it. Translating a
+ * reply only reads the entry.
+ */
+static __always_inline __u64 *nat_word(struct lb_nat_val *v)
+{
+	return (__u64 *)&v->flags; /* flags, gen, rev_nat_id (little-endian: flags in the low 16 bits) */
+}
+
+static __always_inline __u64 nat_word_of(struct lb_nat_val *v)
+{
+	return *(volatile __u64 *)nat_word(v);
+}
+
+_Static_assert(__builtin_offsetof(struct lb_nat_val, flags) % 8 == 0 &&
+	       __builtin_offsetof(struct lb_nat_val, rev_nat_id) == __builtin_offsetof(struct lb_nat_val, flags) + 4,
+	       "lb_nat_val: flags, gen, rev_nat_id are one aligned 64-bit word");
+#define NAT_GEN_ONE (1ULL << 16)
+#define NAT_GEN_MASK 0xffff0000ULL
+
+/* Take *v, whose word was ``seen`` when the caller read what it decides by. 1 if taken. */
+static __always_inline int nat_lock(struct lb_nat_val *v, __u64 seen)
+{
+	if (seen & NAT_GEN_ONE)
+		return 0; /* another holds it */
+	return __sync_val_compare_and_swap(nat_word(v), seen, seen + NAT_GEN_ONE) == seen;
+}
+
+/* Release *v (taken with ``seen``) with flags. */
+static __always_inline void nat_unlock(struct lb_nat_val *v, __u64 seen, __u16 flags)
+{
+	__u64 held = nat_word_of(v);
+
+	__sync_val_compare_and_swap(nat_word(v), held,
+				    (held & ~0xffffffffULL) | ((seen + 2 * NAT_GEN_ONE) & NAT_GEN_MASK) | flags);
+}
+
+/* Write *nv over the entry *o the caller holds (taken with ``seen``), and release it. */
+static __always_inline void nat_rewrite(struct lb_nat_val *o, __u64 seen, struct lb_nat_val *nv)
+{
+	nv->gen = (seen + NAT_GEN_ONE) >> 16; /* the copy keeps the entry held */
+	__builtin_memcpy(o, nv, sizeof(*nv));
+	nat_unlock(o, seen, nv->flags);
+	nv->gen = 0;
+}
+
 static __always_inline int ct_live(__u8 proto, __u16 flags, __u64 created, __u64 last, __u64 now)
 {
 	__u64 timeout;
@@ -507,8 +561,9 @@ static __always_inline int reply(struct __sk_buff *skb, struct pkt *p, struct lb
 	__u64 now = bpf_ktime_get_boot_ns();
 	struct lb_ct_tuple orig = {};
 	struct lb_ct_val *ct;
+	__u64 seen = nat_word_of(nv);
 	__u32 ifindex_in = nv->ifindex_in;
-	__u16 nflags = nv->flags;
+	__u16 nflags = seen & 0xffff;
 	int fin = closes(p);
 
 	__builtin_memcpy(orig.saddr, nv->client, 16);
@@ -519,8 +574,10 @@ static __always_inline int reply(struct __sk_buff *skb, struct pkt *p, struct lb
 	if (fin || !(nflags & LB_CT_F_REPLIED) || age(now, nv->last_ns) > CT_REFRESH_NS) {
 		__u16 add = LB_CT_F_REPLIED | (fin ? closing_flags(p) : 0);
 
-		nv->last_ns = now;
-		nv->flags = nflags | add;
+		if (nat_lock(nv, seen)) { /* (else another is rewriting it: the next reply marks it) */
+			nv->last_ns = now;
+			nat_unlock(nv, seen, nflags | add);
+		}
 		ct = lb_ct_v1.lookup(&orig);
 		if (ct) {
 			/* a reply refreshes the flow, as it does a conntrack entry */
@@ -893,23 +950,29 @@ static __always_inline int nat_of(const struct lb_nat_val *o, const struct lb_ct
 	       o->frontend_port == t->dport;
 }
 
-/* The lb_nat entry of reply tuple *r if it is still the flow *t's, else 0. */
-static __always_inline struct lb_nat_val *nat_own(struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
+/* The lb_nat entry of reply tuple *r if it is still the flow *t's (*seen: its word, read first), else 0. */
+static __always_inline struct lb_nat_val *nat_own(struct lb_ct_tuple *r, const struct lb_ct_tuple *t, __u64 *seen)
 {
 	struct lb_nat_val *o = lb_nat_v1.lookup(r);
 
-	return o && nat_of(o, t) ? o : 0;
+	if (!o)
+		return 0;
+	*seen = nat_word_of(o);
+	return nat_of(o, t) ? o : 0;
 }
 
-/* Remove the reply tuple *r if it is still the flow *t's. */
+/* Remove the reply tuple *r if it is still the flow *t's (taken first: not after another flow took it). */
 static __always_inline void nat_delete_own(struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
 {
-	if (nat_own(r, t))
+	__u64 seen;
+	struct lb_nat_val *o = nat_own(r, t, &seen);
+
+	if (o && nat_lock(o, seen))
 		lb_nat_v1.delete(r);
 }
 
 static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct lb_nat_val *old, int syn, __u64 now,
-				       struct lb_ct_tuple *orig)
+				       struct lb_ct_tuple *orig, struct lb_ct_val **ends)
 {
 	struct lb_ct_val *ct;
 	__u64 closed = old->last_ns;
@@ -929,10 +992,11 @@ static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct
 		if (ct_live(r->proto, ct->flags, ct->created_ns, ct->last_ns, now) &&
 		    !(syn && r->proto == IPPROTO_TCP && closing && age(now, closed) >= NAT_REUSE_AFTER_NS))
 			return 0;
-		/* The port goes to a new flow: this one ends. Its entry stays where it is, ended (never live
-		 * again: a later packet on its tuple is a new flow, as after a delete), for the next flow on
-		 * its tuple to rewrite in place (new_flow_in) instead of an LRU insert. */
-		ct->flags |= LB_CT_F_ENDED;
+		/* The port may go to a new flow: this one then ends (*ends: nat_claim marks it once it holds
+		 * the port). Its entry stays where it is, ended (never live again: a later packet on its tuple
+		 * is a new flow, as after a delete), for the next flow on its tuple to rewrite in place
+		 * (new_flow_in) instead of an LRU insert. */
+		*ends = ct;
 		return 1;
 	}
 	/* No client-side entry for this port any more: only replies in flight still use it. */
@@ -1009,11 +1073,18 @@ static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *
 		return -1;
 	r->dport = taken;
 	struct lb_nat_val *old = lb_nat_v1.lookup(r);
-	if (old && nat_reclaim(r, old, syn, now, orig) && port_usable(skb, r, npk, v6)) {
-		__builtin_memcpy(old, nv, sizeof(*nv)); /* the same reply tuple: rewritten where it is */
-		return 0;
-	}
-	return -1;
+	if (!old)
+		return -1;
+	__u64 seen = nat_word_of(old);
+	struct lb_ct_val *ends = 0;
+	if (!nat_reclaim(r, old, syn, now, orig, &ends) || !port_usable(skb, r, npk, v6) || !nat_lock(old, seen))
+		return -1; /* (lost to another CPU: the SYN is dropped, its retransmission tries again) */
+	/* The port is ours: its old flow ends (if its entry still names the port: not rewritten since),
+	 * and the same reply tuple is rewritten where it is. */
+	if (ends && ends->nat_port == r->dport && addr_eq(ends->nat_addr, r->daddr))
+		ends->flags |= LB_CT_F_ENDED;
+	nat_rewrite(old, seen, nv);
+	return 0;
 }
 
 static __always_inline struct lb_svc_val *frontend_of(struct pkt *p, struct lb_svc_key *key, __u16 *ct_flags)
@@ -1213,19 +1284,20 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		nv->flags = ct->flags;
 		__builtin_memcpy(r->daddr, ct->nat_addr, 16);
 		struct lb_nat_val *o = 0;
+		__u64 seen = 0;
 		if (prev && (prev->flags & (LB_CT_F_SNAT | LB_CT_F_RST | LB_CT_F_ENDED)) == (LB_CT_F_SNAT | LB_CT_F_RST) &&
 		    addr_eq(prev->nat_addr, ct->nat_addr) && addr_eq(prev->backend, ct->backend) &&
 		    prev->backend_port == ct->backend_port) {
 			r->dport = prev->nat_port;
-			o = nat_own(r, &p->t); /* (0: the port went to another flow meanwhile) */
+			o = nat_own(r, &p->t, &seen); /* (0: the port went to another flow meanwhile) */
 			if (o) {
 				nodeport_key(&key, r->proto, p->v6); /* (key is done with: nat_claim's scratch too) */
-				if (!port_usable(skb, r, &key, p->v6))
-					o = 0;
+				if (!port_usable(skb, r, &key, p->v6) || !nat_lock(o, seen))
+					o = 0; /* (or another CPU is taking it: a port of its own, then) */
 			}
 		}
 		if (o) {
-			__builtin_memcpy(o, nv, sizeof(*nv));
+			nat_rewrite(o, seen, nv);
 		} else {
 			if (prev)
 				nat_delete_own(old, &p->t);
@@ -1240,11 +1312,15 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		__builtin_memcpy(r->daddr, p->t.saddr, 16);
 		r->dport = p->t.sport;
 		struct lb_nat_val *o = 0;
+		__u64 seen = 0;
 		if (prev && !(prev->flags & LB_CT_F_SNAT) && addr_eq(prev->backend, ct->backend) &&
-		    prev->backend_port == ct->backend_port)
-			o = nat_own(r, &p->t); /* the same reply tuple */
+		    prev->backend_port == ct->backend_port) {
+			o = nat_own(r, &p->t, &seen); /* the same reply tuple */
+			if (o && !nat_lock(o, seen))
+				o = 0;
+		}
 		if (o) {
-			__builtin_memcpy(o, nv, sizeof(*nv));
+			nat_rewrite(o, seen, nv);
 		} else {
 			if (prev)
 				nat_delete_own(old, &p->t);
@@ -1294,10 +1370,12 @@ static __always_inline void flow_closes(struct pkt *p, struct lb_ct_val *ct, __u
 	ct->flags |= add;
 	ct->last_ns = now;
 	reply_tuple(&r, &p->t, ct);
-	nv = lb_nat_v1.lookup(&r);
-	if (nv && nat_of(nv, &p->t)) {
-		nv->flags |= add;
+	__u64 seen;
+	nv = nat_own(&r, &p->t, &seen);
+	if (nv && nat_lock(nv, seen)) {
+		/* (not taken: another flow is taking the port, or this one's reply is marking it) */
 		nv->last_ns = now;
+		nat_unlock(nv, seen, (seen & 0xffff) | add);
 	}
 }
 

@@ -759,13 +759,14 @@ def test_a_flow_stamped_by_another_cpu_after_our_clock_read_is_live(tcbed, maps)
         stream.close()
 
 
-def hold_every_masquerade_port(tcbed, closed_ns: int) -> None:
-    """Every masquerade port towards pod2 held by a flow of another client that closed at closed_ns."""
+def hold_every_masquerade_port(tcbed, closed_ns: int, backend_port: int = PORT) -> None:
+    """Every masquerade port towards pod2:backend_port held by a flow of another client that closed at
+    closed_ns."""
     fd = bpfsys.obj_get(os.path.join(tcbed.bpf_root, NAT_MAP))
     try:
         for port in range(61000, 65536):
             key = CtTuple.from_buffer_copy(pack_ip(POD2_4) + pack_ip(NODE1_4) +
-                                           struct.pack("=HHB3x", socket.htons(PORT), socket.htons(port), 6))
+                                           struct.pack("=HHB3x", socket.htons(backend_port), socket.htons(port), 6))
             val = NatVal(client_port=socket.htons(port), frontend_port=socket.htons(NODEPORT),
                          flags=CT_F_SNAT | CT_F_CLOSING, rev_nat_id=1, last_ns=closed_ns)
             ctypes.memmove(val.client, pack_ip("10.99.0.1"), 16)
@@ -811,6 +812,45 @@ def test_many_short_connections_to_a_remote_backend_through_a_masqueraded_nodepo
     others = [r for r in nat_rows(tcbed.bpf_root) if not r["client"].startswith(CLIENT4 + ":")]
     assert len(others) < 4536 // 2, len(others)
     assert tcbed.ask(NODE1_4, NODEPORT) == ("pod2", NODE1_4)
+
+
+def test_two_cpus_taking_over_masquerade_ports_at_once_never_share_one(tcbed, maps):
+    """Clients on both CPUs at once, every masquerade port held by a flow that closed long ago, so every
+    SYN takes over the first port it tries: bench/tcp_client.c (four processes, one connection after
+    another each, closed with an RST) to bench/tcp_server.c on pod2 (accept and close), as
+    bench/nodeport.py runs them. Two SYNs on two CPUs that tried the same port in the same instant both
+    took it (the entry was rewritten without a lock): the flow that lost the entry never got a reply
+    (its SYN-ACKs went to the other flow's client) and its connect timed out; bench/nodeport.py with four
+    client processes lost about one connection in 8 000 that way. The takeover is now one
+    compare-and-swap on the entry (nat_lock): one of the two wins, the other's SYN is dropped (as
+    conntrack drops a TCP packet whose NAT tuple clashed at confirm) and its retransmission claims another
+    port, so every connection succeeds (the client retries a SYN once: net.ipv4.tcp_syn_retries 1, 3 s)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from benchlib import build_c
+
+    sink = 8181  # (pod2's own server has 8080 and 8081)
+    server = subprocess.Popen(["nsenter", f"--net={tcbed.path('p2')}", build_c("tcp_server"), f"{POD2_4}:{sink}:c"],
+                              stdout=subprocess.PIPE, text=True)
+    tcbed.procs.append(server)
+    assert server.stdout.readline().strip() == "ready"
+    program(maps, nodeport(), 1, [POD2_4], SVC_F_SNAT | SVC_F_NODEPORT, port=sink)
+    hold_every_masquerade_port(tcbed, time.clock_gettime_ns(time.CLOCK_BOOTTIME) - 1_000_000_000, sink)
+    sysctl(tcbed.path("c"), {"net.ipv4.tcp_syn_retries": "1"})
+    client = subprocess.Popen(["nsenter", f"--net={tcbed.path('c')}", build_c("tcp_client")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    rounds = []  # (ok, failed, first errno, ns) of each round of 40 000
+    try:
+        # (without the lock: none failed in the first two rounds, a few in each from the third on, once
+        # the client reuses its ports and flows take their old ports back while others take them over)
+        for _ in range(5):
+            client.stdin.write(f"run {NODE1_4} {NODEPORT} c 40000 4\n")
+            client.stdin.flush()
+            rounds.append(client.stdout.readline().split())
+    finally:
+        client.kill()
+        server.kill()
+        sysctl(tcbed.path("c"), {"net.ipv4.tcp_syn_retries": "6"})
+    assert all(r[1] == "0" for r in rounds), rounds
 
 
 CLIENT_PORT = 45678

@@ -123,7 +123,7 @@ class CtVal(ctypes.Structure):
 class NatVal(ctypes.Structure):
     _fields_ = [("client", _A16), ("frontend", _A16), ("client_port", ctypes.c_uint16),
                 ("frontend_port", ctypes.c_uint16), ("ifindex_in", ctypes.c_uint32), ("flags", ctypes.c_uint16),
-                ("pad", ctypes.c_uint16), ("rev_nat_id", ctypes.c_uint32), ("last_ns", ctypes.c_uint64)]
+                ("gen", ctypes.c_uint16), ("rev_nat_id", ctypes.c_uint32), ("last_ns", ctypes.c_uint64)]
 
 
 _FMT = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}
