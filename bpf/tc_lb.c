@@ -417,16 +417,23 @@ static __always_inline __u64 *nat_word(struct lb_nat_val *v)
 	return (__u64 *)&v->flags; /* flags, gen, rev_nat_id (little-endian: flags in the low 16 bits) */
 }
 
+/* The word, read before anything a decision is taken by: the barrier keeps the compiler from moving
+ * the entry's other loads above it (x86 does not reorder loads with loads). */
 static __always_inline __u64 nat_word_of(struct lb_nat_val *v)
 {
-	return *(volatile __u64 *)nat_word(v);
+	__u64 w = *(volatile __u64 *)nat_word(v);
+
+	asm volatile("" ::: "memory");
+	return w;
 }
 
 _Static_assert(__builtin_offsetof(struct lb_nat_val, flags) % 8 == 0 &&
 	       __builtin_offsetof(struct lb_nat_val, rev_nat_id) == __builtin_offsetof(struct lb_nat_val, flags) + 4,
 	       "lb_nat_val: flags, gen, rev_nat_id are one aligned 64-bit word");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "nat_word: flags are the low 16 bits");
 #define NAT_GEN_ONE (1ULL << 16)
 #define NAT_GEN_MASK 0xffff0000ULL
+#define NAT_LOCK_TRIES 4 /* a hold lasts a few stores: a try that meets one reads the word again */
 
 /* Take *v, whose word was ``seen`` when the caller read what it decides by. 1 if taken. */
 static __always_inline int nat_lock(struct lb_nat_val *v, __u64 seen)
@@ -436,22 +443,58 @@ static __always_inline int nat_lock(struct lb_nat_val *v, __u64 seen)
 	return __sync_val_compare_and_swap(nat_word(v), seen, seen + NAT_GEN_ONE) == seen;
 }
 
-/* Release *v (taken with ``seen``) with flags. */
+/* Release *v, whose word the holder left as ``held``, with flags and the next even gen. If the word is
+ * not ``held`` any more, the element is not the holder's (the LRU or an update replaced it): left as is. */
+static __always_inline void nat_release(struct lb_nat_val *v, __u64 held, __u16 flags)
+{
+	__sync_val_compare_and_swap(nat_word(v), held, (held & ~0xffffffffULL) | ((held + NAT_GEN_ONE) & NAT_GEN_MASK) | flags);
+}
+
+/* Release *v, taken with ``seen`` and not rewritten, with flags. */
 static __always_inline void nat_unlock(struct lb_nat_val *v, __u64 seen, __u16 flags)
 {
-	__u64 held = nat_word_of(v);
+	nat_release(v, seen + NAT_GEN_ONE, flags);
+}
 
-	__sync_val_compare_and_swap(nat_word(v), held,
-				    (held & ~0xffffffffULL) | ((seen + 2 * NAT_GEN_ONE) & NAT_GEN_MASK) | flags);
+/* Take *v for a flow's own mark (its close, its first reply): the word is read again after a try that
+ * met another holder. 1 (and *seen) if taken. */
+static __always_inline int nat_take(struct lb_nat_val *v, __u64 *seen)
+{
+#pragma unroll
+	for (int i = 0; i < NAT_LOCK_TRIES; i++) {
+		__u64 w = nat_word_of(v);
+
+		if (nat_lock(v, w)) {
+			*seen = w;
+			return 1;
+		}
+	}
+	return 0;
 }
 
 /* Write *nv over the entry *o the caller holds (taken with ``seen``), and release it. */
 static __always_inline void nat_rewrite(struct lb_nat_val *o, __u64 seen, struct lb_nat_val *nv)
 {
+	__u64 held = ((__u64)nv->rev_nat_id << 32) | ((seen + NAT_GEN_ONE) & NAT_GEN_MASK) | nv->flags;
+
 	nv->gen = (seen + NAT_GEN_ONE) >> 16; /* the copy keeps the entry held */
 	__builtin_memcpy(o, nv, sizeof(*nv));
-	nat_unlock(o, seen, nv->flags);
+	nat_release(o, held, nv->flags);
 	nv->gen = 0;
+}
+
+/* lb_ct_val.flags, set without losing another CPU's bits: an atomic OR on the aligned 64-bit word the
+ * flags end (ifindex_out, slot, flags: flags the top 16 bits). */
+_Static_assert(__builtin_offsetof(struct lb_ct_val, flags) == 54 && __builtin_offsetof(struct lb_ct_val, ifindex_out) == 48,
+	       "lb_ct_val: ifindex_out, slot, flags are one aligned 64-bit word");
+static __always_inline __u64 *ct_word(struct lb_ct_val *ct)
+{
+	return (__u64 *)&ct->ifindex_out;
+}
+
+static __always_inline void ct_flags_or(struct lb_ct_val *ct, __u16 add)
+{
+	__sync_fetch_and_or(ct_word(ct), (__u64)add << 48);
 }
 
 static __always_inline int ct_live(__u8 proto, __u16 flags, __u64 created, __u64 last, __u64 now)
@@ -574,14 +617,15 @@ static __always_inline int reply(struct __sk_buff *skb, struct pkt *p, struct lb
 	if (fin || !(nflags & LB_CT_F_REPLIED) || age(now, nv->last_ns) > CT_REFRESH_NS) {
 		__u16 add = LB_CT_F_REPLIED | (fin ? closing_flags(p) : 0);
 
-		if (nat_lock(nv, seen)) { /* (else another is rewriting it: the next reply marks it) */
+		__u64 held;
+		if (nat_take(nv, &held)) { /* (else it is being rewritten over and over: the next reply marks it) */
 			nv->last_ns = now;
-			nat_unlock(nv, seen, nflags | add);
+			nat_unlock(nv, held, (held & 0xffff) | add);
 		}
 		ct = lb_ct_v1.lookup(&orig);
 		if (ct) {
 			/* a reply refreshes the flow, as it does a conntrack entry */
-			ct->flags |= add;
+			ct_flags_or(ct, add);
 			ct->last_ns = now;
 		}
 	}
@@ -950,29 +994,54 @@ static __always_inline int nat_of(const struct lb_nat_val *o, const struct lb_ct
 	       o->frontend_port == t->dport;
 }
 
-/* The lb_nat entry of reply tuple *r if it is still the flow *t's (*seen: its word, read first), else 0. */
-static __always_inline struct lb_nat_val *nat_own(struct lb_ct_tuple *r, const struct lb_ct_tuple *t, __u64 *seen)
+/* Take the entry *o if it is still the flow *t's (checked after each read of its word: another flow may
+ * take it meanwhile). 1 (and *seen) if taken. */
+static __always_inline int nat_take_own(struct lb_nat_val *o, const struct lb_ct_tuple *t, __u64 *seen)
 {
-	struct lb_nat_val *o = lb_nat_v1.lookup(r);
+#pragma unroll
+	for (int i = 0; i < NAT_LOCK_TRIES; i++) {
+		__u64 w = nat_word_of(o);
 
-	if (!o)
-		return 0;
-	*seen = nat_word_of(o);
-	return nat_of(o, t) ? o : 0;
+		if (!nat_of(o, t))
+			return 0;
+		if (nat_lock(o, w)) {
+			*seen = w;
+			return 1;
+		}
+	}
+	return 0;
 }
 
 /* Remove the reply tuple *r if it is still the flow *t's (taken first: not after another flow took it). */
 static __always_inline void nat_delete_own(struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
 {
 	__u64 seen;
-	struct lb_nat_val *o = nat_own(r, t, &seen);
+	struct lb_nat_val *o = lb_nat_v1.lookup(r);
 
-	if (o && nat_lock(o, seen))
+	if (o && nat_take_own(o, t, &seen))
 		lb_nat_v1.delete(r);
 }
 
+/* Mark the lb_ct entry *ct ended if it is still the flow that held the port *r names (created at
+ * ``created``): a compare-and-swap on its flags' word, so a new flow rewriting the entry meanwhile is
+ * never marked, and a close marking it meanwhile is kept (the word is read again). */
+static __always_inline void ct_end(struct lb_ct_val *ct, __u64 created, const struct lb_ct_tuple *r)
+{
+#pragma unroll
+	for (int i = 0; i < NAT_LOCK_TRIES; i++) {
+		__u64 w = *(volatile __u64 *)ct_word(ct);
+
+		asm volatile("" ::: "memory");
+		if (ct->created_ns != created || ct->nat_port != r->dport || !addr_eq(ct->nat_addr, r->daddr) ||
+		    !addr_eq(ct->backend, r->saddr) || ct->backend_port != r->sport)
+			return; /* rewritten since: another flow's entry now */
+		if (__sync_val_compare_and_swap(ct_word(ct), w, w | ((__u64)LB_CT_F_ENDED << 48)) == w)
+			return;
+	}
+}
+
 static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct lb_nat_val *old, int syn, __u64 now,
-				       struct lb_ct_tuple *orig, struct lb_ct_val **ends)
+				       struct lb_ct_tuple *orig, struct lb_ct_val **ends, __u64 *ends_created)
 {
 	struct lb_ct_val *ct;
 	__u64 closed = old->last_ns;
@@ -997,6 +1066,7 @@ static __always_inline int nat_reclaim(const struct lb_ct_tuple *r, const struct
 		 * is a new flow, as after a delete), for the next flow on its tuple to rewrite in place
 		 * (new_flow_in) instead of an LRU insert. */
 		*ends = ct;
+		*ends_created = ct->created_ns;
 		return 1;
 	}
 	/* No client-side entry for this port any more: only replies in flight still use it. */
@@ -1029,8 +1099,8 @@ static __always_inline int port_usable(struct __sk_buff *skb, const struct lb_ct
  * a SYN eight lookups where two do, bench/nodeport.py --bpf-stats: 1.6 -> 1.15 us per external packet);
  * when every try is held, the port of the flow among them that closed longest ago is taken over, if its
  * flow is over (nat_reclaim), else the last one tried, if its flow is over. 0, or -1.
- * Two CPUs taking over the same dead port in the same instant would share it; with a random pick
- * among thousands of ports that is left as a (documented) race rather than locked against. */
+ * A takeover holds the entry (nat_lock): of two CPUs taking over the same dead port in the same
+ * instant one gets it, the other's packet is dropped (its retransmission claims another port). */
 static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *r, struct lb_nat_val *nv, int v6,
 				     int syn, __u64 now, struct lb_svc_key *scratch, struct new_flow_scratch *sc)
 {
@@ -1077,12 +1147,14 @@ static __always_inline int nat_claim(struct __sk_buff *skb, struct lb_ct_tuple *
 		return -1;
 	__u64 seen = nat_word_of(old);
 	struct lb_ct_val *ends = 0;
-	if (!nat_reclaim(r, old, syn, now, orig, &ends) || !port_usable(skb, r, npk, v6) || !nat_lock(old, seen))
-		return -1; /* (lost to another CPU: the SYN is dropped, its retransmission tries again) */
-	/* The port is ours: its old flow ends (if its entry still names the port: not rewritten since),
-	 * and the same reply tuple is rewritten where it is. */
-	if (ends && ends->nat_port == r->dport && addr_eq(ends->nat_addr, r->daddr))
-		ends->flags |= LB_CT_F_ENDED;
+	__u64 ends_created = 0;
+	if (!nat_reclaim(r, old, syn, now, orig, &ends, &ends_created) || !port_usable(skb, r, npk, v6) ||
+	    !nat_lock(old, seen))
+		return -1; /* (lost to another CPU: the SYN is dropped, as conntrack drops a TCP packet whose
+			    * NAT tuple clashed at confirm; its retransmission claims another port) */
+	/* The port is ours: its old flow ends, and the same reply tuple is rewritten where it is. */
+	if (ends)
+		ct_end(ends, ends_created, r);
 	nat_rewrite(old, seen, nv);
 	return 0;
 }
@@ -1289,11 +1361,11 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		    addr_eq(prev->nat_addr, ct->nat_addr) && addr_eq(prev->backend, ct->backend) &&
 		    prev->backend_port == ct->backend_port) {
 			r->dport = prev->nat_port;
-			o = nat_own(r, &p->t, &seen); /* (0: the port went to another flow meanwhile) */
+			o = lb_nat_v1.lookup(r);
 			if (o) {
 				nodeport_key(&key, r->proto, p->v6); /* (key is done with: nat_claim's scratch too) */
-				if (!port_usable(skb, r, &key, p->v6) || !nat_lock(o, seen))
-					o = 0; /* (or another CPU is taking it: a port of its own, then) */
+				if (!port_usable(skb, r, &key, p->v6) || !nat_take_own(o, &p->t, &seen))
+					o = 0; /* (the port went to another flow meanwhile: a port of its own, then) */
 			}
 		}
 		if (o) {
@@ -1315,8 +1387,8 @@ static __always_inline int new_flow_in(struct __sk_buff *skb, struct pkt *p, __u
 		__u64 seen = 0;
 		if (prev && !(prev->flags & LB_CT_F_SNAT) && addr_eq(prev->backend, ct->backend) &&
 		    prev->backend_port == ct->backend_port) {
-			o = nat_own(r, &p->t, &seen); /* the same reply tuple */
-			if (o && !nat_lock(o, seen))
+			o = lb_nat_v1.lookup(r); /* the same reply tuple */
+			if (o && !nat_take_own(o, &p->t, &seen))
 				o = 0;
 		}
 		if (o) {
@@ -1367,13 +1439,12 @@ static __always_inline void flow_closes(struct pkt *p, struct lb_ct_val *ct, __u
 
 	__u16 add = closing_flags(p);
 
-	ct->flags |= add;
+	ct_flags_or(ct, add);
 	ct->last_ns = now;
 	reply_tuple(&r, &p->t, ct);
 	__u64 seen;
-	nv = nat_own(&r, &p->t, &seen);
-	if (nv && nat_lock(nv, seen)) {
-		/* (not taken: another flow is taking the port, or this one's reply is marking it) */
+	nv = lb_nat_v1.lookup(&r);
+	if (nv && nat_take_own(nv, &p->t, &seen)) { /* (not taken: the port is another flow's now) */
 		nv->last_ns = now;
 		nat_unlock(nv, seen, (seen & 0xffff) | add);
 	}

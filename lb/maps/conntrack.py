@@ -70,7 +70,7 @@ def nat_rows(bpf_root: str) -> list[dict]:
     rows = []
     for k, v in _dump(bpf_root, NAT_MAP, _NAT.size):
         proto, backend, to = _tuple(k)
-        client, frontend, client_port, frontend_port, ifindex_in, flags, _pad, rev_nat_id, last_ns = _NAT.unpack(v)
+        client, frontend, client_port, frontend_port, ifindex_in, flags, _gen, rev_nat_id, last_ns = _NAT.unpack(v)
         rows.append({"protocol": proto, "backend": backend, "reply_to": to,
                      "client": _hostport(client, client_port), "frontend": _hostport(frontend, frontend_port),
                      "masquerade": bool(flags & CT_F_SNAT), "service_id": rev_nat_id, "flags": flag_names(flags),

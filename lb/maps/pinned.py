@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 
 from . import bpfsys
-from .structs import (DEV_ADDRS_MAP, DEV_ADDRS_SIZE, MAP_TYPES, MAPS, SHARED_MAPS, SOCK_PEER_MAP, SOCK_PEER_SIZE,
-                      SOCK_REVNAT_MAP, DevAddr)
+from .structs import (DEV_ADDRS_MAP, DEV_ADDRS_SIZE, MAP_TYPES, MAPS, NAT_MAP, SHARED_MAPS, SOCK_PEER_MAP,
+                      SOCK_PEER_SIZE, SOCK_REVNAT_MAP, DevAddr, NatVal)
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ def _shapes(sizes) -> list[tuple[str, "MapShape", object]]:
         else:
             spec = MAPS[name]
             kind, key, value, entries, flags = spec.kind, spec.key, spec.value, getattr(sizes, spec.size), spec.flags
-        out.append((name, MapShape(MAP_TYPES[kind], ctypes.sizeof(key), ctypes.sizeof(value), entries, flags), None))
+        out.append((name, MapShape(MAP_TYPES[kind], ctypes.sizeof(key), ctypes.sizeof(value), entries, flags),
+                    _nat_released if name == NAT_MAP else None))
     spec = MAPS[SOCK_REVNAT_MAP]
     entries = getattr(sizes, spec.size)
     out.append((SOCK_REVNAT_MAP, MapShape(MAP_TYPES[spec.kind], ctypes.sizeof(spec.key), ctypes.sizeof(spec.value),
@@ -82,6 +83,20 @@ class MapShape:
     value_size: int
     max_entries: int
     map_flags: int
+
+
+def _nat_released(items: list[tuple[bytes, bytes]], entries: int) -> list[tuple[bytes, bytes]]:
+    """lb_nat's entries as a refit copies them, each released: an entry the old programs held at the
+    moment of the copy (an odd gen: bpf/tc_lb.c nat_lock) would stay held in the new map for good, and
+    no flow could take its port over or mark it again."""
+    out = []
+    for k, v in items:
+        gen = int.from_bytes(v[_NAT_GEN:_NAT_GEN + 2], "little") & ~1
+        out.append((k, v[:_NAT_GEN] + gen.to_bytes(2, "little") + v[_NAT_GEN + 2:]))
+    return out
+
+
+_NAT_GEN = NatVal.gen.offset
 
 
 def _sock_peer_slots(items: list[tuple[bytes, bytes]], entries: int) -> list[tuple[bytes, bytes]]:
