@@ -66,7 +66,6 @@ from lb.testing.cluster import node_ip
 from lb.testing.northsouth import BENCH_MODES, NorthSouthBed
 
 RR_PORT, CC_PORT, IPERF_PORT = 8080, 8081, 5201
-PARALLEL_LABEL = "4 clients"  # (--parallel)
 NP_RR, NP_CC, NP_IPERF = 30080, 30081, 30201
 TARGETS = ("direct", "np-local", "np-remote")
 
@@ -292,7 +291,7 @@ def measure(proxies: list[Proxy], q: argparse.Namespace) -> dict[str, dict[str, 
     for px, t in pairs:
         k = (px.mode, t)
         out[px.mode][t] = {"conn/s": median(rates[k]), "par conn/s": median(prates[k]) if prates[k] else float("nan"),
-                           "p50 us": percentile(lat[k], 50),
+                           "clients": q.parallel, "p50 us": percentile(lat[k], 50),
                            "p99 us": percentile(lat[k], 99), "Gbit/s": median(thr[k]) if thr[k] else float("nan")}
     return out
 
@@ -330,7 +329,7 @@ def print_cell(mode: str, scale: int, cell: dict) -> None:
         c = cell[t]
         ratio = "" if t == "direct" else (f"  ({c['conn/s'] / d['conn/s']:.2f}x conn/s, {c['p99 us'] / d['p99 us']:.2f}x p99, "
                                           f"{c['Gbit/s'] / d['Gbit/s']:.2f}x Gbit/s of direct)")
-        par = "" if c["par conn/s"] != c["par conn/s"] else f" ({c['par conn/s']:.0f} from {PARALLEL_LABEL})"
+        par = "" if c["par conn/s"] != c["par conn/s"] else f" ({c['par conn/s']:.0f} from {c['clients']} clients)"
         print(f"  {mode:20} {scale:>6} {t:10} {c['conn/s']:9.0f} conn/s{par}  p50 {c['p50 us']:6.0f} us  "
               f"p99 {c['p99 us']:6.0f} us  {c['Gbit/s']:6.2f} Gbit/s{ratio}", flush=True)
 
@@ -362,14 +361,14 @@ def summary(results: dict, modes: list[str], scales: list[int]) -> None:
                 x = (a[t]["conn/s"] / a["direct"]["conn/s"]) / (b[t]["conn/s"] / b["direct"]["conn/s"])
                 par = a[t]["par conn/s"] / b[t]["par conn/s"]
                 parts.append(f"{t}: {a[t]['conn/s'] / b[t]['conn/s']:.2f}x ({x:.2f}x)" +
-                             ("" if par != par else f" {par:.2f}x from {PARALLEL_LABEL}"))
+                             ("" if par != par else f" {par:.2f}x from {a[t]['clients']} clients"))
             print(f"  {mode:20} {scale:>6}  " + "   ".join(parts))
     if ("bpflb", max(scales)) in results and (ref, max(scales)) in results:
         a, b, s = results[("bpflb", max(scales))], results[(ref, max(scales))], max(scales)
         x = a["np-local"]["conn/s"] / b["np-local"]["conn/s"]
         px = a["np-local"]["par conn/s"] / b["np-local"]["par conn/s"]
         p99 = a["np-local"]["p99 us"] / a["direct"]["p99 us"]
-        par = "" if px != px else (f"; from {PARALLEL_LABEL} {px:.2f}x: {'met' if px >= 1.2 else 'NOT met'}")
+        par = "" if px != px else (f"; from {a['np-local']['clients']} clients {px:.2f}x: {'met' if px >= 1.2 else 'NOT met'}")
         print(f"\n# targets at {s} Services: bpflb conn/s {x:.2f}x kube-proxy nftables (target >= 1.2x): "
               f"{'met' if x >= 1.2 else 'NOT met'}{par}; bpflb p99 {p99:.2f}x direct (target <= 1.1x): "
               f"{'met' if p99 <= 1.1 else 'NOT met'}")
@@ -389,8 +388,6 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=4,
                     help="connect+close also from this many client processes at once (default 4; 1: not)")
     a = ap.parse_args()
-    global PARALLEL_LABEL
-    PARALLEL_LABEL = f"{a.parallel} clients"
     a.services = [int(x) for x in (a.services or ("1,100" if a.quick else "1,1000,10000")).split(",")]
     rounds, a.conns = (4, 300) if a.quick else (12, 1000)
     a.rounds = a.rounds or rounds

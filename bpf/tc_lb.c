@@ -417,14 +417,19 @@ static __always_inline __u64 *nat_word(struct lb_nat_val *v)
 	return (__u64 *)&v->flags; /* flags, gen, rev_nat_id (little-endian: flags in the low 16 bits) */
 }
 
-/* The word, read before anything a decision is taken by: the barrier keeps the compiler from moving
+/* A lock word, read before anything a decision is taken by: the barrier keeps the compiler from moving
  * the entry's other loads above it (x86 does not reorder loads with loads). */
-static __always_inline __u64 nat_word_of(struct lb_nat_val *v)
+static __always_inline __u64 word_of(__u64 *word)
 {
-	__u64 w = *(volatile __u64 *)nat_word(v);
+	__u64 w = *(volatile __u64 *)word;
 
 	asm volatile("" ::: "memory");
 	return w;
+}
+
+static __always_inline __u64 nat_word_of(struct lb_nat_val *v)
+{
+	return word_of(nat_word(v));
 }
 
 _Static_assert(__builtin_offsetof(struct lb_nat_val, flags) % 8 == 0 &&
@@ -456,15 +461,31 @@ static __always_inline void nat_unlock(struct lb_nat_val *v, __u64 seen, __u16 f
 	nat_release(v, seen + NAT_GEN_ONE, flags);
 }
 
-/* Take *v for a flow's own mark (its close, its first reply): the word is read again after a try that
+static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* Is the lb_nat entry *o the reply side of the flow whose client tuple is *t? (A reply tuple is the
+ * flow's only while it holds the port: another flow may have taken it over since.) */
+static __always_inline int nat_of(const struct lb_nat_val *o, const struct lb_ct_tuple *t)
+{
+	return addr_eq(o->client, t->saddr) && o->client_port == t->sport && addr_eq(o->frontend, t->daddr) &&
+	       o->frontend_port == t->dport;
+}
+
+/* Take the entry *o if it is still the flow *t's (checked after each read of its word: another flow may
+ * take it meanwhile; t 0: whoever's it is, for a reply's mark). The word is read again after a try that
  * met another holder. 1 (and *seen) if taken. */
-static __always_inline int nat_take(struct lb_nat_val *v, __u64 *seen)
+static __always_inline int nat_take_own(struct lb_nat_val *o, const struct lb_ct_tuple *t, __u64 *seen)
 {
 #pragma unroll
 	for (int i = 0; i < NAT_LOCK_TRIES; i++) {
-		__u64 w = nat_word_of(v);
+		__u64 w = nat_word_of(o);
 
-		if (nat_lock(v, w)) {
+		if (t && !nat_of(o, t))
+			return 0;
+		if (nat_lock(o, w)) {
 			*seen = w;
 			return 1;
 		}
@@ -618,7 +639,7 @@ static __always_inline int reply(struct __sk_buff *skb, struct pkt *p, struct lb
 		__u16 add = LB_CT_F_REPLIED | (fin ? closing_flags(p) : 0);
 
 		__u64 held;
-		if (nat_take(nv, &held)) { /* (else it is being rewritten over and over: the next reply marks it) */
+		if (nat_take_own(nv, 0, &held)) { /* (else it is being rewritten over and over: the next reply marks it) */
 			nv->last_ns = now;
 			nat_unlock(nv, held, (held & 0xffff) | add);
 		}
@@ -981,37 +1002,6 @@ struct new_flow_scratch {
 };
 BPF_PERCPU_ARRAY(new_flow_scratch, struct new_flow_scratch, 1);
 
-static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
-{
-	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
-}
-
-/* Is the lb_nat entry *o the reply side of the flow whose client tuple is *t? (A reply tuple is the
- * flow's only while it holds the port: another flow may have taken it over since.) */
-static __always_inline int nat_of(const struct lb_nat_val *o, const struct lb_ct_tuple *t)
-{
-	return addr_eq(o->client, t->saddr) && o->client_port == t->sport && addr_eq(o->frontend, t->daddr) &&
-	       o->frontend_port == t->dport;
-}
-
-/* Take the entry *o if it is still the flow *t's (checked after each read of its word: another flow may
- * take it meanwhile). 1 (and *seen) if taken. */
-static __always_inline int nat_take_own(struct lb_nat_val *o, const struct lb_ct_tuple *t, __u64 *seen)
-{
-#pragma unroll
-	for (int i = 0; i < NAT_LOCK_TRIES; i++) {
-		__u64 w = nat_word_of(o);
-
-		if (!nat_of(o, t))
-			return 0;
-		if (nat_lock(o, w)) {
-			*seen = w;
-			return 1;
-		}
-	}
-	return 0;
-}
-
 /* Remove the reply tuple *r if it is still the flow *t's (taken first: not after another flow took it). */
 static __always_inline void nat_delete_own(struct lb_ct_tuple *r, const struct lb_ct_tuple *t)
 {
@@ -1029,9 +1019,8 @@ static __always_inline void ct_end(struct lb_ct_val *ct, __u64 created, const st
 {
 #pragma unroll
 	for (int i = 0; i < NAT_LOCK_TRIES; i++) {
-		__u64 w = *(volatile __u64 *)ct_word(ct);
+		__u64 w = word_of(ct_word(ct));
 
-		asm volatile("" ::: "memory");
 		if (ct->created_ns != created || ct->nat_port != r->dport || !addr_eq(ct->nat_addr, r->daddr) ||
 		    !addr_eq(ct->backend, r->saddr) || ct->backend_port != r->sport)
 			return; /* rewritten since: another flow's entry now */

@@ -247,7 +247,6 @@ def test_a_pin_made_with_other_sizes_is_refitted_keeping_its_entries():
         shutil.rmtree(root, ignore_errors=True)
 
 
-
 def test_a_refit_releases_the_lb_nat_entries_the_old_programs_held():
     """A refit copies lb_nat while the old programs still run: an entry one of them held at that moment
     (an odd gen, bpf/tc_lb.c nat_lock) would stay held in the new map for good, its port never taken over
